@@ -1,0 +1,327 @@
+"""Lazy reader for Hugging Face checkpoints stored as safetensors (never pickle).
+
+A checkpoint is a directory (``config.json`` + ``model.safetensors`` or sharded files with
+``model.safetensors.index.json``) or a single ``.safetensors`` file. Headers are parsed and
+validated up front (missing shard, truncated file, bad header) without reading tensor data;
+tensors are read one at a time by offset (plain reads, no memory map: a long scan over a large
+checkpoint must not keep the file's pages mapped into the process) so memory is bounded by one
+tensor.
+
+Tensor names are classified into (layer, block, role, param) for Llama / Qwen2 / Gemma-3 /
+Mistral style names (and GPT-2 / Phi style ones); selection by block and regex raises
+``UnknownTensorError`` naming any tensor that a block rule needs but cannot classify.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lsm_dist.utils import sha256_json
+
+INDEX_NAME = "model.safetensors.index.json"
+
+DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+
+BLOCKS = ("attn", "mlp", "other")
+
+# module name -> block, for the module that owns the parameter
+ROLE_BLOCK = {
+    "q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn",
+    "qkv_proj": "attn", "query_key_value": "attn", "dense": "attn", "out_proj": "attn",
+    "c_attn": "attn", "wq": "attn", "wk": "attn", "wv": "attn", "wo": "attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "gate_up_proj": "mlp",
+    "fc1": "mlp", "fc2": "mlp", "c_fc": "mlp", "w1": "mlp", "w2": "mlp", "w3": "mlp",
+    "dense_h_to_4h": "mlp", "dense_4h_to_h": "mlp",
+    "input_layernorm": "other", "post_attention_layernorm": "other",
+    "pre_feedforward_layernorm": "other", "post_feedforward_layernorm": "other",
+    "q_norm": "other", "k_norm": "other", "ln_1": "other", "ln_2": "other",
+    "attention_norm": "other", "ffn_norm": "other", "layernorm": "other",
+}
+PARENT_BLOCK = {
+    "self_attn": "attn", "attn": "attn", "attention": "attn", "self_attention": "attn",
+    "mlp": "mlp", "feed_forward": "mlp", "ffn": "mlp",
+}
+GLOBAL_ROLES = {
+    "embed_tokens": "embed", "wte": "embed", "wpe": "pos_embed", "tok_embeddings": "embed",
+    "norm": "final_norm", "ln_f": "final_norm", "final_layernorm": "final_norm",
+    "lm_head": "lm_head", "output": "lm_head", "rotary_emb": "rotary",
+}
+LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.(.+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or malformed (the message names the file)."""
+
+
+class UnknownTensorError(ValueError):
+    """Tensor names that a selection rule needs to classify but cannot."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str  # path of the safetensors file holding it
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    layer: int | None
+    block: str | None  # attn | mlp | other | None (unclassified)
+    role: str | None  # q_proj, gate_proj, embed, ... or None
+    param: str  # weight | bias | ...
+    offset: int = 0  # absolute byte offset of the data in ``file``
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+
+
+def classify(name: str) -> tuple[int | None, str | None, str | None, str]:
+    """(layer, block, role, param) of a tensor name; block/role None when unknown."""
+    parts = name.split(".")
+    param = parts[-1]
+    m = LAYER_RE.search(name)
+    if m:
+        layer = int(m.group(1))
+        mods = m.group(2).split(".")[:-1]
+        role = mods[-1] if mods else None
+        block = ROLE_BLOCK.get(role) if role else None
+        parents = [PARENT_BLOCK[m] for m in mods[:-1] if m in PARENT_BLOCK]
+        if parents and block != "other":
+            # c_proj / dense exist in both attn and mlp: the owning module decides
+            block = parents[-1]
+        return layer, block, role, param
+    for mod in reversed(parts[:-1]):
+        if mod in GLOBAL_ROLES:
+            return None, "other", GLOBAL_ROLES[mod], param
+    return None, None, None, param
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Returns (header, byte offset where the data section starts).
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{path}: safetensors file does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 * 2**20:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors header (length {n}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        try:
+            end = max(end, int(v["data_offsets"][1]))
+        except (KeyError, TypeError, IndexError):
+            raise CheckpointError(f"{path}: malformed header entry for {k!r}") from None
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file: header needs {8 + n + end} bytes, file has {size}"
+        )
+    return header, 8 + n
+
+
+class Checkpoint:
+    """Lazy view of a safetensors checkpoint (directory or single file)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: checkpoint does not exist")
+        self.config: dict | None = None
+        files = self._files()
+        self.tensors: dict[str, TensorInfo] = {}
+        self._metadata: dict[str, dict] = {}
+        for file, wanted in files.items():
+            header, base = _read_header(file)
+            self._metadata[str(file)] = header.get("__metadata__", {}) or {}
+            for name, h in header.items():
+                if name == "__metadata__" or (wanted is not None and name not in wanted):
+                    continue
+                layer, block, role, param = classify(name)
+                self.tensors[name] = TensorInfo(
+                    name, str(file), h["dtype"], tuple(int(s) for s in h["shape"]),
+                    layer, block, role, param, base + int(h["data_offsets"][0]),
+                )
+                if h["dtype"] not in DTYPES:
+                    raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {h['dtype']}")
+            if wanted is not None:
+                missing = sorted(set(wanted) - set(header))
+                if missing:
+                    raise CheckpointError(
+                        f"{file}: index {INDEX_NAME} lists {len(missing)} tensor(s) this file lacks, e.g. {missing[:3]}"
+                    )
+
+    def _files(self) -> dict[Path, set[str] | None]:
+        p = self.path
+        if p.is_file():
+            if p.suffix != ".safetensors":
+                raise CheckpointError(f"{p}: only .safetensors files are read (never pickle checkpoints)")
+            return {p: None}
+        cfg = p / "config.json"
+        if cfg.is_file():
+            try:
+                self.config = json.loads(cfg.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{cfg}: not valid JSON: {e}") from None
+        index = p / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: malformed index ({e})") from None
+            by_file: dict[Path, set[str]] = {}
+            for name, fname in weight_map.items():
+                by_file.setdefault(p / fname, set()).add(name)
+            for f in by_file:
+                if not f.is_file():
+                    raise CheckpointError(f"{index}: points to shard {f.name}, which does not exist")
+            return dict(sorted(by_file.items()))
+        single = p / "model.safetensors"
+        if single.is_file():
+            return {single: None}
+        found = sorted(p.glob("*.safetensors"))
+        if not found:
+            bins = sorted(p.glob("*.bin")) + sorted(p.glob("*.pt"))
+            hint = f" (found {bins[0].name}: convert it to safetensors first)" if bins else ""
+            raise CheckpointError(f"{p}: no safetensors files{hint}")
+        return {f: None for f in found}
+
+    # -- metadata ---------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def digest(self) -> str:
+        """Stable digest of the config and tensor header (names, shapes, dtypes)."""
+        heads = [(t.name, t.dtype, list(t.shape)) for t in self.tensors.values()]
+        return sha256_json({"config": self.config, "tensors": heads})[:16]
+
+    @property
+    def num_layers(self) -> int:
+        layers = [t.layer for t in self.tensors.values() if t.layer is not None]
+        return max(layers) + 1 if layers else 0
+
+    def select(
+        self,
+        blocks: Iterable[str] = ("attn", "mlp"),
+        include: str | None = None,
+        exclude: str | None = None,
+        params: Iterable[str] = ("weight",),
+        strict: bool = True,
+    ) -> list[TensorInfo]:
+        """Tensors in the chosen blocks (and matching ``include`` / not ``exclude`` regex).
+
+        With ``strict`` an unclassifiable name that survives the regex filters is an error,
+        since the block rule cannot tell whether it belongs to the selection.
+        """
+        blocks = tuple(blocks)
+        for b in blocks:
+            if b not in BLOCKS:
+                raise ValueError(f"unknown block {b!r}; known blocks: {list(BLOCKS)}")
+        params = tuple(params)
+        inc = re.compile(include) if include else None
+        exc = re.compile(exclude) if exclude else None
+        out, unknown = [], []
+        for t in self.tensors.values():
+            if inc and not inc.search(t.name):
+                continue
+            if exc and exc.search(t.name):
+                continue
+            if t.block is None:
+                if inc is not None and not strict:
+                    out.append(t)
+                else:
+                    unknown.append(t.name)
+                continue
+            if t.block in blocks and t.param in params and t.dtype in FLOAT_DTYPES:
+                out.append(t)
+        if unknown and strict:
+            raise UnknownTensorError(
+                f"{self.path}: cannot classify {len(unknown)} tensor name(s) into attn/mlp/other: "
+                f"{unknown[:5]}; exclude them with a regex (exclude=...) or name them with include=..."
+            )
+        return out
+
+    # -- data -------------------------------------------------------------------------
+    def _read(self, info: TensorInfo, start: int, length: int) -> torch.Tensor:
+        """``length`` bytes at ``start`` within the tensor's data, as a flat tensor of its dtype."""
+        dtype = DTYPES[info.dtype]
+        buf = bytearray(length)
+        try:
+            with open(info.file, "rb", buffering=0) as f:
+                f.seek(info.offset + start)
+                got = f.readinto(buf) if length else 0
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r}: {e}") from None
+        if got != length:
+            raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
+        return torch.frombuffer(buf, dtype=dtype) if length else torch.empty(0, dtype=dtype)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor in its stored dtype (only its bytes are read; the tensor owns its memory)."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise KeyError(f"{self.path}: no tensor named {name!r}")
+        return self._read(info, 0, info.nbytes).reshape(info.shape)
+
+    def iter_rows(self, name: str, max_elems: int = 1 << 22) -> Iterator[torch.Tensor]:
+        """Row blocks of a tensor, read by byte range: memory bounded by ``max_elems``."""
+        info = self.tensors[name]
+        if len(info.shape) == 0:
+            yield self.read(name).reshape(1)
+            return
+        rows = info.shape[0]
+        per_row = max(info.numel // max(rows, 1), 1)
+        row_bytes = info.nbytes // max(rows, 1)
+        step = max(1, max_elems // per_row)
+        for a in range(0, rows, step):
+            b = min(a + step, rows)
+            yield self._read(info, a * row_bytes, (b - a) * row_bytes).reshape(b - a, *info.shape[1:])
+
+    def close(self) -> None:
+        """Nothing stays open between reads; kept for the context-manager protocol."""
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors)"

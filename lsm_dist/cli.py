@@ -1,0 +1,282 @@
+"""`lsm` — one entry point, one subcommand per stage.
+
+Every stage takes ``--config FILE.yaml`` plus dotted ``key=value`` overrides on top, and
+``--help-config`` lists its fields with their documentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lsm_dist.config import ConfigError, describe, load_config, save_resolved
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (fields of the stage's config)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tokens=8 blocks=[attn]")
+    p.add_argument("--help-config", action="store_true", help="list every config field and exit")
+
+
+def _load(cls, args, default: Path | None = None):
+    if args.help_config:
+        print("\n".join(describe(cls)))
+        sys.exit(0)
+    path = args.config or (str(default) if default is not None and default.is_file() else None)
+    return load_config(cls, path, args.overrides)
+
+
+def cmd_zoo(args) -> int:
+    from lsm_dist.zoo.build import ZooConfig, build_zoo, format_zoo_table
+
+    cfg = _load(ZooConfig, args, CONFIGS / "zoo" / "default.yaml")
+    paths = build_zoo(cfg)
+    print(format_zoo_table(paths))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from lsm_dist.corpus.convert import finalize, prepare, run_convert, run_worker
+    from lsm_dist.corpus.plan import ConvertConfig
+    from lsm_dist.corpus.reader import Corpus
+    from lsm_dist.dist import read_env
+
+    cfg = _load(ConvertConfig, args)
+    if args.worker:  # one share of a parallel conversion (srun rank or Slurm array task)
+        idx, count = read_env().worker_slot()
+        prepare(cfg)
+        n = run_worker(cfg.out_dir, idx, count, progress=False)
+        print(f"worker {idx}/{count}: wrote {n} shard(s)")
+        return 0
+    if args.finalize:
+        finalize(cfg.out_dir)
+    else:
+        run_convert(cfg)
+    print(Corpus(cfg.out_dir).summary())
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from lsm_dist.corpus.reader import Corpus
+
+    c = Corpus(args.corpus, verify=True)
+    if args.rebuild:
+        for t in c.tensors:
+            c.rebuild(t)
+    print(c.summary())
+    print(f"OK: {len(c.shards)} shard checksum(s) match" + (", every tensor rebuilds" if args.rebuild else ""))
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from lsm_dist.stats import StatsConfig, run_stats
+
+    cfg = _load(StatsConfig, args)
+    summary = run_stats(cfg)
+    print(Path(summary).read_text())
+    return 0
+
+
+def cmd_train(args) -> int:
+    """`lsm train [--config F] [k=v ...]` (also under torchrun / accelerate launch);
+    `lsm train export RUN_DIR [--checkpoint DIR] [--out DIR]` writes the plain VAE."""
+    from lsm_dist.train.__main__ import main as train_main
+
+    if args.overrides[:1] == ["export"]:
+        extra = [f"--{k}={v}" for k in ("checkpoint", "out") if (v := getattr(args, k))]
+        return train_main(args.overrides + extra)
+    argv = (["--config", args.config] if args.config else []) + list(args.overrides)
+    return train_main(argv + (["--help-config"] if args.help_config else []))
+
+
+def cmd_demo(args) -> int:
+    from lsm_dist.demo import DemoConfig, run_demo
+
+    cfg = _load(DemoConfig, args)
+    if args.quick:
+        cfg.quick = True
+    save_resolved(cfg, Path(cfg.out_dir) / "demo.resolved.yaml")
+    return run_demo(cfg)
+
+
+def _load_plan(args):
+    from lsm_dist.merge.plan import MergePlan, load_plan
+
+    if args.help_config:
+        print("\n".join(describe(MergePlan)))
+        sys.exit(0)
+    if not args.config:
+        raise ConfigError("a merge plan is required: --config configs/merge/<method>.yaml")
+    return load_plan(args.config, args.overrides)
+
+
+def cmd_encode(args) -> int:
+    from lsm_dist.dist import read_env
+    from lsm_dist.merge import finalize_encode, prepare, run_encode
+
+    rp = prepare(_load_plan(args))
+    if args.finalize:
+        caches = finalize_encode(rp)
+        print("\n".join(f"{m}: {c.dir}" for m, c in caches.items()))
+        return 0
+    worker = read_env().worker_slot() if args.worker else (0, 1)
+    s = run_encode(rp, worker=worker, finalize=not args.worker)
+    print(f"encode worker {worker[0]}/{worker[1]}: {s['encoded']} tensor(s) encoded, {s['reused']} reused")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from lsm_dist.dist import read_env
+    from lsm_dist.merge import prepare, run_decode, run_merge
+
+    plan = _load_plan(args)
+    if args.worker:  # this rank's / array task's layer files (encode must be finalized)
+        idx, count = read_env().worker_slot()
+        s = run_decode(prepare(plan), worker=(idx, count))
+        print(f"merge worker {idx}/{count}: {s['written']} layer file(s) written, {s['skipped']} already done")
+        return 0
+    print(run_merge(plan))
+    return 0
+
+
+def cmd_assemble(args) -> int:
+    from lsm_dist.merge import prepare, run_assemble
+
+    print(run_assemble(prepare(_load_plan(args))))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """`lsm eval [--config F] [--model NAME=DIR ...] [checkpoints=[...]] [tasks=[...]] [k=v ...]`:
+    score checkpoints with lm-eval (resumable); prints <out_dir>/results.md."""
+    from lsm_dist.evaluate.run import EvalConfig, EvalError, run_eval
+
+    cfg = _load(EvalConfig, args)
+    cfg.checkpoints = [*cfg.checkpoints, *(args.model or [])]
+    cfg.__post_init__()  # validate the names added by --model
+    out = Path(cfg.out_dir)
+    save_resolved(cfg, out / "eval.resolved.yaml")
+    try:
+        run_eval(cfg)
+    except EvalError as e:
+        if (out / "results.md").is_file():
+            print((out / "results.md").read_text())
+        print(f"lsm eval: {e}", file=sys.stderr)
+        return 1
+    print((out / "results.md").read_text())
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    """`lsm experiment -c configs/experiments/<name>.yaml [--quick] [k=v ...]`: one of the
+    paper's experiments at small scale; prints <out_dir>/results.md."""
+    from lsm_dist.experiments import ExperimentConfig, load_experiment_config, run_experiment
+
+    if args.help_config:
+        print("\n".join(describe(ExperimentConfig)))
+        return 0
+    cfg = load_experiment_config(args.config, [*args.overrides, *(["quick=true"] if args.quick else [])])
+    print(Path(run_experiment(cfg)).read_text())
+    return 0
+
+
+def cmd_hidden_merge(args) -> int:
+    """`lsm hidden-merge [-c F] models=[A,B] [op=slerp layers=[2,3] alpha=0.5 tasks=[...] ...]`:
+    inference-time merge by mixing hidden states, with metrics vs a weight merge; prints
+    <out_dir>/report.md."""
+    from lsm_dist.hidden.run import HiddenMergeConfig, run_hidden_merge
+
+    cfg = _load(HiddenMergeConfig, args)
+    run_hidden_merge(cfg)
+    print((Path(cfg.out_dir) / "report.md").read_text())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lsm", description="LS-Merge at cluster scale")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("zoo", help="build (or reuse) the small trained model zoo")
+    _add_common(s)
+    s.set_defaults(func=cmd_zoo)
+
+    s = sub.add_parser("convert", help="checkpoints -> weight corpus (WebDataset shards + manifest)")
+    _add_common(s)
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--worker", action="store_true", help="write only this rank's / array task's shards")
+    g.add_argument("--finalize", action="store_true", help="write manifest.json once every shard exists")
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("verify", help="check a corpus: manifest, sizes, sha256 (and rebuild tensors)")
+    s.add_argument("corpus")
+    s.add_argument("--rebuild", action="store_true", help="also rebuild every tensor from its samples")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("stats", help="weight statistics per tensor (paper Table 1 / Fig. 2)")
+    _add_common(s)
+    s.set_defaults(func=cmd_stats)
+
+    s = sub.add_parser("train", help="train the VAE (DeepSpeed ZeRO via accelerate); `train export RUN_DIR`")
+    _add_common(s)
+    s.add_argument("--checkpoint", help="export: step directory (default: the newest complete one)")
+    s.add_argument("--out", help="export: output directory (default: RUN_DIR/vae)")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("encode", help="merge plan: encode its models into cached per-tensor latents")
+    _add_common(s)
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--worker", action="store_true", help="encode only this rank's / array task's tensors")
+    g.add_argument("--finalize", action="store_true", help="check every tensor is encoded, write manifests")
+    s.set_defaults(func=cmd_encode)
+
+    s = sub.add_parser("merge", help="run a merge plan: encode -> merge -> decode -> assemble")
+    _add_common(s)
+    s.add_argument("--worker", action="store_true",
+                   help="only this rank's / array task's layer files (after `lsm encode --finalize`)")
+    s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("assemble", help="merged layer files + target -> checked HF checkpoint")
+    _add_common(s)
+    s.set_defaults(func=cmd_assemble)
+
+    s = sub.add_parser("eval", help="score checkpoints with lm-eval: tables, plot, TensorBoard")
+    _add_common(s)
+    s.add_argument("--model", "-m", action="append", metavar="NAME=DIR",
+                   help="a checkpoint to score (repeatable; added to checkpoints=[...])")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("demo", help="the end-to-end demo on the small model zoo")
+    _add_common(s)
+    s.add_argument("--quick", action="store_true", help="smallest settings (CI)")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("experiment", help="a paper experiment at small scale: table, CSV, plot")
+    _add_common(s)
+    s.add_argument("--quick", action="store_true", help="tiny zoo, few steps (tests / CI)")
+    s.set_defaults(func=cmd_experiment)
+
+    s = sub.add_parser("hidden-merge", help="inference-time merge: mix hidden states (lerp/slerp/regmean)")
+    _add_common(s)
+    s.set_defaults(func=cmd_hidden_merge)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"lsm {args.command}: invalid config: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"lsm {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The conversion plan: which tensor samples go into which shard, decided from headers alone.
+
+The plan depends only on the checkpoints' headers and the conversion settings — not on the
+number of workers — so a 1-worker and an N-worker conversion write identical shards, and any
+worker (a local process, a rank, a Slurm array task) can compute its share independently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from lsm_dist.checkpoint import BLOCKS, Checkpoint
+from lsm_dist.chunking import ChunkSpec
+from lsm_dist.config import check, doc
+from lsm_dist.utils import sha256_json
+
+FORMAT_VERSION = 1
+BLOCK_IDS = {b: i for i, b in enumerate(BLOCKS)}
+
+
+@dataclass
+class ConvertConfig:
+    models: list[str] = doc(
+        "checkpoints to convert: 'PATH' or 'ID=PATH' (a model dir with safetensors + index, or one .safetensors file)",
+        factory=list,
+    )
+    out_dir: str = doc("corpus directory (manifest.json + shard-%06d.tar)", "runs/corpus")
+    tokens: int = doc("tokens per sample (paper: 16)", 16)
+    chunk: int = doc("values per token (paper: 640)", 640)
+    block_samples: int = doc("samples per tar member (one array per block, never straddling tensors)", 256)
+    shard_samples: int = doc("target samples per shard (a shard closes at the first block boundary past it)", 4096)
+    blocks: list[str] = doc("tensor blocks to include: attn, mlp, other", factory=lambda: ["attn", "mlp"])
+    include: str | None = doc("regex: keep only tensors whose name matches", None)
+    exclude: str | None = doc("regex: drop tensors whose name matches", None)
+    params: list[str] = doc("parameter kinds to include (weight, bias)", factory=lambda: ["weight"])
+    strict_names: bool = doc("fail on tensor names that cannot be classified", True)
+    max_padding_fraction: float = doc(
+        "fail when zero padding would exceed this fraction of the corpus (sample too large for the tensors)", 0.5
+    )
+    num_workers: int = doc("local worker processes (ranks / array tasks split the work the same way)", 1)
+    overwrite: bool = doc("replace a different corpus already in out_dir", False)
+
+    def __post_init__(self) -> None:
+        check(self.tokens > 0, "tokens", f"must be positive, got {self.tokens}")
+        check(self.chunk > 0, "chunk", f"must be positive, got {self.chunk}")
+        check(self.block_samples > 0, "block_samples", f"must be positive, got {self.block_samples}")
+        check(self.shard_samples >= self.block_samples, "shard_samples", "must be >= block_samples")
+        check(self.num_workers >= 1, "num_workers", "must be >= 1")
+        check(0.0 <= self.max_padding_fraction < 1.0, "max_padding_fraction", "must be in [0, 1)")
+        for b in self.blocks:
+            check(b in BLOCKS, "blocks", f"{b!r} is not one of {list(BLOCKS)}")
+        check(len(self.blocks) > 0, "blocks", "select at least one block")
+
+    @property
+    def spec(self) -> ChunkSpec:
+        return ChunkSpec(self.tokens, self.chunk)
+
+
+def parse_model(entry: str) -> tuple[str, str]:
+    """'ID=PATH' or 'PATH' → (id, path)."""
+    if "=" in entry:
+        mid, path = entry.split("=", 1)
+    else:
+        path = entry
+        p = Path(path)
+        mid = p.stem if p.suffix == ".safetensors" else p.name
+    return mid, str(Path(path).resolve())
+
+
+def make_plan(cfg: ConvertConfig) -> dict:
+    """Headers → tensors (with sample ranges) → shards (lists of blocks). No tensor data read."""
+    if not cfg.models:
+        raise ValueError("convert: no models given (models=[PATH, ...])")
+    spec = cfg.spec
+    models, tensors, roles = [], [], []
+    seen_ids = set()
+    for entry in cfg.models:
+        mid, path = parse_model(entry)
+        if mid in seen_ids:
+            raise ValueError(f"convert: model id {mid!r} given twice; use ID=PATH to name them apart")
+        seen_ids.add(mid)
+        with Checkpoint(path) as ck:
+            sel = ck.select(cfg.blocks, cfg.include, cfg.exclude, cfg.params, cfg.strict_names)
+            if not sel:
+                raise ValueError(f"{path}: no tensors match blocks={cfg.blocks} include={cfg.include!r} exclude={cfg.exclude!r}")
+            models.append({
+                "id": mid,
+                "path": path,
+                "digest": ck.digest(),
+                "dtypes": sorted({t.dtype for t in sel}),
+                "num_layers": ck.num_layers,
+                "architecture": (ck.config or {}).get("architectures", [None])[0],
+                "model_type": (ck.config or {}).get("model_type"),
+            })
+            for t in sel:
+                if t.numel == 0:
+                    continue
+                role = t.role or t.name
+                if role not in roles:
+                    roles.append(role)
+                tensors.append({
+                    "index": len(tensors),
+                    "model": mid,
+                    "name": t.name,
+                    "file": str(Path(t.file).relative_to(path)) if Path(path).is_dir() else "",
+                    "layer": t.layer,
+                    "block": t.block,
+                    "role": role,
+                    "param": t.param,
+                    "shape": list(t.shape),
+                    "dtype": t.dtype,
+                    "numel": t.numel,
+                    "num_samples": spec.num_samples(t.numel),
+                    "padding": spec.padding(t.numel),
+                })
+    total = sum(t["num_samples"] for t in tensors) * spec.sample_size
+    pad = sum(t["padding"] for t in tensors)
+    if total and pad / total > cfg.max_padding_fraction:
+        smallest = min(t["numel"] for t in tensors)
+        raise ValueError(
+            f"convert: tokens×chunk = {cfg.tokens}×{cfg.chunk} = {spec.sample_size} values does not fit these "
+            f"tensors: {pad / total:.0%} of the corpus would be padding (max_padding_fraction="
+            f"{cfg.max_padding_fraction}); smallest selected tensor has {smallest} values — use smaller tokens/chunk"
+        )
+    first = 0
+    shards: list[dict] = []
+    cur: list[list[int]] = []
+    cur_n = 0
+    for t in tensors:
+        t["first_sample"] = first
+        first += t["num_samples"]
+        for s in range(0, t["num_samples"], cfg.block_samples):
+            n = min(cfg.block_samples, t["num_samples"] - s)
+            cur.append([t["index"], s, n])
+            cur_n += n
+            if cur_n >= cfg.shard_samples:
+                shards.append({"name": f"shard-{len(shards):06d}.tar", "blocks": cur, "num_samples": cur_n})
+                cur, cur_n = [], 0
+    if cur:
+        shards.append({"name": f"shard-{len(shards):06d}.tar", "blocks": cur, "num_samples": cur_n})
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("models", "out_dir", "num_workers", "overwrite")}
+    plan = {
+        "format": "lsm_dist.corpus",
+        "format_version": FORMAT_VERSION,
+        "settings": settings,
+        "sample_dtype": "float32",
+        "models": models,
+        "roles": roles,
+        "blocks": list(BLOCKS),
+        "tensors": tensors,
+        "shards": shards,
+        "num_samples": first,
+    }
+    # identity of the corpus: everything but where the sources happen to live
+    ident = {**plan, "models": [{k: v for k, v in m.items() if k != "path"} for m in models]}
+    plan["plan_digest"] = sha256_json(ident)[:16]
+    return plan
+
+
+def worker_shards(n_shards: int, worker: int, num_workers: int) -> range:
+    """Contiguous, balanced shard range of one worker (keeps a tensor's shards together)."""
+    return range(worker * n_shards // num_workers, (worker + 1) * n_shards // num_workers)

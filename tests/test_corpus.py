@@ -1,0 +1,256 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lsm_dist.checkpoint import Checkpoint, CheckpointError
+from lsm_dist.chunking import ChunkSpec, chunk_tensor, to_bits, unchunk
+from lsm_dist.config import ConfigError, load_config
+from lsm_dist.corpus import ConvertConfig, CorpusError, run_convert
+from lsm_dist.corpus.reader import Corpus, CorpusStream, make_loader
+from tests.helpers import llama_tensors, write_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cfg(tmp, models, name="corpus", **kw):
+    base = dict(models=[str(m) for m in models], out_dir=str(tmp / name), tokens=4, chunk=32,
+                block_samples=8, shard_samples=24)
+    return ConvertConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ck")
+    a = write_checkpoint(d / "a", llama_tensors(layers=2, seed=1, dtype=torch.bfloat16), shards=2)
+    b = write_checkpoint(d / "b", llama_tensors(layers=3, hidden=48, inter=96, seed=2, dtype=torch.float32), shards=3)
+    c = write_checkpoint(d / "c", llama_tensors(layers=1, seed=3, dtype=torch.float16), shards=1)
+    return [a, b, c]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_chunk_roundtrip_bit_exact(dtype):
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(50, 37, generator=g) * 0.03 + 0.002).to(dtype)
+    t[3, :7] = 0  # exact zeros do not survive an affine map: they need fixups
+    t[4, 0] = -0.0
+    spec = ChunkSpec(4, 16)
+    samples, fix, mean, std = chunk_tensor(t, spec)
+    assert samples.shape == (spec.num_samples(t.numel()), 4, 16) and samples.dtype == np.float32
+    assert abs(float(samples.reshape(-1)[: t.numel()].mean())) < 1e-5
+    assert abs(float(samples.reshape(-1)[: t.numel()].std()) - 1) < 1e-4
+    assert np.all(samples.reshape(-1)[t.numel():] == 0)
+    back = unchunk(samples, t.shape, dtype, mean, std, fix)
+    assert back.dtype == dtype and torch.equal(to_bits(back), to_bits(t))
+    # without fixups it is only close
+    approx = unchunk(samples, t.shape, dtype, mean, std, None)
+    assert torch.allclose(approx.float(), t.float(), atol=1e-6)
+
+
+def test_constant_tensor_and_nan():
+    spec = ChunkSpec(2, 8)
+    t = torch.full((5, 5), 0.5, dtype=torch.bfloat16)
+    s, f, m, sd = chunk_tensor(t, spec)
+    assert sd == 1.0 and torch.equal(unchunk(s, t.shape, t.dtype, m, sd, f), t)
+
+
+def test_convert_parallel_equals_serial_and_rebuilds(two_models, tmp_path):
+    m1 = run_convert(cfg(tmp_path, two_models, "w1"), progress=False)
+    m2 = run_convert(cfg(tmp_path, two_models, "w2", num_workers=2), progress=False)
+    assert m1 == m2
+    for f in sorted((tmp_path / "w1").glob("shard-*.tar")):
+        assert f.read_bytes() == (tmp_path / "w2" / f.name).read_bytes(), f.name
+    assert (tmp_path / "w1" / "manifest.json").read_bytes() == (tmp_path / "w2" / "manifest.json").read_bytes()
+    c = Corpus(tmp_path / "w1", verify=True)
+    assert [m["id"] for m in c.manifest["models"]] == ["a", "b", "c"]
+    assert len(c.shards) > 3
+    for key in ("name", "model", "layer", "block", "role", "shape", "dtype", "numel", "mean", "std",
+                "first_sample", "num_samples", "padding", "fixups", "locations"):
+        assert key in c.tensors[0]
+    n = 0
+    for t in c.tensors:  # exact rebuild of every tensor in its dtype
+        ck = Checkpoint(next(m for m in two_models if m.name == t["model"]))
+        orig = ck.read(t["name"])
+        back = c.rebuild(t)
+        assert back.dtype == orig.dtype and torch.equal(to_bits(back), to_bits(orig)), t["name"]
+        assert t["first_sample"] == n
+        n += t["num_samples"]
+    assert n == c.num_samples == sum(s["num_samples"] for s in c.shards)
+    # a re-run finds the corpus complete and changes nothing
+    before = (tmp_path / "w1" / "manifest.json").stat().st_mtime_ns
+    run_convert(cfg(tmp_path, two_models, "w1"), progress=False)
+    assert (tmp_path / "w1" / "manifest.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("backend", ["indexed", "webdataset"])
+def test_stream_blocks_never_straddle_and_split_by_rank(two_models, tmp_path, backend):
+    c = Corpus(run_convert(cfg(tmp_path, two_models), progress=False) and tmp_path / "corpus")
+    seen = []
+    for rank in range(2):
+        s = CorpusStream(c, 5, rank=rank, world_size=2, resampled=False, shuffle_buffer=0, drop_last=False, backend=backend)
+        for b in s:
+            assert b["x"].shape[1:] == (4, 32)
+            seen += list(zip(b["tensor"].tolist(), b["sample"].tolist()))
+    assert len(seen) == len(set(seen)) == c.num_samples
+    # every sample's values come from exactly its own tensor
+    t = c.tensors[5]
+    s = CorpusStream(c, 1, resampled=False, shuffle_buffer=0, backend=backend)
+    rows = [b for b in s if int(b["tensor"][0]) == 5]
+    full, _ = c.read_samples(t)
+    assert np.array_equal(np.stack([r["x"][0].numpy() for r in rows]), full)
+    assert int(rows[0]["block"][0]) == {"attn": 0, "mlp": 1}[t["block"]]
+
+
+def test_backends_agree_and_shuffle_is_a_permutation(two_models, tmp_path):
+    run_convert(cfg(tmp_path, two_models), progress=False)
+    c = Corpus(tmp_path / "corpus")
+    a = [b for b in CorpusStream(c, 7, resampled=False, shuffle_buffer=0, drop_last=False)]
+    w = [b for b in CorpusStream(c, 7, resampled=False, shuffle_buffer=0, drop_last=False, backend="webdataset")]
+    assert all(torch.equal(x["x"], y["x"]) and torch.equal(x["sample"], y["sample"]) for x, y in zip(a, w))
+    sh = [b for b in CorpusStream(c, 7, resampled=False, shuffle_buffer=40, drop_last=False, seed=5)]
+    key = lambda bs: sorted(zip(torch.cat([b["tensor"] for b in bs]).tolist(), torch.cat([b["sample"] for b in bs]).tolist()))  # noqa: E731
+    assert key(sh) == key(a) and len(key(a)) == c.num_samples
+    order = lambda bs: torch.cat([b["sample"] for b in bs]).tolist()  # noqa: E731
+    assert order(sh) != order(a)
+    # shuffled samples still carry their own values
+    first = sh[0]
+    for i in range(3):
+        t = c.tensors[int(first["tensor"][i])]
+        full, _ = c.read_samples(t)
+        assert np.array_equal(first["x"][i].numpy(), full[int(first["sample"][i])])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_resume_is_exact(two_models, tmp_path, workers):
+    run_convert(cfg(tmp_path, two_models), progress=False)
+    c = Corpus(tmp_path / "corpus")
+    full_it = iter(make_loader(CorpusStream(c, 6, seed=3, shuffle_buffer=32), num_workers=workers))
+    full = [next(full_it)["x"] for _ in range(9)]
+    res_it = iter(make_loader(CorpusStream(c, 6, seed=3, shuffle_buffer=32, start_batches=5), num_workers=workers))
+    resumed = [next(res_it)["x"] for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(full[5:], resumed))
+
+
+def test_kill_and_resume_gives_identical_corpus(tmp_path):
+    big = write_checkpoint(tmp_path / "big", llama_tensors(layers=6, hidden=128, inter=256), shards=4)
+    args = [f"models=[{big}]", "tokens=4", "chunk=32", "block_samples=16", "shard_samples=32"]
+    ref = run_convert(load_config(ConvertConfig, None, args + [f"out_dir={tmp_path / 'ref'}"]), progress=False)
+    out = tmp_path / "killed"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "lsm_dist.cli", "convert", *args, f"out_dir={out}"],
+                         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "parts").glob("*.json"))) < 5:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = len(list((out / "parts").glob("*.json")))
+    assert 0 < done < len(ref["shards"]), "the kill should land mid-conversion"
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(CorpusError, match="not a finished corpus"):
+        Corpus(out)
+    resumed = run_convert(load_config(ConvertConfig, None, args + [f"out_dir={out}"]), progress=False)
+    assert resumed == ref
+    assert not list(out.glob(".*.tmp"))
+    for f in (tmp_path / "ref").glob("shard-*.tar"):
+        assert f.read_bytes() == (out / f.name).read_bytes()
+
+
+# ---- bad input ------------------------------------------------------------------------
+
+def test_nan_weight_named_and_no_manifest(tmp_path):
+    ts = llama_tensors(layers=2)
+    ts["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    m = write_checkpoint(tmp_path / "nan", ts)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight: contains 1 NaN"):
+        run_convert(cfg(tmp_path, [m]), progress=False)
+    assert not (tmp_path / "corpus" / "manifest.json").exists()
+    assert not list((tmp_path / "corpus").glob(".*.tmp"))
+
+
+def test_chunk_that_does_not_fit(two_models, tmp_path):
+    with pytest.raises(ValueError, match=r"does not fit these tensors: \d+% of the corpus would be padding"):
+        run_convert(cfg(tmp_path, two_models, tokens=16, chunk=640), progress=False)
+    with pytest.raises(ConfigError, match="tokens: must be positive"):
+        cfg(tmp_path, two_models, tokens=0)
+
+
+def test_other_corpus_in_out_dir_refused(two_models, tmp_path):
+    run_convert(cfg(tmp_path, two_models[:1]), progress=False)
+    with pytest.raises(CorpusError, match="already holds a different corpus"):
+        run_convert(cfg(tmp_path, two_models[1:]), progress=False)
+    m = run_convert(cfg(tmp_path, two_models[1:], overwrite=True), progress=False)
+    assert [x["id"] for x in m["models"]] == ["b", "c"]
+
+
+def test_missing_model_and_unknown_names(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run_convert(cfg(tmp_path, [tmp_path / "nope"]), progress=False)
+    ts = llama_tensors(layers=1) | {"model.weird.thing": torch.zeros(3)}
+    m = write_checkpoint(tmp_path / "u", ts)
+    with pytest.raises(ValueError, match=r"cannot classify .*model\.weird\.thing"):
+        run_convert(cfg(tmp_path, [m]), progress=False)
+
+
+def test_corrupt_truncated_and_checksum(two_models, tmp_path):
+    run_convert(cfg(tmp_path, two_models), progress=False)
+    d = tmp_path / "corpus"
+    shard = d / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different bytes
+    shard.write_bytes(bytes(data))
+    Corpus(d)  # sizes still match
+    with pytest.raises(CorpusError, match=r"shard-000001\.tar: checksum mismatch"):
+        Corpus(d, verify=True)
+    s = CorpusStream(Corpus(d), 4, resampled=False, verify=True, shuffle_buffer=0)
+    with pytest.raises(CorpusError, match="checksum mismatch"):
+        list(s)
+    shard.write_bytes(bytes(data[: len(data) // 3]))
+    with pytest.raises(CorpusError, match=r"shard-000001\.tar: truncated"):
+        Corpus(d)
+    # the streaming reader names a shard whose tar structure is broken
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["shards"][1]["bytes"] = shard.stat().st_size
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    for backend in ("indexed", "webdataset"):
+        with pytest.raises(CorpusError, match=r"shard-000001\.tar: corrupt or truncated tar shard"):
+            list(CorpusStream(Corpus(d), 4, resampled=False, shuffle_buffer=0, backend=backend))
+
+
+def test_cli_convert_verify(two_models, tmp_path):
+    from lsm_dist.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["convert", f"models=[{two_models[0]}]", f"out_dir={out}", "tokens=4", "chunk=32"]) == 0
+    assert main(["verify", str(out), "--rebuild"]) == 0
+    assert main(["convert", "tokens=abc"]) == 2
+    assert main(["convert", "nosuchkey=1"]) == 2
+
+
+@pytest.mark.slow
+def test_every_zoo_model_round_trips_exactly(tiny_zoo, tmp_path):
+    """All tensors (attn, mlp and the rest) of every zoo model — Llama, Qwen2, Gemma-3 in
+    bf16 / fp16 / fp32 — come back bit-for-bit from the corpus."""
+    models = [f"{n}={p}" for n, p in tiny_zoo.items()]
+    m = run_convert(ConvertConfig(models=models, out_dir=str(tmp_path / "zoo"), tokens=4, chunk=32,
+                                  blocks=["attn", "mlp", "other"], params=["weight", "bias"],
+                                  num_workers=2), progress=False)
+    c = Corpus(tmp_path / "zoo", verify=True)
+    assert {x["model_type"] for x in m["models"]} >= {"llama", "qwen2", "gemma3_text"}
+    dtypes = set()
+    for name, path in tiny_zoo.items():
+        ck = Checkpoint(path)
+        entries = [t for t in c.tensors if t["model"] == name]
+        assert len(entries) == len(ck.tensors), name  # every tensor of the checkpoint is in the corpus
+        for t in entries:
+            orig = ck.read(t["name"])
+            dtypes.add(orig.dtype)
+            assert torch.equal(to_bits(c.rebuild(t)), to_bits(orig)), (name, t["name"])
+    assert {torch.bfloat16, torch.float16} <= dtypes

@@ -1,0 +1,264 @@
+"""The small-model zoo: tasks, tokenizer, config validation, build / reload / cache / determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lsm_dist.config import ConfigError, from_dict
+from lsm_dist.zoo import build as B
+from lsm_dist.zoo import tasks as T
+from lsm_dist.zoo.build import ZooConfig, build_zoo, evaluate_exact_match, read_card
+from lsm_dist.zoo.tokenizer import BOS_ID, VOCAB_SIZE, build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# --------------------------------------------------------------------------- tasks
+@pytest.mark.parametrize("task", T.TASK_NAMES)
+def test_test_split_disjoint_from_train(task):
+    test = {e.prompt for e in T.examples(task, "test", 400, seed=0)}
+    train = {e.prompt for e in T.examples(task, "train", 2000, seed=1)}
+    assert test and train and not test & train
+    streamed = {e.prompt for e, _ in zip(T.train_stream(list(T.TRAIN_TASKS), seed=3), range(4000))}
+    assert not test & streamed
+    assert all(T.split_of(task, T.key_of(T.query(task, T.key_of(e)))) == "test"
+               for e in T.examples(task, "test", 50))  # fmt: skip
+
+
+def test_recall_statements_cover_test_names():
+    """Held-out recall queries ask for facts whose statements are in the training stream."""
+    test_names = {T.key_of(e) for e in T.examples("recall", "test", 1000)}
+    assert len(test_names) >= 20
+    stream = [e for e, _ in zip(T.train_stream(["recall"], seed=0), range(6000))]
+    stated = {e.answer for e in stream if e.prompt == ""}
+    assert {T.recall_statement(n) for n in test_names} <= stated
+    assert not test_names & {T.key_of(e) for e in stream if e.prompt}
+
+
+@pytest.mark.parametrize("task", T.TASK_NAMES)
+def test_examples_deterministic_and_well_formed(task):
+    a, b = T.examples(task, "test", 30, seed=5), T.examples(task, "test", 30, seed=5)
+    assert a == b and a != T.examples(task, "test", 30, seed=6)
+    for ex in a:
+        assert ex.answer.startswith(" ") and not ex.prompt.endswith(" ")
+        assert ex.prompt.endswith("A:") and T.query(task, T.key_of(ex)) == ex
+        mc = T.multiple_choice(ex)
+        assert len(mc["choices"]) == T.N_CHOICES == len(set(mc["choices"]))
+        assert mc["choices"][mc["label"]] == ex.answer and mc == T.multiple_choice(ex)
+        assert all(c.startswith(" ") for c in mc["choices"])
+
+
+def test_write_task_jsonl(tmp_path):
+    p = T.write_task_jsonl("arith", "test", tmp_path / "a.jsonl", n=25, seed=0)
+    rows = [json.loads(line) for line in p.read_text().splitlines()]
+    assert len(rows) == 25 and set(rows[0]) == {"prompt", "answer", "choices", "label"}
+    assert p.read_text() == T.write_task_jsonl("arith", "test", tmp_path / "b.jsonl", 25, 0).read_text()
+    assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
+
+
+def test_mixed_lm_text_mixes_families():
+    docs = T.mixed_lm_text(200, seed=0)
+    assert len(docs) == 200 and docs == T.mixed_lm_text(200, seed=0)
+    assert any(d.startswith("Q: reverse") for d in docs) and any(d.startswith("color of") for d in docs)
+    assert any(d[0].isupper() and d.endswith(".") for d in docs)
+
+
+# --------------------------------------------------------------------------- tokenizer
+def test_tokenizer_roundtrip(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path)
+    tok2 = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Q: 23+18= A: 41\ncolor of zorvek: red."
+    ids = tok2(text)["input_ids"]
+    assert ids[0] == BOS_ID and len(ids) == len(text) + 1 and ids == tok(text)["input_ids"]
+    assert tok2.decode(ids, skip_special_tokens=True) == text
+    assert len(tok2) == VOCAB_SIZE and tok2.pad_token_id == 0 and tok2.eos_token_id == 2
+    assert tok2("ab", add_special_tokens=False)["input_ids"] == tok("ab")["input_ids"][1:]
+
+
+# --------------------------------------------------------------------------- config
+def _base(**kw) -> dict:
+    d = dict(name="b", family="llama", hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+             intermediate_size=32, tasks=["arith"], steps=3, lr=3e-3)  # fmt: skip
+    return d | kw
+
+
+def test_config_inherits_and_validates():
+    cfg = from_dict(ZooConfig, {"models": [{"name": "e", "parent": "b"}, _base()]})
+    assert [m.name for m in cfg.models] == ["b", "e"]  # parents first
+    e = cfg.models[1]
+    assert (e.family, e.hidden_size, e.dtype) == ("llama", 16, "bfloat16")
+    bad = [
+        {"models": [_base(), {"name": "e", "parent": "b", "hidden_size": 32}]},  # shape mismatch
+        {"models": [_base(), {"name": "e", "parent": "nope"}]},
+        {"models": [_base(name="x", parent="y"), _base(name="y", parent="x")]},
+        {"models": [_base(dtype="int8")]},
+        {"models": [_base(tasks=["poetry"])]},
+        {"models": [_base(hidden_size=18, num_heads=4)]},
+        {"models": [_base(), _base()]},
+        {"models": [{"name": "b", "family": "llama"}]},  # base without a shape
+    ]
+    for data in bad:
+        with pytest.raises(ConfigError):
+            from_dict(ZooConfig, data)
+
+
+# --------------------------------------------------------------------------- the tiny zoo
+def test_tiny_zoo_layout(tiny_zoo):
+    cfg = B.load_zoo_config(ROOT / "configs/zoo/tiny.yaml")
+    assert list(tiny_zoo) == [m.name for m in cfg.models]
+    families = set()
+    for name, p in tiny_zoo.items():
+        card = read_card(p)
+        assert card["name"] == name and card["spec"]["name"] == name
+        families.add(card["spec"]["family"])
+        index = json.loads((p / "model.safetensors.index.json").read_text())
+        shards = set(index["weight_map"].values())
+        assert len(shards) > 1 and all((p / s).is_file() for s in shards)
+        for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+            assert (p / f).is_file(), f
+        assert not list(p.parent.glob(f".{name}.*"))  # no temp dirs left
+    assert families == {"llama", "qwen2", "gemma3"}
+
+
+def test_tiny_zoo_reloads_with_identical_logits(tiny_zoo):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name, p in tiny_zoo.items():
+        spec = read_card(p)["spec"]
+        tok = AutoTokenizer.from_pretrained(p)
+        m1 = AutoModelForCausalLM.from_pretrained(p)
+        m2 = AutoModelForCausalLM.from_pretrained(p)
+        assert type(m1).__name__ == CLASSES[spec["family"]], name
+        assert m1.dtype == DTYPES[spec["dtype"]], name
+        batch = tok(["Q: 12+30= A:", "Q: reverse abc? A:"], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            l1, l2 = m1(**batch).logits, m2(**batch).logits
+        assert l1.shape[-1] == VOCAB_SIZE and torch.isfinite(l1.float()).all()
+        assert torch.equal(l1, l2), name
+        if spec["family"] == "gemma3":
+            assert m1.lm_head.weight.data_ptr() == m1.model.embed_tokens.weight.data_ptr()
+
+
+def test_experts_share_parent_shapes(tiny_zoo):
+    from lsm_dist.zoo.build import load_model
+
+    b = load_model(tiny_zoo["llama-tiny-base"]).state_dict()
+    e = load_model(tiny_zoo["llama-tiny-reverse"]).state_dict()
+    assert b.keys() == e.keys() and all(b[k].shape == e[k].shape for k in b)
+    assert any(not torch.equal(b[k], e[k]) for k in b)
+
+
+def test_expert_beats_base_on_its_task(tiny_zoo):
+    base, exp = read_card(tiny_zoo["llama-tiny-base"]), read_card(tiny_zoo["llama-tiny-reverse"])
+    assert exp["accuracy"]["reverse"] >= base["accuracy"]["reverse"] + 0.3
+    # the card reports what the saved model does
+    from lsm_dist.zoo.build import load_model
+
+    tok = build_tokenizer()
+    acc = evaluate_exact_match(load_model(tiny_zoo["llama-tiny-reverse"]), tok, "reverse",
+                               n=exp["eval_samples"])  # fmt: skip
+    assert acc == exp["accuracy"]["reverse"]
+
+
+def test_cache_reuse_does_no_training(tiny_zoo, monkeypatch):
+    out = next(iter(tiny_zoo.values())).parent
+    cards = {n: (p / B.CARD_NAME).read_bytes() for n, p in tiny_zoo.items()}
+    mtimes = {n: (p / B.CARD_NAME).stat().st_mtime_ns for n, p in tiny_zoo.items()}
+
+    def boom(*a, **k):
+        raise AssertionError("a cached model was rebuilt")
+
+    monkeypatch.setattr(B, "build_model", boom)
+    t0 = time.perf_counter()
+    paths = build_zoo(B.load_zoo_config(ROOT / "configs/zoo/tiny.yaml", [f"out_dir={out}"]),
+                      progress=False)  # fmt: skip
+    assert time.perf_counter() - t0 < 10
+    assert paths == tiny_zoo
+    assert {n: (p / B.CARD_NAME).read_bytes() for n, p in paths.items()} == cards
+    assert {n: (p / B.CARD_NAME).stat().st_mtime_ns for n, p in paths.items()} == mtimes
+
+
+def test_cli_prints_table(tiny_zoo, capsys):
+    import runpy
+
+    out = next(iter(tiny_zoo.values())).parent
+    mod = runpy.run_path(str(ROOT / "tools/build_zoo.py"))
+    rc = mod["main"](["--config", str(ROOT / "configs/zoo/tiny.yaml"), "--no-progress", f"out_dir={out}"])
+    text = capsys.readouterr().out
+    assert rc == 0 and all(n in text for n in tiny_zoo) and "reverse" in text
+    assert mod["main"](["--config", str(ROOT / "configs/zoo/tiny.yaml"), "bogus=1"]) == 2
+
+
+# --------------------------------------------------------------------------- determinism / hashes
+def _micro(out: Path, base_steps: int = 4, dtype: str = "float32", workers: int = 1) -> ZooConfig:
+    return from_dict(ZooConfig, {
+        "out_dir": str(out), "eval_samples": 2, "max_shard_size": "10KB", "workers": workers,
+        "models": [_base(steps=base_steps, dtype=dtype, tasks=["text", "arith"]),
+                   {"name": "e", "parent": "b", "tasks": ["reverse"], "steps": 3, "seed": 1}],
+    })  # fmt: skip
+
+
+def _tensors(p: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(p.glob("*.safetensors")):
+        out |= load_file(str(f))
+    return out
+
+
+def test_rebuild_is_deterministic(tmp_path):
+    """Two builds into different dirs, one in-process and one with worker processes."""
+    a = build_zoo(_micro(tmp_path / "a"), progress=False)
+    b = build_zoo(_micro(tmp_path / "b", workers=2), progress=False)
+    for name in ("b", "e"):
+        ta, tb = _tensors(a[name]), _tensors(b[name])
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+        assert read_card(a[name])["hash"] == read_card(b[name])["hash"]
+    ta, tb = _tensors(a["b"]), _tensors(a["e"])
+    assert any(not torch.equal(ta[k], tb[k]) for k in ta)  # the expert did train
+
+
+def test_parent_change_rebuilds_children(tmp_path):
+    paths = build_zoo(_micro(tmp_path), progress=False)
+    h0 = {n: read_card(p)["hash"] for n, p in paths.items()}
+    paths = build_zoo(_micro(tmp_path, base_steps=5), progress=False)
+    h1 = {n: read_card(p)["hash"] for n, p in paths.items()}
+    assert h0["b"] != h1["b"] and h0["e"] != h1["e"]
+    # a half-built leftover of a dead process is cleaned; a model without a card is rebuilt
+    (tmp_path / ".e.tmp-999999999").mkdir()
+    (paths["e"] / B.CARD_NAME).unlink()
+    paths = build_zoo(_micro(tmp_path, base_steps=5), progress=False)
+    assert read_card(paths["e"])["hash"] == h1["e"]
+    assert sorted(os.listdir(tmp_path)) == ["b", "e"]
+
+
+# --------------------------------------------------------------------------- the default zoo
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_default_zoo_experts_beat_bases():
+    """Builds (or reuses, via the card hashes) the default zoo at its configured out_dir."""
+    cfg = B.load_zoo_config(ROOT / "configs/zoo/default.yaml")
+    cfg.out_dir = str(ROOT / cfg.out_dir)
+    paths = build_zoo(cfg, progress=False)
+    by_name = {m.name: m for m in cfg.models}
+    checked = 0
+    for m in cfg.models:
+        if m.parent is None or len(m.tasks) != 1:
+            continue
+        task = m.tasks[0]
+        acc_e = read_card(paths[m.name])["accuracy"][task]
+        acc_b = read_card(paths[by_name[m.parent].name])["accuracy"][task]
+        assert acc_e >= acc_b + 0.15, (m.name, task, acc_e, acc_b)
+        checked += 1
+    assert checked >= 5

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: a virtualenv in .venv with the project and its
+# dependencies. torch is installed first, pinned to the CPU build 2.13.0 where no torch is
+# present, so the `torch>=2.4` requirement does not pull a multi-GB CUDA build; on a GPU
+# host install your CUDA torch into .venv first (or set LSM_TORCH_SPEC) and it is kept.
+# Idempotent: re-runs only reinstall when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${LSM_VENV:-.venv}
+TORCH_SPEC=${LSM_TORCH_SPEC:-torch==2.13.0}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+fi
+stamp="$VENV/.lsm-setup-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    echo "setup: installing $TORCH_SPEC" >&2
+    "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+  fi
+  echo "setup: installing lsm_dist and its dependencies" >&2
+  "$VENV/bin/python" -m pip install -q -e ".[dev]" 2>&1 | grep -vE "^WARNING: Location|is ignored" || true
+  "$VENV/bin/python" -c "import torch, deepspeed, accelerate, transformers, safetensors, ot, webdataset, submitit, tensorboard, lm_eval, lsm_dist" \
+    || { echo "setup: import check failed" >&2; exit 1; }
+  rm -f "$VENV"/.lsm-setup-*
+  touch "$stamp"
+fi
