@@ -1,0 +1,193 @@
+"""Step-numbered, atomic training checkpoints and the plain-VAE export.
+
+Layout under ``run_dir/checkpoints/``::
+
+    step-00000500/              complete: has COMPLETE (written last, before the rename)
+        pytorch_model/          DeepSpeed engine state: model, ZeRO optimizer shards, lr scheduler
+        latest                  DeepSpeed tag file
+        random_states_<rank>.pkl  per-rank Python / NumPy / torch RNG (accelerate)
+        trainer_state.json      step, stage, plateau tracker, data position, digests, metrics
+        COMPLETE
+    step-00000600.tmp/          being written (or killed while written): never resumed from
+
+A save writes everything into ``step-N.tmp/``; after a barrier (every rank finished its
+shards) rank 0 writes ``trainer_state.json`` and ``COMPLETE``, fsyncs and renames the
+directory to ``step-N/``. ``resume=auto`` takes the newest directory with ``COMPLETE``;
+``keep_last_k`` removes older complete ones (rank 0).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from lsm_dist.config import ConfigError, from_dict
+from lsm_dist.model import TransformerVAE, VAEConfig, load_vae, save_vae
+from lsm_dist.utils import atomic_write_json, atomic_write_text, fsync_dir, read_json
+
+CKPT_DIR = "checkpoints"
+COMPLETE = "COMPLETE"
+STATE = "trainer_state.json"
+STATE_FORMAT = "lsm_dist.train.v1"
+DS_TAG = "pytorch_model"  # accelerate's DeepSpeed checkpoint tag for the first model
+_STEP_RE = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A training checkpoint is missing, incomplete or belongs to another configuration."""
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"step-{step:08d}"
+
+
+def is_complete(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / COMPLETE).is_file() and (p / STATE).is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first ('.tmp' and unmarked directories are ignored)."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and is_complete(p):
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def find_resume(run_dir: str | Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: None for a fresh start."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1][1] if found else None
+    p = Path(resume)
+    if not p.is_dir():
+        raise CheckpointError(f"resume: checkpoint {p} does not exist")
+    if not is_complete(p):
+        raise CheckpointError(f"resume: {p} is not a complete checkpoint (no {COMPLETE} marker "
+                              f"or {STATE}: the save was interrupted)")
+    return p
+
+
+def read_state(path: str | Path) -> dict:
+    state = read_json(Path(path) / STATE)
+    if state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{Path(path) / STATE}: format {state.get('format')!r} is not "
+                              f"{STATE_FORMAT!r}")
+    return state
+
+
+def check_compatible(state: dict, path: Path, model_digest: str, world_size: int) -> None:
+    """Refuse a checkpoint of another model configuration or another world size."""
+    if state["model_digest"] != model_digest:
+        saved = state.get("model", {})
+        raise CheckpointError(
+            f"resume: checkpoint {path} was trained with another model configuration "
+            f"(digest {state['model_digest']}, this run {model_digest}; saved model config "
+            f"{saved}). Use another run_dir or resume=none.")
+    if state["world_size"] != world_size:
+        raise CheckpointError(
+            f"resume: checkpoint {path} was written by {state['world_size']} ranks, this run has "
+            f"{world_size}: ZeRO optimizer shards and per-rank data positions only resume at the "
+            f"same world size")
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict,
+                    keep_last_k: int) -> Path:
+    """Collective: every rank calls it. Returns the final directory."""
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a killed save
+        tmp.mkdir(parents=True)
+    _barrier()
+    accelerator.save_state(str(tmp))  # DeepSpeed shards + per-rank RNG; every rank
+    _barrier()
+    if main:
+        atomic_write_json(tmp / STATE, state)
+        atomic_write_text(tmp / COMPLETE, f"step {step}\n")
+        fsync_dir(tmp)
+        if final.exists():  # a re-run reached the same step: replace
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        if keep_last_k > 0:
+            for _s, old in list_checkpoints(run_dir)[:-keep_last_k]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(accelerator, path: str | Path) -> dict:
+    """Collective: restore engine (model, optimizer, scheduler) and RNG; return trainer state."""
+    accelerator.load_state(str(path))
+    return read_state(path)
+
+
+def gather_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """fp32 model weights from any ZeRO stage's shards, without DeepSpeed running."""
+    import logging
+
+    from deepspeed.utils import logger as ds_logger
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    level = ds_logger.level
+    ds_logger.setLevel(logging.WARNING)
+    try:
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+    finally:
+        ds_logger.setLevel(level)
+    return {k.removeprefix("module."): v.float().contiguous() for k, v in sd.items()}
+
+
+def export_vae(run_dir: str | Path, checkpoint: str | Path | None = None,
+               out: str | Path | None = None) -> Path:
+    """Write the plain VAE checkpoint (config.json + model.safetensors) of a training run.
+
+    ``checkpoint``: a step directory (default: the newest complete one in ``run_dir``);
+    ``out``: default ``run_dir/vae``. Loadable with :func:`lsm_dist.model.load_vae`.
+    """
+    run_dir = Path(run_dir)
+    ckpt = Path(checkpoint) if checkpoint is not None else find_resume(run_dir, "auto")
+    if ckpt is None:
+        raise CheckpointError(f"export: no complete checkpoint under {run_dir / CKPT_DIR}")
+    if not is_complete(ckpt):
+        raise CheckpointError(f"export: {ckpt} is not a complete checkpoint")
+    state = read_state(ckpt)
+    try:
+        cfg = from_dict(VAEConfig, state["model"])
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt / STATE}: bad model config: {e}") from None
+    sd = gather_state_dict(ckpt)
+    model = TransformerVAE(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"export: {ckpt} does not match its model config: missing "
+                              f"{sorted(missing)[:6]}, unexpected {sorted(unexpected)[:6]}")
+    bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"export: {ckpt} holds non-finite weights in {bad[:6]}")
+    dst = Path(out) if out is not None else run_dir / "vae"
+    save_vae(model, dst)
+    load_vae(dst)  # check what was written
+    if out is None:
+        atomic_write_json(run_dir / "export.json", {
+            "checkpoint": str(ckpt), "step": state["step"], "vae": str(dst),
+            "roles": state.get("roles"), "metrics": state.get("metrics", {})})
+    return dst
