@@ -1,0 +1,156 @@
+"""Assembly (contract 5): per-layer merged tensors + the target's untouched tensors → a
+Hugging Face checkpoint ``out_dir/model/``.
+
+- The target's config.json, generation_config.json and tokenizer files are copied.
+- Tensors keep the target's names and order; merged ones come from ``layers/*.safetensors``,
+  the others from the target. Shards (``model-0000i-of-0000n.safetensors``, at most
+  ``max_shard_size`` bytes each unless one tensor is larger) are written by a *streaming*
+  safetensors writer: the header is computed from shapes and dtypes first, then tensor bytes
+  are appended one tensor at a time, so memory is one tensor, never one shard.
+- Everything is written into ``out_dir/.model.tmp-<pid>/`` and checked before it counts:
+  every tensor is finite (checked as it is written; an error names the tensor), and the
+  written headers hold every target tensor with the target's shape and dtype. Only then is
+  the directory renamed to ``model/`` and ``MERGE_COMPLETE.json`` written into it.
+  :func:`is_complete` is the one test for a finished merge: no marker, not finished.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lsm_dist.checkpoint import INDEX_NAME, Checkpoint, TensorInfo
+from lsm_dist.merge.decode import META_KEY
+from lsm_dist.merge.io import read_meta, release_memory, write_streaming
+from lsm_dist.utils import atomic_write_json, fsync_dir, get_logger, read_json
+
+MARKER = "MERGE_COMPLETE.json"
+COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+              "added_tokens.json", "chat_template.jinja", "chat_template.json")  # fmt: skip
+log = get_logger("lsm.merge")
+
+
+class AssemblyError(ValueError):
+    """The assembled checkpoint is incomplete or holds bad values (the message names the tensor)."""
+
+
+def is_complete(model_dir: str | Path, digest: str | None = None) -> bool:
+    """True only for a checkpoint whose assembly finished (and, if given, of this plan)."""
+    marker = Path(model_dir) / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        rec = read_json(marker)
+    except ValueError:
+        return False
+    return digest is None or rec.get("plan_digest") == digest
+
+
+def plan_shards(infos: list[TensorInfo], max_shard_size: int) -> list[list[TensorInfo]]:
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for t in infos:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def merged_files(layers_dir: Path, digest: str, groups: dict[str, list[str]] | None) -> dict[str, Path]:
+    """Tensor name → layer file, checking every expected group file belongs to this plan."""
+    out: dict[str, Path] = {}
+    files = ([layers_dir / f"{g}.safetensors" for g in groups] if groups is not None
+             else sorted(layers_dir.glob("*.safetensors")))
+    for f in files:
+        meta = read_meta(f, META_KEY)
+        if meta is None or meta.get("plan_digest") != digest:
+            raise AssemblyError(f"{f}: missing or written by another plan (run the merge/decode stage first)")
+        want = groups[meta["group"]] if groups is not None else meta["tensors"]
+        if sorted(meta["tensors"]) != sorted(want):
+            raise AssemblyError(f"{f}: holds {meta['tensors']}, expected {sorted(want)}")
+        out |= {n: f for n in meta["tensors"]}
+    return out
+
+
+def assemble(target: str | Path, layers_dir: str | Path, model_dir: str | Path, digest: str,
+             max_shard_size: int = 2 * 10**9, groups: dict[str, list[str]] | None = None,
+             extra: dict | None = None) -> Path:
+    """Build the HF checkpoint ``model_dir`` (see module doc) and mark it complete."""
+    model_dir, layers_dir = Path(model_dir), Path(layers_dir)
+    merged = merged_files(layers_dir, digest, groups)
+    tmp = model_dir.parent / f".{model_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    handles: dict[Path, object] = {}
+    try:
+        with Checkpoint(target) as tck:
+            unknown = sorted(set(merged) - set(tck.tensors))
+            if unknown:
+                raise AssemblyError(f"layer files hold tensors the target lacks: {unknown[:5]}")
+            src = tck.path if tck.path.is_dir() else tck.path.parent
+            for name in COPY_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, tmp / name)
+
+            def fetch(name: str) -> torch.Tensor:
+                release_memory()
+                f = merged.get(name)
+                if f is None:
+                    x = tck.read(name)
+                    tck.close()  # bounded resident memory: drop the mmap after each tensor
+                    return x
+                if f not in handles:
+                    handles.clear()
+                    handles[f] = safe_open(str(f), framework="pt")
+                return handles[f].get_tensor(name)
+
+            infos = list(tck.tensors.values())
+            shards = plan_shards(infos, max_shard_size)
+            n = len(shards)
+            weight_map, total = {}, 0
+            for i, part in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                total += write_streaming(tmp / fname, part, fetch, error=AssemblyError)
+                weight_map |= {t.name: fname for t in part}
+            handles.clear()
+            atomic_write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+            _verify(tmp, tck)
+            num = len(infos)
+        fsync_dir(tmp)
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        os.replace(tmp, model_dir)
+        fsync_dir(model_dir.parent)
+    except BaseException:
+        handles.clear()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_json(model_dir / MARKER, {
+        "plan_digest": digest, "tensors": num, "merged_tensors": len(merged), "shards": n,
+        "total_size": total, "target": str(target), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **(extra or {}),
+    })  # fmt: skip
+    log.info("assemble: %s (%d tensors, %d merged, %d shard(s))", model_dir, num, len(merged), n)
+    return model_dir
+
+
+def _verify(tmp: Path, tck: Checkpoint) -> None:
+    """Headers of the written checkpoint: every target tensor with its shape and dtype."""
+    out = Checkpoint(tmp)
+    missing = sorted(set(tck.tensors) - set(out.tensors))
+    if missing:
+        raise AssemblyError(f"assembled checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+    for name, t in tck.tensors.items():
+        o = out.tensors[name]
+        if o.shape != t.shape or o.dtype != t.dtype:
+            raise AssemblyError(f"tensor {name!r}: written {o.shape} {o.dtype}, target {t.shape} {t.dtype}")
+    if not (tmp / "config.json").is_file():
+        raise AssemblyError(f"{tck.path} has no config.json to copy: not a Hugging Face checkpoint")

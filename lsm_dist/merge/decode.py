@@ -1,0 +1,168 @@
+"""The merge + decode stage: per target layer, merge each tensor (in latent or weight space),
+decode it with the target's VAE and write ``out_dir/layers/<group>.safetensors``.
+
+Per tensor (latent space): load the operands' latents from the cache; align / resample the
+non-target ones onto the target's latents when the models differ (or an alignment is asked);
+run the operator; decode in batches with the *target's* VAE; de-normalize with the *target*
+tensor's mean/std from its encode manifest, drop the padding, reshape, cast to the target's
+dtype. Weight space: read the operands' tensors and run the same operator on them.
+
+A layer file is streamed tensor by tensor (one merged tensor in memory at a time) into a temp
+file renamed when complete; it carries ``{"plan_digest", "group", "tensors"}`` in its
+safetensors metadata: a re-run (after a crash, a
+kill, a preempted array task) skips the files whose metadata matches this plan and redoes the
+rest. Ranks / array tasks split the layers with ``worker = (index, count)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lsm_dist.checkpoint import DTYPES, Checkpoint, TensorInfo
+from lsm_dist.chunking import STAT_BLOCK, denormalize
+from lsm_dist.merge.encode import caches_for, make_cond, role_ids
+from lsm_dist.merge.hetero import align_latents
+from lsm_dist.merge.io import autocast, pick_device, read_meta, release_memory, write_streaming
+from lsm_dist.merge.operators import apply_operator, get_operator, make_generator
+from lsm_dist.model import TransformerVAE, load_vae
+from lsm_dist.utils import get_logger
+
+META_KEY = "lsm_merge"
+
+
+class MergeError(ValueError):
+    """A merged tensor is not finite or not of the target's shape (the message names it)."""
+log = get_logger("lsm.merge")
+
+
+def group_file(rp, group: str) -> Path:
+    return rp.layers_dir / f"{group}.safetensors"
+
+
+def group_done(rp, group: str) -> bool:
+    """The layer file exists, is readable and was written by this plan for these tensors."""
+    meta = read_meta(group_file(rp, group), META_KEY)
+    return (meta is not None and meta.get("plan_digest") == rp.digest
+            and sorted(meta.get("tensors", [])) == sorted(j.name for j in rp.groups[group]))
+
+
+@torch.no_grad()
+def decode_latents(vae: TransformerVAE, z: torch.Tensor, cond_info: tuple, roles: dict[str, int],
+                   batch_size: int, device: torch.device) -> np.ndarray:
+    """Latents (N, latent_tokens, latent_dim) → float32 samples (N, tokens, chunk)."""
+    cfg = vae.cfg
+    out = np.empty((z.shape[0], cfg.tokens, cfg.chunk), dtype=np.float32)
+    for s in range(0, z.shape[0], batch_size):
+        zb = z[s : s + batch_size].to(device)
+        cond = make_cond(vae, zb.shape[0], *cond_info, roles, device)
+        with autocast(device):
+            x = vae.decode(zb, cond)
+        out[s : s + zb.shape[0]] = x.float().cpu().numpy()
+    return out
+
+
+def merge_latent_tensor(rp, job, caches, vae: TransformerVAE, device: torch.device) -> torch.Tensor:
+    """Merged and decoded target tensor ``job`` (shape and dtype of the target's)."""
+    plan, tid = rp.plan, rp.plan.target
+    op = get_operator(plan.method)
+    z_t = None
+    align = rp.heterogeneous or plan.alignment.method != "none"
+
+    def operand(mid: str):
+        nonlocal z_t
+        mu, lv = caches[mid].load(job.sources[mid], logvar=op.needs_logvar)
+        if mid != tid and align:
+            if z_t is None:
+                z_t, _ = caches[tid].load(job.sources[tid])
+            gen = make_generator(plan.params.seed, f"align:{mid}:{job.name}")
+            mu = align_latents(mu, z_t, plan.alignment, gen, what=f"{mid}->{tid} {job.name}")
+        return mu, lv
+
+    pairs = [operand(m) for m in plan.inputs]
+    base = operand(plan.base)[0] if op.needs_base else None
+    z = apply_operator(plan.method, [p[0] for p in pairs], plan.params, base=base,
+                       logvars=[p[1] for p in pairs] if op.needs_logvar else None, key=job.name)
+    del pairs, base, z_t
+    entry = caches[tid].manifest["tensors"].get(job.sources[tid])
+    if entry is None:
+        raise FileNotFoundError(f"latent manifest of {tid} has no entry for {job.name!r} (re-run encode)")
+    roles = role_ids(rp.models[tid].vae)
+    x = decode_latents(vae, z, (job.layer, job.block, job.role), roles, plan.batch_size, device)
+    del z
+    return unchunk_blocks(x, job.shape, DTYPES[job.dtype], entry["mean"], entry["std"])
+
+
+def unchunk_blocks(samples: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype, mean: float,
+                   std: float, block: int = STAT_BLOCK) -> torch.Tensor:
+    """``chunking.unchunk`` without fixups, de-normalized block by block (same values), so the
+    float64 temporaries are one block, not the whole tensor."""
+    numel = math.prod(shape)
+    flat = samples.reshape(-1)
+    if flat.size < numel:
+        raise ValueError(f"{flat.size} decoded values cannot fill a tensor of shape {tuple(shape)}")
+    out = torch.empty(numel, dtype=dtype)
+    for a in range(0, numel, block):
+        b = min(a + block, numel)
+        out[a:b] = denormalize(flat[a:b], mean, std, dtype)
+    return out.reshape(shape)
+
+
+def merge_weight_tensor(rp, job, checkpoints: dict[str, Checkpoint]) -> torch.Tensor:
+    """The weight-space baseline: the same operator on the weights themselves."""
+    plan = rp.plan
+    op = get_operator(plan.method)
+    xs = [checkpoints[m].read(job.sources[m]) for m in plan.inputs]
+    base = checkpoints[plan.base].read(job.sources[plan.base]) if op.needs_base else None
+    out = apply_operator(plan.method, xs, plan.params, base=base, key=job.name)
+    return out.to(DTYPES[job.dtype])
+
+
+def run_decode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None) -> dict[str, int]:
+    """Write this worker's layer files (skipping finished ones) → {"written", "skipped"}."""
+    idx, count = worker
+    plan = rp.plan
+    mine = list(rp.groups)[idx::count]
+    todo = [g for g in mine if not group_done(rp, g)]
+    stats = {"written": 0, "skipped": len(mine) - len(todo)}
+    if not todo:
+        return stats
+    device = pick_device(plan.device)
+    vae, caches, checkpoints = None, None, {}
+    if plan.space == "latent":
+        caches = caches_for(rp)
+        tvae = str(rp.models[plan.target].vae)
+        vaes = {} if vaes is None else vaes
+        if tvae not in vaes:
+            vaes[tvae] = load_vae(tvae, map_location=device)
+        vae = vaes[tvae]
+    else:
+        checkpoints = {m: Checkpoint(i.path) for m, i in rp.models.items()}
+    try:
+        for g in todo:
+            jobs = {j.name: j for j in rp.groups[g]}
+            infos = [TensorInfo(j.name, "", j.dtype, j.shape, j.layer, j.block, j.role, "weight")
+                     for j in jobs.values()]
+
+            def fetch(name: str, jobs=jobs) -> torch.Tensor:
+                job = jobs[name]
+                release_memory()  # the previous tensor's buffers are gone by now
+                if plan.space == "latent":
+                    return merge_latent_tensor(rp, job, caches, vae, device)
+                return merge_weight_tensor(rp, job, checkpoints)
+
+            meta = {"plan_digest": rp.digest, "group": g, "tensors": sorted(jobs)}
+            write_streaming(group_file(rp, g), infos, fetch, {"format": "pt", META_KEY: json.dumps(meta)},
+                            error=MergeError, atomic=True)
+            stats["written"] += 1
+            log.info("merge: wrote %s (%d tensors)", group_file(rp, g).name, len(infos))
+            for ck in checkpoints.values():
+                ck.close()
+    finally:
+        for ck in checkpoints.values():
+            ck.close()
+    return stats

@@ -1,0 +1,416 @@
+"""The merge plan (contract 4): a YAML file → :class:`MergePlan` → :func:`resolve_plan`.
+
+``resolve_plan`` does every check before heavy work: each model opens (headers only), every
+tensor the plan selects exists in every model (layer-mapped for other depths), the VAE's
+chunking fits each model, the method's parameters suit its inputs, a heterogeneous pair has an
+alignment, and ``out_dir`` holds no other merge. It returns the :class:`ResolvedPlan` with one
+:class:`TensorJob` per merged target tensor, grouped by layer, and the plan digest that names
+this merge (the content digests of models and VAEs included, so a changed model is a new merge).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lsm_dist.checkpoint import LAYER_RE, Checkpoint
+from lsm_dist.chunking import ChunkSpec
+from lsm_dist.config import (
+    ConfigError,
+    _set_dotted,
+    check,
+    check_choice,
+    doc,
+    from_dict,
+    parse_overrides,
+    to_dict,
+)
+from lsm_dist.merge.hetero import AlignConfig, resolve_layer_map
+from lsm_dist.merge.operators import MergeParams, get_operator
+from lsm_dist.model import VAEConfig, read_vae_config, vae_digest
+from lsm_dist.utils import atomic_write_json, read_json, sha256_json
+
+PLAN_RECORD = "merge_plan.json"
+SPACES = ("latent", "weight")
+BLOCK_CHOICES = {"attn": ["attn"], "mlp": ["mlp"], "both": ["attn", "mlp"]}
+LATENT_DTYPES = ("float32", "bfloat16")
+PLAN_VERSION = 1
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str, field_name: str = "max_shard_size") -> int:
+    """``2GB`` (10^9), ``500MiB`` (2^20) or a number of bytes → bytes."""
+    if isinstance(value, int):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(value))
+        check(m is not None and m.group(2).upper() in _UNITS, field_name,
+              f"{value!r} is not a size such as 2GB, 500MB or 1048576")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    check(n > 0, field_name, f"must be positive, got {value!r}")
+    return n
+
+
+@dataclass
+class ModelEntry:
+    path: str = doc("HF checkpoint directory or .safetensors file; '${zoo_dir}' expands to zoo_dir")
+    vae: str | None = doc("this model's own VAE checkpoint (default: the plan's `vae`)", None)
+
+
+@dataclass
+class MergePlan:
+    models: dict[str, ModelEntry | str] = doc("model id → path (or {path, vae})", factory=dict)
+    target: str | None = doc("model whose config, tokenizer, untouched tensors and decoder are "
+                             "used (default: base, else the first model)", None)
+    base: str | None = doc("base model of task_arithmetic / ties / dare", None)
+    inputs: list[str] | None = doc("operator inputs, in order (default: target first, then the "
+                                   "other models; delta methods: every model but the base)", None)
+    method: str = doc("merge operator: lerp | slerp | soup | task_arithmetic | ties | dare | self_merge", "lerp")
+    params: MergeParams = doc("operator parameters (lambda, weights, density, drop_p, samples, seed)",
+                              factory=MergeParams)
+    space: str = doc("latent (LS-Merge) or weight (the weight-space baselines)", "latent")
+    blocks: str | list[str] = doc("tensors merged: attn | mlp | both (others come from the target)", "both")
+    include: str | None = doc("regex: merge only matching tensors (within blocks)", None)
+    exclude: str | None = doc("regex: never merge matching tensors", None)
+    layer_map: str | list[int] | dict[str, list[int]] = doc(
+        "source layer per target layer for models of another depth: proportional | [i_s, ...] "
+        "(for every other model) | {model: [i_s, ...]}", "proportional")
+    alignment: AlignConfig | str = doc("OT alignment (none | gaussian | emd | sinkhorn, reg, "
+                                       "max_samples); a string is the method", factory=AlignConfig)
+    vae: str | None = doc("VAE checkpoint directory (latent space)", None)
+    out_dir: str = doc("merge output: merge_plan.json, layers/, model/", "runs/merge/out")
+    cache_dir: str = doc("latent cache root: <cache_dir>/<model_digest>-<vae_digest>/", "runs/latent_cache")
+    zoo_dir: str = doc("expands '${zoo_dir}' in model and VAE paths", "runs/zoo")
+    batch_size: int = doc("samples per VAE encode/decode batch", 256)
+    device: str = doc("auto | cpu | cuda | cuda:N (bf16 autocast on CUDA)", "auto")
+    latent_dtype: str = doc("stored latent dtype: float32 | bfloat16", "float32")
+    max_padding_fraction: float = doc("fail when more than this fraction of a model's samples "
+                                      "would be zero padding (VAE sample too large)", 0.5)
+    max_shard_size: int | str = doc("assembled checkpoint shard size (bytes or 2GB / 500MB)", "2GB")
+    overwrite: bool = doc("replace another merge already in out_dir", False)
+
+    def __post_init__(self) -> None:
+        check(bool(self.models), "models", "name at least one model (id: path)")
+        self.models = {k: (ModelEntry(path=v) if isinstance(v, str) else v) for k, v in self.models.items()}
+        for k in self.models:
+            check(bool(k) and "/" not in k, "models", f"model id {k!r} must be a plain name")
+        known = list(self.models)
+        for name in ("target", "base"):
+            v = getattr(self, name)
+            check(v is None or v in self.models, name, f"{v!r} is not a model of this plan; known: {known}")
+        if self.target is None:
+            self.target = self.base or known[0]
+        op = get_operator(self.method)
+        check_choice(self.space, "space", SPACES)
+        if isinstance(self.blocks, str):
+            check_choice(self.blocks, "blocks", list(BLOCK_CHOICES))
+            self.blocks = BLOCK_CHOICES[self.blocks]
+        check(bool(self.blocks), "blocks", "select attn, mlp or both")
+        for b in self.blocks:
+            check(b in ("attn", "mlp"), "blocks", f"{b!r} is not one of ['attn', 'mlp']")
+        if isinstance(self.alignment, str):
+            self.alignment = AlignConfig(method=self.alignment)
+        if self.inputs is None:
+            if op.needs_base:
+                self.inputs = [m for m in known if m != self.base]
+            elif op.max_inputs == 1:
+                self.inputs = [self.target]
+            else:
+                self.inputs = [self.target] + [m for m in known if m not in (self.target, self.base)]
+        for m in self.inputs:
+            check(m in self.models, "inputs", f"{m!r} is not a model of this plan; known: {known}")
+        check(len(set(self.inputs)) == len(self.inputs), "inputs", f"lists a model twice: {self.inputs}")
+        op.validate(self.params, len(self.inputs), self.base is not None)
+        if self.space == "weight":
+            check(not op.latent_only, "method", f"{self.method!r} needs posterior latents: use space: latent")
+            check(self.alignment.method == "none", "alignment",
+                  "OT alignment works on latents: use space: latent (weight space needs identical shapes)")
+        else:
+            missing = [m for m, e in self.models.items() if e.vae is None] if self.vae is None else []
+            check(not missing, "vae", f"space: latent needs a VAE: set `vae` (or models.<id>.vae for {missing})")
+        check_choice(self.latent_dtype, "latent_dtype", LATENT_DTYPES)
+        check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+        check(self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device) is not None,
+              "device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
+        check(0.0 <= self.max_padding_fraction < 1.0, "max_padding_fraction", "must be in [0, 1)")
+        parse_size(self.max_shard_size)
+        if isinstance(self.layer_map, dict):
+            for m in self.layer_map:
+                check(m in self.models, "layer_map", f"{m!r} is not a model of this plan; known: {known}")
+
+    # ---- helpers ---------------------------------------------------------------------
+    def expand(self, p: str) -> Path:
+        return Path(p.replace("${zoo_dir}", self.zoo_dir)).expanduser()
+
+    def model_path(self, mid: str) -> Path:
+        return self.expand(self.models[mid].path)
+
+    def vae_path(self, mid: str) -> Path | None:
+        v = self.models[mid].vae or self.vae
+        return self.expand(v) if v else None
+
+    @property
+    def operands(self) -> list[str]:
+        """Models whose tensors are read: inputs, the base of delta methods, the target."""
+        out = list(self.inputs)
+        if get_operator(self.method).needs_base and self.base not in out:
+            out.append(self.base)
+        if self.target not in out:
+            out.append(self.target)
+        return out
+
+
+def load_plan(path: str | Path | None = None, overrides=()) -> MergePlan:
+    """Defaults ← YAML ← dotted overrides (``params.lambda=0.3`` works: key ``lambda``)."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"merge plan {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"merge plan {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"merge plan {p} must hold a mapping at top level")
+    if isinstance(data.get("params"), dict) and "lambda" in data["params"]:
+        data["params"]["lambda_"] = data["params"].pop("lambda")
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, "params.lambda_" if key == "params.lambda" else key, value, MergePlan)
+    return from_dict(MergePlan, data)
+
+
+def plan_to_dict(plan: MergePlan) -> dict:
+    d = to_dict(plan)
+    d["params"]["lambda"] = d["params"].pop("lambda_")
+    return d
+
+
+# ------------------------------------------------------------------------------ resolve
+@dataclass
+class ModelInfo:
+    id: str
+    path: Path
+    vae: Path | None
+    num_layers: int
+    digest: str  # content digest (config + safetensors bytes)
+    vae_digest: str | None
+    vae_cfg: VAEConfig | None
+    layer_map: list[int] | None  # target layer -> this model's layer (None: the target)
+
+
+@dataclass
+class TensorJob:
+    name: str  # target tensor name
+    group: str  # layers/<group>.safetensors
+    layer: int | None
+    block: str
+    role: str | None
+    shape: tuple[int, ...]
+    dtype: str
+    sources: dict[str, str]  # model id -> tensor name in that model
+
+
+@dataclass
+class ResolvedPlan:
+    plan: MergePlan
+    models: dict[str, ModelInfo]
+    jobs: list[TensorJob]
+    heterogeneous: bool
+    digest: str
+    groups: dict[str, list[TensorJob]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for j in self.jobs:
+            self.groups.setdefault(j.group, []).append(j)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.plan.out_dir)
+
+    @property
+    def layers_dir(self) -> Path:
+        return self.out_dir / "layers"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.out_dir / "model"
+
+
+def content_digest(ck: Checkpoint, memo_dir: str | Path | None = None) -> str:
+    """sha256 over config.json and every safetensors file of ``ck`` (memoized per file by
+    path, size and mtime in ``<memo_dir>/digests.json`` so a re-run does not re-read)."""
+    files = sorted({t.file for t in ck.tensors.values()})
+    cfg = ck.path / "config.json" if ck.path.is_dir() else None
+    if cfg is not None and cfg.is_file():
+        files.append(str(cfg))
+    memo_path = Path(memo_dir) / "digests.json" if memo_dir else None
+    memo = {}
+    if memo_path is not None and memo_path.is_file():
+        try:
+            memo = read_json(memo_path)
+        except ValueError:
+            memo = {}
+    h, changed = hashlib.sha256(), False
+    for f in files:
+        st = os.stat(f)
+        key = os.path.realpath(f)
+        stamp = [st.st_size, st.st_mtime_ns]
+        if memo.get(key, {}).get("stat") != stamp:
+            fh = hashlib.sha256()
+            with open(f, "rb") as fp:
+                while buf := fp.read(1 << 22):
+                    fh.update(buf)
+            memo[key] = {"stat": stamp, "sha256": fh.hexdigest()}
+            changed = True
+        h.update(f"{Path(f).name}:{memo[key]['sha256']}\n".encode())
+    if changed and memo_path is not None:
+        atomic_write_json(memo_path, memo)
+    return h.hexdigest()[:16]
+
+
+def _layer_key(name: str, layer: int | None) -> tuple[int | None, str]:
+    m = LAYER_RE.search(name)
+    return (layer, m.group(2)) if m and layer is not None else (None, name)
+
+
+def _shape_desc(shape) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def resolve_plan(plan: MergePlan) -> ResolvedPlan:
+    """All checks before heavy work (see module doc); raises ConfigError / ValueError."""
+    checkpoints: dict[str, Checkpoint] = {}
+    for mid in plan.operands:
+        path = plan.model_path(mid)
+        try:
+            checkpoints[mid] = Checkpoint(path)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"models.{mid}: cannot open {path}: {e}") from None
+    tid = plan.target
+    tck = checkpoints[tid]
+    selected = tck.select(plan.blocks, plan.include, plan.exclude)
+    check(bool(selected), "blocks", f"no {plan.blocks} tensors of target {tid} match "
+          f"include={plan.include!r} exclude={plan.exclude!r}")
+    maps: dict[str, list[int] | None] = {}
+    for mid, ck in checkpoints.items():
+        if mid == tid:
+            maps[mid] = None
+            continue
+        spec = plan.layer_map.get(mid, "proportional") if isinstance(plan.layer_map, dict) else plan.layer_map
+        maps[mid] = resolve_layer_map(spec, tck.num_layers, ck.num_layers, mid)
+    index = {mid: {_layer_key(t.name, t.layer): t for t in ck.tensors.values()} for mid, ck in checkpoints.items()}
+    jobs, hetero_why = [], None
+    for t in selected:
+        sources = {}
+        for mid, ck in checkpoints.items():
+            if mid == tid:
+                sources[mid] = t.name
+                continue
+            layer, suffix = _layer_key(t.name, t.layer)
+            key = (maps[mid][layer] if layer is not None else None, suffix)
+            src = index[mid].get(key)
+            if src is None:
+                want = f"layer {key[0]} '{suffix}'" if layer is not None else repr(t.name)
+                raise ConfigError(f"models.{mid}: has no tensor {want} (paired with target tensor "
+                                  f"{t.name!r} of {tid}) in {ck.path}")
+            if src.shape != t.shape and hetero_why is None:
+                hetero_why = f"{src.name} is {_shape_desc(src.shape)} in {mid}, {_shape_desc(t.shape)} in {tid}"
+            sources[mid] = src.name
+        group = f"layer-{t.layer:04d}" if t.layer is not None else "global"
+        jobs.append(TensorJob(t.name, group, t.layer, t.block, t.role, t.shape, t.dtype, sources))
+    for mid, ck in checkpoints.items():
+        if ck.num_layers != tck.num_layers and hetero_why is None:
+            hetero_why = f"{mid} has {ck.num_layers} layers, {tid} has {tck.num_layers}"
+    if hetero_why is not None:
+        check(plan.space == "latent", "space",
+              f"heterogeneous models ({hetero_why}): weight-space merges need identical shapes; "
+              "use space: latent with an alignment")
+        check(plan.alignment.method != "none", "alignment",
+              f"heterogeneous models ({hetero_why}) need an OT alignment: set `alignment: gaussian` "
+              "(or emd / sinkhorn)")
+        if get_operator(plan.method).needs_logvar:
+            check(plan.inputs == [tid], "inputs", "self_merge of a heterogeneous model: use the target")
+    infos = _model_infos(plan, checkpoints, maps, jobs)
+    digest = sha256_json({
+        "version": PLAN_VERSION,
+        "plan": {k: v for k, v in plan_to_dict(plan).items()
+                 if k not in ("models", "vae", "out_dir", "cache_dir", "zoo_dir", "batch_size",
+                              "device", "overwrite")},
+        "models": {m: [i.digest, i.vae_digest] for m, i in infos.items()},
+    })[:16]
+    for ck in checkpoints.values():
+        ck.close()
+    return ResolvedPlan(plan, infos, jobs, hetero_why is not None, digest)
+
+
+def _model_infos(plan, checkpoints, maps, jobs) -> dict[str, ModelInfo]:
+    infos: dict[str, ModelInfo] = {}
+    latent_dims = {}
+    for mid, ck in checkpoints.items():
+        vpath = plan.vae_path(mid) if plan.space == "latent" else None
+        vcfg = vdig = None
+        if vpath is not None:
+            try:
+                vcfg = read_vae_config(vpath)
+                vdig = vae_digest(vpath)
+            except ValueError as e:
+                raise ConfigError(f"vae ({mid}): {e}") from None
+            _check_fit(plan, mid, ck, vpath, vcfg, [ck.tensors[j.sources[mid]] for j in jobs])
+            latent_dims[mid] = vcfg.latent_dim
+        infos[mid] = ModelInfo(mid, ck.path, vpath, ck.num_layers, content_digest(ck, plan.cache_dir),
+                               vdig, vcfg, maps[mid])
+    if len(set(latent_dims.values())) > 1:
+        raise ConfigError(f"vae: the models' VAEs have different latent_dim {latent_dims}; "
+                          "latents can only be merged within one latent width")
+    return infos
+
+
+def _check_fit(plan: MergePlan, mid: str, ck: Checkpoint, vpath: Path, vcfg: VAEConfig, tensors) -> None:
+    spec = ChunkSpec(vcfg.tokens, vcfg.chunk)
+    total = sum(spec.num_samples(t.numel) for t in tensors) * spec.sample_size
+    pad = sum(spec.padding(t.numel) for t in tensors)
+    if total and pad / total > plan.max_padding_fraction:
+        smallest = min(t.numel for t in tensors)
+        raise ConfigError(
+            f"vae: VAE {vpath} (samples of tokens×chunk = {vcfg.tokens}×{vcfg.chunk} = "
+            f"{spec.sample_size} values) does not fit model {mid} ({ck.path}): {pad / total:.0%} of "
+            f"its samples would be zero padding (max_padding_fraction={plan.max_padding_fraction}); "
+            f"its smallest merged tensor has {smallest} values — use a VAE with smaller samples")
+    if vcfg.cond != "none" and ck.num_layers > vcfg.max_layers:
+        raise ConfigError(f"vae: VAE {vpath} knows layers 0..{vcfg.max_layers - 1} (cond), model "
+                          f"{mid} has {ck.num_layers}")
+
+
+def write_plan_record(rp: ResolvedPlan) -> None:
+    """Claim ``out_dir`` for this merge: refuse one holding another merge unless overwrite."""
+    rec = rp.out_dir / PLAN_RECORD
+    if rec.is_file():
+        try:
+            old = read_json(rec).get("digest")
+        except ValueError:
+            old = None
+        if old != rp.digest:
+            check(rp.plan.overwrite, "out_dir",
+                  f"{rp.out_dir} holds another merge (plan digest {old}, this plan {rp.digest}); "
+                  "choose another out_dir or set overwrite: true")
+            import shutil
+
+            for sub in (rp.layers_dir, rp.model_dir):
+                shutil.rmtree(sub, ignore_errors=True)
+    atomic_write_json(rec, {
+        "digest": rp.digest,
+        "heterogeneous": rp.heterogeneous,
+        "plan": plan_to_dict(rp.plan),
+        "models": {m: {**{k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(i).items()
+                          if k != "vae_cfg"}} for m, i in rp.models.items()},
+        "tensors": len(rp.jobs),
+        "groups": list(rp.groups),
+    })

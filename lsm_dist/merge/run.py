@@ -1,0 +1,69 @@
+"""``run_merge(plan) -> Path``: resolve → encode → merge + decode → assemble.
+
+Latent space: every operand model is encoded (cached), each target tensor is merged in
+latent space and decoded with the target's VAE, tensor by tensor, layer file by layer file.
+Weight space (the baselines): the same operators on the weight tensors, then assembly.
+Memory is bounded by one tensor's working set (the operands' latents or weights of one
+tensor, its samples) plus the VAE(s).
+
+In one process the stages run back to back. Across ranks / Slurm array tasks, run them as
+separate steps, each splitting its work with ``read_env().worker_slot()``::
+
+    lsm encode -c plan.yaml --worker      # every task: its share of (model, tensor) pairs
+    lsm encode -c plan.yaml --finalize    # once: check and write the latent manifests
+    lsm merge  -c plan.yaml --worker      # every task: its share of the layer files
+    lsm assemble -c plan.yaml             # once: the HF checkpoint + MERGE_COMPLETE.json
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from lsm_dist.merge.assemble import assemble, is_complete
+from lsm_dist.merge.decode import run_decode
+from lsm_dist.merge.encode import run_encode
+from lsm_dist.merge.plan import (
+    MergePlan,
+    ResolvedPlan,
+    load_plan,
+    parse_size,
+    resolve_plan,
+    write_plan_record,
+)
+from lsm_dist.utils import get_logger
+
+log = get_logger("lsm.merge")
+
+
+def prepare(plan: MergePlan | str | Path, overrides: Sequence[str] = ()) -> ResolvedPlan:
+    """Load (if a path) and resolve a plan, then claim its out_dir (all checks, no heavy work)."""
+    if not isinstance(plan, MergePlan):
+        plan = load_plan(plan, overrides)
+    rp = resolve_plan(plan)
+    write_plan_record(rp)
+    return rp
+
+
+def run_assemble(rp: ResolvedPlan) -> Path:
+    if is_complete(rp.model_dir, rp.digest):
+        return rp.model_dir
+    groups = {g: [j.name for j in jobs] for g, jobs in rp.groups.items()}
+    return assemble(rp.models[rp.plan.target].path, rp.layers_dir, rp.model_dir, rp.digest,
+                    parse_size(rp.plan.max_shard_size), groups,
+                    extra={"method": rp.plan.method, "space": rp.plan.space})
+
+
+def run_merge(plan: MergePlan | str | Path, overrides: Sequence[str] = ()) -> Path:
+    """The whole merge in this process; returns ``out_dir/model`` (finished and checked)."""
+    rp = prepare(plan, overrides)
+    if is_complete(rp.model_dir, rp.digest):
+        log.info("merge %s: already complete in %s", rp.digest, rp.model_dir)
+        return rp.model_dir
+    vaes: dict = {}
+    if rp.plan.space == "latent":
+        s = run_encode(rp, vaes=vaes)
+        log.info("encode: %d tensor(s) encoded, %d reused from the cache", s["encoded"], s["reused"])
+    s = run_decode(rp, vaes=vaes)
+    log.info("merge: %d layer file(s) written, %d already done", s["written"], s["skipped"])
+    return run_assemble(rp)
