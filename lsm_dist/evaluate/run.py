@@ -1,0 +1,385 @@
+"""`lsm eval`: score checkpoints with lm-eval, resumably, and compare them.
+
+``run_eval(EvalConfig(checkpoints=["base=runs/zoo/llama-base", "runs/merged"]))``:
+
+1. writes the project's task folder (``<out>/tasks/``, see ``evaluate.tasks``) and checks every
+   task name with lm-eval's ``TaskManager`` *before* loading any model: an unknown name fails
+   listing the closest known names. ``lsm_*`` names resolve in the generated folder (and
+   ``include_path``) only, which needs no scan of lm-eval's ~15k bundled YAML files; any
+   other name (mmlu, arc_easy, hellaswag, winogrande, gsm8k, ...) passes through unchanged to
+   lm-eval's registry (its datasets need the hub, or a populated HF cache);
+2. per checkpoint: checks the files (config.json, every safetensors shard named by the index,
+   headers whose sizes match the files), then scores it with
+   ``lm_eval.simple_evaluate(model="hf", model_args="pretrained=...,dtype=...,device=...")``
+   and writes ``<out>/results/<name>-<digest>.json`` atomically right away. The digest covers
+   the checkpoint (config.json, index, safetensors headers and file size + mtime, or with
+   ``fingerprint=content`` the sha256 of every weight file) and what is scored (tasks and
+   their generated content, limit, few-shot, dtype, seed), so a re-run skips finished
+   checkpoints;
+3. a checkpoint that fails (missing dir, corrupt weights, bad config, error while scoring) is
+   logged naming it, the others are still scored, and ``EvalError`` listing the failures is
+   raised at the end -- after ``<out>/results.{md,csv,png}`` and ``<out>/tb/`` are written for
+   the checkpoints that were scored.
+
+``evaluate_model(model, tokenizer, tasks)`` scores an in-memory module (e.g. a hidden-state
+merger behind ``MergedCausalLM``) through lm-eval's ``HFLM``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import gc
+import json
+import re
+import struct
+import tempfile
+import time
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from lsm_dist.config import ConfigError, check, check_choice, doc
+from lsm_dist.evaluate import report
+from lsm_dist.evaluate.tasks import GROUP, PREFIX, tasks_digest, write_tasks
+from lsm_dist.utils import atomic_write_json, get_logger, read_json, sha256_file, sha256_json
+
+log = get_logger("lsm.eval")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+FINGERPRINTS = ("stat", "content")
+EVAL_VERSION = 1  # bump when scoring changes results (enters the digests)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+class EvalError(RuntimeError):
+    """Some checkpoints could not be scored; ``failures`` maps name → message."""
+
+    def __init__(self, failures: dict[str, str], scored: Sequence[str] = ()):
+        self.failures = dict(failures)
+        lines = [f"  {n}: {msg}" for n, msg in self.failures.items()]
+        done = f"; scored: {', '.join(scored)}" if scored else ""
+        super().__init__(f"{len(failures)} checkpoint(s) failed{done}\n" + "\n".join(lines))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing or does not hold a loadable model."""
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    checkpoints: list[str] = doc("checkpoints to score: NAME=PATH or PATH (name = dir name)",
+                                 factory=list)  # fmt: skip
+    tasks: list[str] = doc("lm-eval task / group / tag names; lsm_* from the generated folder, "
+                           "anything else passes to lm-eval's registry", factory=lambda: [GROUP])  # fmt: skip
+    out_dir: str = doc("run directory: tasks/, results/, results.{md,csv,png}, tb/", "runs/eval")
+    num_fewshot: int | None = doc("few-shot examples per prompt (null = each task's default)", None)
+    limit: int | float | None = doc(
+        "max docs per task (a float < 1 is a fraction); null = all", None
+    )
+    batch_size: int | str = doc("lm-eval batch size, or 'auto'", 16)
+    device: str = doc("cpu | cuda | cuda:N | mps", "cpu")
+    dtype: str = doc("weights dtype for scoring: auto | float32 | float16 | bfloat16", "auto")
+    seed: int = doc(
+        "seed of lm-eval's python / numpy / torch / few-shot RNGs and of the test rows", 0
+    )
+    n: int = doc("test rows per family in the generated lsm_* tasks", 100)
+    max_gen_toks: int = doc("max generated tokens in the lsm_*_gen tasks", 8)
+    include_path: list[str] = doc("extra folders of lm-eval task YAMLs", factory=list)
+    include_defaults: bool = doc("also resolve names in lm-eval's bundled task registry", True)
+    fingerprint: str = doc("checkpoint digest: stat (headers, sizes, mtimes) | content (sha256)",
+                           "stat")  # fmt: skip
+    bootstrap_iters: int = doc("lm-eval bootstrap iterations for non-mean metrics' stderr", 1000)
+    log_samples: bool = doc("keep per-sample outputs in the result JSON files", False)
+    progress: bool = doc("show a progress bar over checkpoints", True)
+
+    def __post_init__(self):
+        check(bool(self.tasks), "tasks", "needs at least one task")
+        check(self.num_fewshot is None or self.num_fewshot >= 0, "num_fewshot", "must be >= 0")
+        check(self.limit is None or self.limit > 0, "limit", "must be > 0")
+        bs = self.batch_size
+        check((isinstance(bs, int) and bs > 0) or (isinstance(bs, str) and bs.startswith("auto")),
+              "batch_size", f"{bs!r} must be a positive int or 'auto'")  # fmt: skip
+        check(self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
+              f"{self.device!r} is not cpu | cuda | cuda:N | mps")  # fmt: skip
+        check_choice(self.dtype, "dtype", DTYPES)
+        check_choice(self.fingerprint, "fingerprint", FINGERPRINTS)
+        check(self.n > 0, "n", "must be > 0")
+        check(self.max_gen_toks > 0, "max_gen_toks", "must be > 0")
+        check(self.bootstrap_iters >= 0, "bootstrap_iters", "must be >= 0")
+        parse_checkpoints(self.checkpoints)
+
+
+def parse_checkpoints(specs: Sequence[str]) -> list[tuple[str, Path]]:
+    """``NAME=PATH`` / ``PATH`` → ``[(name, path)]``; names must be unique file-name safe."""
+    out: list[tuple[str, Path]] = []
+    for s in specs:
+        name, sep, path = s.partition("=")
+        if not sep:
+            name, path = Path(s.rstrip("/")).name, s
+        check(bool(_NAME_RE.match(name)), "checkpoints", f"{name!r} (from {s!r}) is not a plain "
+              "name: letters, digits, . _ + - (write NAME=PATH)")  # fmt: skip
+        check(bool(path), "checkpoints", f"{s!r} has an empty path")
+        out.append((name, Path(path)))
+    names = [n for n, _ in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    check(not dup, "checkpoints", f"duplicate names {dup}; write NAME=PATH")
+    return out
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _safetensors_header(path: Path) -> bytes:
+    """The JSON header of a safetensors file, after checking the file is complete."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path.name}: {size} bytes, too short for a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100 << 20):
+            raise CheckpointError(f"{path.name}: header length {n} exceeds the file ({size} B)")
+        header = f.read(n)
+    try:
+        meta = json.loads(header)
+        end = max((int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"),
+                  default=0)  # fmt: skip
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{path.name}: unreadable safetensors header ({e})") from None
+    if 8 + n + end != size:
+        raise CheckpointError(f"{path.name}: {size} bytes but the header needs {8 + n + end} "
+                              "(truncated or corrupt)")  # fmt: skip
+    return header
+
+
+def checkpoint_fingerprint(path: str | Path, mode: str = "stat") -> dict[str, Any]:
+    """Check a HF checkpoint dir and describe it (what its digest is made of).
+
+    Raises ``CheckpointError`` naming the problem: no directory, no / bad ``config.json``,
+    an index naming missing shards, no weights, or a truncated / corrupt safetensors file.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise CheckpointError(f"{cfg_file} has no model_type")
+    fp: dict[str, Any] = {"config": sha256_json(cfg), "files": {}}
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index: {e}") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: shard(s) {missing} named by the index are missing")
+        fp["index"] = sha256_json(weight_map)
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors")) or sorted(
+            p.name for p in path.glob("pytorch_model*.bin"))  # fmt: skip
+        if not files:
+            raise CheckpointError(f"{path} has no *.safetensors (or pytorch_model*.bin) weights")
+    for f in files:
+        p = path / f
+        st = p.stat()
+        entry: dict[str, Any] = {"size": st.st_size}
+        if f.endswith(".safetensors"):
+            entry["header"] = sha256_json(_safetensors_header(p).decode("utf-8", "replace"))
+        if mode == "content":
+            entry["sha256"] = sha256_file(p)
+        else:
+            entry["mtime_ns"] = st.st_mtime_ns
+        fp["files"][f] = entry
+    return fp
+
+
+# --------------------------------------------------------------------------- tasks
+@lru_cache(maxsize=4)
+def _manager(paths: tuple[str, ...], include_defaults: bool, _digest: str):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths), include_defaults=include_defaults)
+
+
+def resolve_tasks(tasks: Sequence[str], tasks_dir: str | Path, include_path: Sequence[str] = (),
+                  include_defaults: bool = True):  # fmt: skip
+    """A ``TaskManager`` that knows every name in ``tasks``, else ``ConfigError`` listing the
+    closest known names. ``lsm_*`` names and ``include_path`` folders need no scan of
+    lm-eval's bundled tasks; other names do (once per process, ~15 s)."""
+    paths = tuple(str(Path(p).resolve()) for p in (tasks_dir, *include_path))
+    digest = tasks_digest(tasks_dir)
+    names = [t for t in tasks if not (t.endswith((".yaml", ".yml")) and Path(t).is_file())]
+    tm = _manager(paths, False, digest)
+    missing = [t for t in names if t not in tm.all_tasks]
+    full = include_defaults and any(not t.startswith(PREFIX) for t in missing)
+    if full:
+        tm = _manager(paths, True, digest)
+        missing = [t for t in names if t not in tm.all_tasks]
+    if missing:
+        known = tm.all_tasks
+        msgs = []
+        for t in missing:
+            close = difflib.get_close_matches(t, known, n=5, cutoff=0.6)
+            msgs.append(f"{t!r} (closest: {', '.join(close) if close else 'none'})")
+        where = ("the generated lsm_* tasks" + (", include_path" if include_path else "")
+                 + (" and lm-eval's registry" if full else ""))  # fmt: skip
+        raise ConfigError(f"tasks: unknown task name(s) {'; '.join(msgs)} -- searched {where}")
+    return tm
+
+
+def _load_tasks_once(tm, tasks: Sequence[str]) -> None:
+    """Load every task's dataset before any model (fails fast e.g. offline hub tasks)."""
+    try:
+        tm.load(list(tasks))
+    except Exception as e:
+        raise ConfigError(f"tasks: could not load {list(tasks)}: {type(e).__name__}: {e} "
+                          "(hub tasks need network or a populated HF datasets cache)") from None  # fmt: skip
+
+
+# --------------------------------------------------------------------------- scoring
+def _jsonable(obj: Any) -> Any:
+    from lm_eval.utils import handle_non_serializable
+
+    return json.loads(json.dumps(obj, default=handle_non_serializable))
+
+
+def _simple_evaluate(model: Any, model_args: str | None, tasks: Sequence[str], tm, *,
+                     num_fewshot, limit, batch_size, device, seed, bootstrap_iters,
+                     log_samples) -> dict:  # fmt: skip
+    import lm_eval
+
+    res = lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=list(tasks), task_manager=tm,
+        num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device,
+        bootstrap_iters=bootstrap_iters, log_samples=log_samples, random_seed=seed,
+        numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+    )  # fmt: skip
+    if res is None:  # only on non-zero ranks of a distributed lm-eval run
+        raise RuntimeError("lm-eval returned no results on this rank")
+    return _jsonable(dict(res))
+
+
+def score_checkpoint(path: Path, cfg: EvalConfig, tm, tasks: Sequence[str]) -> dict:
+    """lm-eval results (JSON-safe) of one checkpoint dir with the HF backend."""
+    args = f"pretrained={Path(path).resolve()},dtype={cfg.dtype}"  # device: simple_evaluate's
+    return _simple_evaluate("hf", args, tasks, tm, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                            batch_size=cfg.batch_size, device=cfg.device, seed=cfg.seed,
+                            bootstrap_iters=cfg.bootstrap_iters, log_samples=cfg.log_samples)  # fmt: skip
+
+
+def default_task_root() -> Path:
+    return Path(tempfile.gettempdir()) / "lsm_eval"
+
+
+def evaluate_model(model, tokenizer, tasks: Sequence[str] = (GROUP,), *,
+                   task_root: str | Path | None = None, limit: int | float | None = None,
+                   num_fewshot: int | None = None, batch_size: int | str = 16, seed: int = 0,
+                   n: int = 100, max_gen_toks: int = 8, include_path: Sequence[str] = (),
+                   include_defaults: bool = True, bootstrap_iters: int = 1000,
+                   log_samples: bool = False, max_length: int | None = None) -> dict:  # fmt: skip
+    """Score an in-memory causal LM (a ``PreTrainedModel`` or a module with the same
+    interface, e.g. ``MergedCausalLM``) with lm-eval's ``HFLM``; returns the JSON-safe
+    lm-eval results (``report.flatten_results`` gives ``{"task/metric": value}``).
+    Generated tasks go to ``task_root/tasks`` (default: ``$TMPDIR/lsm_eval``)."""
+    from lm_eval.models.huggingface import HFLM
+
+    tasks_dir = write_tasks(task_root or default_task_root(), n, seed, max_gen_toks=max_gen_toks)
+    tm = resolve_tasks(tasks, tasks_dir, include_path, include_defaults)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                  max_length=max_length)  # fmt: skip
+        return _simple_evaluate(lm, None, tasks, tm, num_fewshot=num_fewshot, limit=limit,
+                                batch_size=batch_size, device=None, seed=seed,
+                                bootstrap_iters=bootstrap_iters, log_samples=log_samples)  # fmt: skip
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------- the run
+def result_path(out_dir: str | Path, name: str, digest: str) -> Path:
+    return Path(out_dir) / "results" / f"{name}-{digest[:16]}.json"
+
+
+def _cached(path: Path, digest: str) -> dict | None:
+    try:
+        rec = read_json(path)
+    except (FileNotFoundError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("digest") == digest else None
+
+
+def run_eval(cfg: EvalConfig) -> Path:
+    """Score every checkpoint of ``cfg`` (reusing cached results); returns ``cfg.out_dir``.
+    Raises ``EvalError`` at the end if any checkpoint failed (the rest are still scored)."""
+    ckpts = parse_checkpoints(cfg.checkpoints)
+    check(bool(ckpts), "checkpoints", "needs at least one NAME=PATH or PATH")
+    out = Path(cfg.out_dir)
+    tasks_dir = write_tasks(out, cfg.n, cfg.seed, max_gen_toks=cfg.max_gen_toks)
+    tm = resolve_tasks(cfg.tasks, tasks_dir, cfg.include_path, cfg.include_defaults)
+    _load_tasks_once(tm, cfg.tasks)
+    scoring = {
+        "tasks": list(cfg.tasks), "tasks_digest": tasks_digest(tasks_dir),
+        "limit": cfg.limit, "num_fewshot": cfg.num_fewshot, "dtype": cfg.dtype,
+        "seed": cfg.seed, "eval_version": EVAL_VERSION,
+    }  # fmt: skip
+    rows: list[dict] = []
+    failures: dict[str, str] = {}
+    bar = tqdm(ckpts, desc="eval", unit="ckpt", disable=not cfg.progress)
+    for name, path in bar:
+        bar.set_postfix_str(name)
+        try:
+            fp = checkpoint_fingerprint(path, cfg.fingerprint)
+        except (CheckpointError, OSError) as e:
+            failures[name] = f"cannot load checkpoint: {e}"
+            log.error("eval: %s: %s", name, failures[name])
+            continue
+        digest = sha256_json({"checkpoint": fp, "scoring": scoring})
+        rpath = result_path(out, name, digest)
+        rec = _cached(rpath, digest)
+        if rec is not None:
+            log.info("eval: %s: cached %s", name, rpath.name)
+        else:
+            t0 = time.perf_counter()
+            try:
+                res = score_checkpoint(path, cfg, tm, cfg.tasks)
+            except Exception as e:  # noqa: BLE001 -- report it, score the others
+                failures[name] = f"scoring {path} failed: {type(e).__name__}: {e}"
+                log.error("eval: %s: %s", name, failures[name])
+                continue
+            finally:
+                gc.collect()
+                _empty_cuda_cache(cfg.device)
+            rec = {
+                "name": name, "path": str(Path(path).resolve()), "digest": digest,
+                "seconds": round(time.perf_counter() - t0, 2), "scoring": scoring,
+                "fingerprint": fp, "metrics": report.flatten_results(res), "lm_eval": res,
+            }  # fmt: skip
+            atomic_write_json(rpath, rec)
+            log.info("eval: %s scored in %.1fs -> %s", name, rec["seconds"], rpath)
+        rows.append(rec)
+    report.write_reports(rows, out)
+    atomic_write_json(out / "summary.json", {
+        "scored": {r["name"]: str(result_path(out, r["name"], r["digest"])) for r in rows},
+        "failures": failures,
+    })  # fmt: skip
+    if failures:
+        raise EvalError(failures, [r["name"] for r in rows])
+    return out
+
+
+def _empty_cuda_cache(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()

@@ -1,0 +1,390 @@
+"""The experiment config and the shared machinery: zoo, weight corpora, VAEs (one per
+compression ratio, trained once and shared by every experiment), merges, lm-eval scores,
+tables (Markdown + CSV) and plots.
+
+Everything heavy is cached: corpora, VAE runs, latents and lm-eval results live in
+``shared_dir`` (default ``<out_dir>/../shared``) under content-derived names, so a second
+experiment reuses the first one's VAE and scores, and a re-run after an interruption resumes.
+VAE training runs in a child process (``python -m lsm_dist.train``): accelerate allows one
+DeepSpeed ``Accelerator`` per process, and an experiment may train several VAEs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lsm_dist.config import ConfigError, check, check_choice, doc, to_dict
+from lsm_dist.utils import atomic_write_json, atomic_write_text, get_logger, read_json, sha256_json
+
+REPO = Path(__file__).resolve().parents[2]
+EXPERIMENTS = ("recon_ratio", "self_merge", "expert_merge", "cross_arch", "blocks")
+TASKS = ["lsm_arith_mc", "lsm_recall_mc", "lsm_reverse_mc"]
+log = get_logger("lsm.experiments")
+
+# Model roles and run sizes; an ExperimentConfig field left at None takes its preset's value.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": dict(
+        zoo_config="configs/zoo/default.yaml",
+        train_models=["llama-base", "llama-arith", "llama-recall", "qwen2-base", "gemma3-base"],
+        heldout_models=["llama-reverse", "llama-wide-base", "qwen2-reverse", "gemma3-recall"],
+        base="llama-base", experts=["llama-arith", "llama-recall"],
+        self_merge_models=["llama-arith", "llama-reverse"], recon_models=["llama-base", "llama-reverse"],
+        hetero_target="llama-base", hetero_sources=["qwen2-base", "gemma3-base", "llama-wide-base"],
+        tokens=8, chunk=64, stage1_steps=800, stage2_steps=200, eval_n=100, samples=[1, 4, 16],
+        lambdas=[0.0, 0.05, 0.1, 0.2, 0.5, 1.0],
+        methods=["lerp", "soup", "task_arithmetic", "ties", "dare"]),
+    "quick": dict(
+        zoo_config="configs/zoo/tiny.yaml",
+        train_models=["llama-tiny-base", "llama-tiny-arith", "llama-tiny-reverse", "qwen2-tiny-base"],
+        heldout_models=["gemma3-tiny-base"],
+        base="llama-tiny-base", experts=["llama-tiny-arith", "llama-tiny-reverse"],
+        self_merge_models=["llama-tiny-arith"], recon_models=["llama-tiny-base"],
+        hetero_target="llama-tiny-base", hetero_sources=["qwen2-tiny-base"],
+        tokens=4, chunk=32, stage1_steps=30, stage2_steps=10, eval_n=8, samples=[1, 4],
+        lambdas=[0.0, 0.1, 1.0], methods=["lerp", "ties"]),
+}
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = doc(f"experiment: {' | '.join(EXPERIMENTS)}", "expert_merge")
+    out_dir: str | None = doc("experiment directory (results.md/csv/png, plans, merges); "
+                              "default runs/experiments[-quick]/<name>", None)
+    shared_dir: str | None = doc("corpora, VAEs, latent cache and lm-eval results shared by the "
+                                 "experiments; default <out_dir>/../shared", None)
+    quick: bool = doc("tiny zoo, few steps, short lists (tests / CI)", False)
+    zoo_config: str | None = doc("zoo YAML (None: the preset's)", None)
+    zoo_dir: str | None = doc("where the zoo is built / reused (default: the zoo config's out_dir)", None)
+    tokens: int | None = doc("tokens per weight sample (None: preset)", None)
+    chunk: int | None = doc("values per token (None: preset)", None)
+    vae_config: str = doc("VAE architecture YAML; tokens/chunk/latent_dim are set here", "configs/vae/tiny.yaml")
+    vae: dict[str, Any] = doc("VAEConfig field overrides of vae_config",
+                              factory=lambda: {"d_model": 128, "enc_layers": 1, "dec_layers": 1})
+    train_config: str = doc("trainer YAML", "configs/train/tiny.yaml")
+    train: dict[str, Any] = doc("TrainConfig field overrides (e.g. {lr: 0.002})",
+                                factory=lambda: {"batch_size": 32, "warmup_steps": 50, "lr": 2e-3})
+    stage1_steps: int | None = doc("VAE stage-1 (autoencoder) steps (None: preset)", None)
+    stage2_steps: int | None = doc("VAE stage-2 (beta-VAE) steps (None: preset)", None)
+    ratio: float = doc("compression ratio of the VAE the merge experiments use", 2.0)
+    ratios: list[float] = doc("recon_ratio: compression ratios compared", factory=lambda: [1.6, 2.0, 4.0])
+    eval_n: int | None = doc("test rows per task family (None: preset)", None)
+    eval_tasks: list[str] = doc("lm-eval tasks (accuracy columns)", factory=lambda: list(TASKS))
+    train_models: list[str] | None = doc("models of the VAE's training corpus", None)
+    heldout_models: list[str] | None = doc("models NOT in the training corpus (generalization)", None)
+    base: str | None = doc("base model of the experts (task arithmetic / TIES / DARE)", None)
+    experts: list[str] | None = doc("two experts fine-tuned from base", None)
+    self_merge_models: list[str] | None = doc("self_merge: models self-merged", None)
+    recon_models: list[str] | None = doc("recon_ratio: models decoded and scored per ratio "
+                                         "(empty: skip the accuracy table)", None)
+    hetero_target: str | None = doc("cross_arch: target model", None)
+    hetero_sources: list[str] | None = doc("cross_arch: source models of other width/depth/family", None)
+    samples: list[int] | None = doc("self_merge: posterior sample counts K", None)
+    lambdas: list[float] | None = doc("cross_arch: lambda sweep (0: target through the VAE, 1: OT only)", None)
+    methods: list[str] | None = doc("expert_merge: operators compared in latent and weight space", None)
+    lambda_: float = doc("lerp lambda of the expert merges (expert_merge, blocks)", 0.5)
+    density: float = doc("TIES density", 0.5)
+    drop_p: float = doc("DARE drop probability", 0.5)
+    delta_weights: list[float] | None = doc("task_arithmetic / ties / dare delta scales (None: 1.0 each)", None)
+    alignment: str = doc("cross_arch OT alignment: gaussian | emd | sinkhorn", "gaussian")
+    seed: int = doc("seed of posterior samples, DARE masks, eval rows", 0)
+
+    def __post_init__(self) -> None:
+        check_choice(self.name, "name", EXPERIMENTS)
+        check_choice(self.alignment, "alignment", ("gaussian", "emd", "sinkhorn"))
+        preset = PRESETS["quick" if self.quick else "default"]
+        for key, value in preset.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.out_dir is None:
+            self.out_dir = f"runs/experiments{'-quick' if self.quick else ''}/{self.name}"
+        if self.shared_dir is None:
+            self.shared_dir = str(Path(self.out_dir).parent / "shared")
+        check(len(self.experts) == 2, "experts", f"name two experts, got {self.experts}")
+        check(bool(self.ratios) and all(r >= 1.0 for r in self.ratios), "ratios", "must be >= 1")
+        check(all(isinstance(k, int) and k >= 1 for k in self.samples), "samples", "must be >= 1")
+        check(all(0.0 <= x <= 1.0 for x in self.lambdas), "lambdas", "must be in [0, 1]")
+        check(0.0 <= self.lambda_ <= 1.0, "lambda_", "must be in [0, 1]")
+        check(self.eval_n > 0, "eval_n", "must be > 0")
+
+
+def vae_model_config(cfg: ExperimentConfig, ratio: float) -> dict[str, Any]:
+    """VAE hyper-parameters for compression ``ratio``: the YAML, tokens/chunk, overrides, and
+    latent_dim = tokens·chunk / (latent_tokens·ratio), which must come out an integer."""
+    from lsm_dist.train.config import resolve_path
+
+    model = {**(yaml.safe_load(resolve_path(cfg.vae_config).read_text()) or {}),
+             "tokens": cfg.tokens, "chunk": cfg.chunk, **cfg.vae}
+    latent_tokens = 1 if model.get("pooled") else model["tokens"] // model.get("token_stride", 2)
+    dim = model["tokens"] * model["chunk"] / (latent_tokens * ratio)
+    check(abs(dim - round(dim)) < 1e-6 and dim >= 1, "ratios",
+          f"ratio {ratio} needs latent_dim {model['tokens']}·{model['chunk']}/({latent_tokens}·{ratio}) "
+          f"= {dim:g}, not an integer: choose tokens/chunk/token_stride that allow it")
+    model["latent_dim"] = int(round(dim))
+    return model
+
+
+class Context:
+    """Lazily built zoo / corpora / VAEs, and the merge and eval helpers of one experiment."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.shared = Path(cfg.shared_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._zoo: dict[str, Path] | None = None
+        self.timings: dict[str, float] = {}
+        self.vae_metrics: dict[float, dict] = {}
+
+    # ---- inputs ------------------------------------------------------------------------
+    @property
+    def zoo(self) -> dict[str, Path]:
+        if self._zoo is None:
+            from lsm_dist.train.config import resolve_path
+            from lsm_dist.zoo import build_zoo, load_zoo_config
+
+            over = [f"out_dir={self.cfg.zoo_dir}"] if self.cfg.zoo_dir else []
+            self._zoo = build_zoo(load_zoo_config(resolve_path(self.cfg.zoo_config), over), progress=False)
+        return self._zoo
+
+    def path(self, model: str) -> str:
+        if model not in self.zoo:
+            raise ConfigError(f"model {model!r} is not in the zoo ({sorted(self.zoo)})")
+        return str(self.zoo[model])
+
+    def corpus(self, kind: str) -> Path:
+        """The weight corpus of the training (``train``) or held-out (``heldout``) models."""
+        from lsm_dist.corpus import ConvertConfig, run_convert
+
+        models = self.cfg.train_models if kind == "train" else self.cfg.heldout_models
+        key = sha256_json({"models": {m: self.path(m) for m in models},
+                           "tokens": self.cfg.tokens, "chunk": self.cfg.chunk})[:10]
+        out = self.shared / f"corpus-{kind}-{key}"
+        if not (out / "manifest.json").is_file():
+            run_convert(ConvertConfig(models=[f"{m}={self.path(m)}" for m in models], out_dir=str(out),
+                                      tokens=self.cfg.tokens, chunk=self.cfg.chunk, block_samples=256,
+                                      shard_samples=1024, num_workers=1, overwrite=True))
+        return out
+
+    def vae(self, ratio: float | None = None) -> Path:
+        """The VAE of compression ``ratio`` (default ``cfg.ratio``), trained once and cached."""
+        cfg = self.cfg
+        ratio = cfg.ratio if ratio is None else ratio
+        train_c, held_c = self.corpus("train"), self.corpus("heldout") if cfg.heldout_models else None
+        s1, s2 = cfg.stage1_steps, cfg.stage2_steps
+        total = s1 + s2
+        request = {
+            "corpus": str(train_c), "model": vae_model_config(cfg, ratio),
+            "stage1_steps": s1, "stage2_steps": s2, "seed": cfg.seed,
+            "ckpt_every": max(total // 2, 10), "val_every": max(total // 4, 5),
+            "log_every": max(total // 10, 5), "cpu_threads": 1, **cfg.train,
+        }
+        if held_c is not None:
+            request["heldout_corpus"] = str(held_c)
+        from lsm_dist.train.config import resolve_path
+
+        base = yaml.safe_load(resolve_path(cfg.train_config).read_text()) or {}
+        base.pop("model_config", None)
+        request = {**base, **request}
+        digest = sha256_json({"request": request, "corpus": read_json(train_c / "manifest.json")["plan_digest"]})[:10]
+        run_dir = self.shared / f"vae-r{ratio:g}-{digest}"
+        done = run_dir / "experiment_vae.json"
+        if done.is_file() and (run_dir / "vae" / "config.json").is_file():
+            self.vae_metrics[ratio] = read_json(done)["metrics"]
+            return run_dir / "vae"
+        request["run_dir"] = str(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        req_path = run_dir / "experiment_train.yaml"
+        atomic_write_text(req_path, yaml.safe_dump(request, sort_keys=False))
+        log.info("training the r=%g VAE (%d+%d steps) in %s", ratio, s1, s2, run_dir)
+        t = time.perf_counter()
+        # a fresh single-process run: drop any rendezvous this process already holds (an
+        # in-process run before it keeps MASTER_PORT listening, and the child would collide)
+        dist_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                     "MASTER_ADDR", "MASTER_PORT"}
+        env = {k: v for k, v in os.environ.items() if k not in dist_vars and not k.startswith("ACCELERATE_")}
+        env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
+        proc = subprocess.run([sys.executable, "-m", "lsm_dist.train", "--config", str(req_path)],
+                              capture_output=True, text=True, env=env, cwd=str(REPO))
+        atomic_write_text(run_dir / "experiment_train.log", proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            raise RuntimeError(f"VAE training failed (exit {proc.returncode}), log "
+                               f"{run_dir / 'experiment_train.log'}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+        metrics = json.loads(lines[-1]) if lines else {}
+        self.timings[f"train r={ratio:g}"] = time.perf_counter() - t
+        atomic_write_json(done, {"metrics": metrics, "seconds": time.perf_counter() - t})
+        self.vae_metrics[ratio] = metrics
+        return run_dir / "vae"
+
+    # ---- merges and scores -------------------------------------------------------------
+    def merge(self, label: str, plan: dict[str, Any], vae: Path | None = None) -> Path:
+        from lsm_dist.merge.plan import load_plan
+        from lsm_dist.merge.run import run_merge
+
+        plan = {**plan, "out_dir": str(self.out / "merges" / label),
+                "cache_dir": str(self.shared / "latent_cache"), "batch_size": 512, "overwrite": True}
+        if plan.get("space", "latent") == "latent":
+            plan["vae"] = str(vae or self.vae())
+        path = self.out / "plans" / f"{label}.yaml"
+        atomic_write_text(path, yaml.safe_dump(plan, sort_keys=False))
+        t = time.perf_counter()
+        out = run_merge(load_plan(path))
+        self.timings["merge"] = self.timings.get("merge", 0.0) + time.perf_counter() - t
+        return out
+
+    def scores(self, ckpts: dict[str, str | Path]) -> dict[str, dict[str, float]]:
+        """lm-eval accuracy per checkpoint: ``{name: {family: acc, family_se: se, mean: …}}``
+        (results cached in ``shared_dir/eval`` by checkpoint digest)."""
+        from lsm_dist.evaluate.run import EvalConfig, run_eval
+
+        t = time.perf_counter()
+        out = self.shared / "eval"
+        run_eval(EvalConfig(checkpoints=[f"{k}={v}" for k, v in ckpts.items()], tasks=list(self.cfg.eval_tasks),
+                            out_dir=str(out), n=self.cfg.eval_n, batch_size=32, seed=self.cfg.seed,
+                            progress=False))
+        scored = read_json(out / "summary.json")["scored"]
+        res = {}
+        for name in ckpts:
+            m = read_json(scored[name])["metrics"]
+            row: dict[str, float] = {}
+            for task in self.cfg.eval_tasks:
+                fam = family(task)
+                row[fam] = m.get(f"{task}/acc", math.nan)
+                se = m.get(f"{task}/acc_stderr")
+                row[fam + "_se"] = math.nan if se is None else float(se)
+            accs = [row[family(t)] for t in self.cfg.eval_tasks]
+            row["mean"] = sum(accs) / len(accs)
+            res[name] = row
+        self.timings["eval"] = self.timings.get("eval", 0.0) + time.perf_counter() - t
+        return res
+
+    def families(self) -> list[str]:
+        return [family(t) for t in self.cfg.eval_tasks]
+
+    def chance(self) -> float:
+        """Mean accuracy of uniform guessing over the scored families (1/choices per test row
+        of the generated lsm_* tasks; NaN for other tasks)."""
+        levels = []
+        for fam in self.families():
+            f = self.shared / "eval" / "tasks" / "data" / f"{fam}_test.jsonl"
+            if not f.is_file():
+                return math.nan
+            rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            levels.append(sum(1.0 / len(r["choices"]) for r in rows) / max(len(rows), 1))
+        return sum(levels) / len(levels) if levels else math.nan
+
+    def chance_note(self, rows: list[dict], label) -> str:
+        """Which merged / reconstructed rows are within noise of uniform guessing."""
+        fams, ch = self.families(), self.chance()
+        if math.isnan(ch):
+            return "chance level unknown for these tasks."
+        at = [label(r) for r in rows if compare(r["mean"], ch, mean_se(r, fams), exact_b=True) == "within noise of"]
+        return (f"{len(at)}/{len(rows)} of the merged / reconstructed checkpoints are within noise of chance "
+                f"(mean accuracy {ch:.3f} for uniform guessing)" + (f": {', '.join(at)}." if at else "."))
+
+
+def family(task: str) -> str:
+    """``lsm_arith_mc`` → ``arith`` (other task names unchanged)."""
+    return task[4:-3] if task.startswith("lsm_") and task.endswith("_mc") else task
+
+
+# ---- reports ----------------------------------------------------------------------------
+def fmt(v: Any, digits: int = 3) -> str:
+    if isinstance(v, float):
+        return "–" if math.isnan(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], cols: list[str], digits: int = 3) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c, ""), digits) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows: list[dict], cols: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        w.writerow(["" if r.get(c) is None else (repr(r[c]) if isinstance(r[c], float) else r[c]) for c in cols])
+    return buf.getvalue()
+
+
+def typical_se(rows: list[dict], fams: list[str]) -> float:
+    ses = [r[f + "_se"] for r in rows for f in fams if isinstance(r.get(f + "_se"), float) and not math.isnan(r[f + "_se"])]
+    return sum(ses) / len(ses) if ses else math.nan
+
+
+def mean_se(row: dict, fams: list[str]) -> float:
+    """Standard error of the mean accuracy over families (independent test sets)."""
+    ses = [row.get(f + "_se", math.nan) for f in fams]
+    return math.sqrt(sum(s * s for s in ses)) / len(ses) if ses else math.nan
+
+
+def compare(a: float, b: float, se: float, exact_b: bool = False) -> str:
+    """'above' / 'below' / 'within noise of' for a vs b: noise = 2 standard errors of the
+    difference (se·√2 for two measurements with standard error se; se alone if b is exact)."""
+    if math.isnan(a) or math.isnan(b):
+        return "not comparable"
+    if abs(a - b) <= (2 * se * (1.0 if exact_b else math.sqrt(2)) if not math.isnan(se) else 1e-12):
+        return "within noise of"
+    return "above" if a > b else "below"
+
+
+def write_report(ctx: Context, title: str, sections: list[str], observations: list[str],
+                 tables: dict[str, tuple[list[dict], list[str]]], t0: float, extra: dict | None = None) -> Path:
+    """``results.md`` (settings, tables, observations, times), one CSV per table
+    (``results.csv`` for the first) and ``result.json`` with every number."""
+    cfg = ctx.cfg
+    total = time.perf_counter() - t0
+    ctx.timings["total"] = total
+    settings = (f"zoo `{cfg.zoo_config}`; samples {cfg.tokens}×{cfg.chunk} values; VAE `{cfg.vae_config}` "
+                f"{cfg.vae or ''} trained {cfg.stage1_steps}+{cfg.stage2_steps} steps on "
+                f"{', '.join(cfg.train_models)} (held out: {', '.join(cfg.heldout_models)}); lm-eval "
+                f"{', '.join(cfg.eval_tasks)} (acc, n={cfg.eval_n} test rows per family, 0-shot); "
+                f"{'quick' if cfg.quick else 'full'} mode")
+    md = [f"# {title}\n", f"Settings: {settings}.\n"]
+    md += sections
+    md.append("## Observations\n")
+    md += [f"- {o}" for o in observations] + [""]
+    md.append("Times: " + ", ".join(f"{k} {v:.0f}s" for k, v in ctx.timings.items()) + "\n")
+    path = ctx.out / "results.md"
+    atomic_write_text(path, "\n".join(md))
+    for i, (stem, (rows, cols)) in enumerate(tables.items()):
+        atomic_write_text(ctx.out / ("results.csv" if i == 0 else f"{stem}.csv"), csv_text(rows, cols))
+    atomic_write_json(ctx.out / "result.json", {
+        "config": to_dict(cfg), "tables": {k: v[0] for k, v in tables.items()},
+        "observations": observations, "timings": ctx.timings,
+        "vae_metrics": {str(k): v for k, v in ctx.vae_metrics.items()}, **(extra or {})})
+    return path
+
+
+def plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def save_fig(fig, path: Path) -> Path:
+    from lsm_dist.utils import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt().close(fig)
+    return path

@@ -1,0 +1,290 @@
+"""``recon_ratio`` (paper Tables 7 & 8): VAE reconstruction fidelity vs compression ratio, on
+the models of the training corpus and on held-out models, per block type, against PCA with
+the same numbers per sample; plus the accuracy of VAE-reconstructed models.
+
+Metrics, per (set, block), over every tensor of the set's corpus (padding excluded):
+
+- ``rel_mse``: Σ‖x̂ − x‖² / Σ‖x‖² in the normalized (per-tensor standardized) space;
+- ``rel_frob``: mean over tensors of ‖Ŵ − W‖_F / ‖W‖_F, Ŵ the de-normalized tensor rebuilt
+  from the reconstructed samples, W the original (float32).
+
+The VAE reconstructs with its posterior mean (decode(μ)). PCA is fitted on the training
+corpus' samples flattened to vectors of tokens·chunk values, keeping k = the VAE's latent
+numbers per sample (latent_tokens·latent_dim, i.e. the same ratio r = tokens·chunk / k;
+capped at the number of training samples), and evaluated on exactly the same samples.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lsm_dist.experiments.core import Context, compare, markdown_table, plt, save_fig, write_report
+
+BLOCKS = ("attn", "mlp")
+
+
+# ---- PCA at the VAE's ratio --------------------------------------------------------------
+def latent_numbers(vae_cfg) -> int:
+    """Numbers a VAE keeps per sample: latent_tokens · latent_dim."""
+    return vae_cfg.latent_tokens * vae_cfg.latent_dim
+
+
+def pca_components_for(sample_size: int, ratio: float) -> int:
+    """Components k with sample_size / k = ratio (rounded to the nearest integer, ≥ 1)."""
+    return max(1, int(round(sample_size / ratio)))
+
+
+def fit_pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of rows of ``x`` (n, d): (mean (d,), components (k', d)), k' = min(k, n, d), the
+    top right singular vectors of the centered data (float64)."""
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    mean = x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    return mean, vt[: min(k, vt.shape[0])]
+
+
+def pca_reconstruct(x: np.ndarray, mean: np.ndarray, comps: np.ndarray) -> np.ndarray:
+    """Project rows of ``x`` on the components and back: mean + (x − mean)·Cᵀ·C."""
+    shape = x.shape
+    flat = np.asarray(x, dtype=np.float64).reshape(shape[0], -1) - mean
+    return ((flat @ comps.T) @ comps + mean).reshape(shape).astype(np.float32)
+
+
+def relative_error(x: np.ndarray, xh: np.ndarray) -> float:
+    """‖x̂ − x‖² / ‖x‖²."""
+    x, xh = np.asarray(x, np.float64), np.asarray(xh, np.float64)
+    return float(((xh - x) ** 2).sum() / max((x**2).sum(), 1e-300))
+
+
+# ---- per-tensor errors -------------------------------------------------------------------
+@torch.no_grad()
+def vae_reconstruct(vae, x: np.ndarray, cond_args: tuple, roles: dict, batch: int = 512) -> np.ndarray:
+    from lsm_dist.merge.encode import make_cond
+
+    out = np.empty_like(x)
+    for s in range(0, len(x), batch):
+        xb = torch.from_numpy(x[s : s + batch])
+        cond = make_cond(vae, len(xb), *cond_args, roles, torch.device("cpu"))
+        mu, _ = vae.encode(xb, cond)
+        out[s : s + batch] = vae.decode(mu, cond).float().numpy()
+    return out
+
+
+def tensor_errors(corpus, recon) -> list[dict]:
+    """Per tensor of ``corpus``: sse / ss in normalized space and the rebuilt tensor's relative
+    Frobenius error, for ``recon(samples, tensor_entry) -> samples``."""
+    from lsm_dist.chunking import unchunk
+
+    rows = []
+    for t in corpus.tensors:
+        x, _ = corpus.read_samples(t)
+        xh = recon(x, t)
+        n = int(np.prod(t["shape"]))
+        a, b = x.reshape(-1)[:n].astype(np.float64), xh.reshape(-1)[:n].astype(np.float64)
+        w = corpus.rebuild(t).float()
+        wh = unchunk(xh, t["shape"], torch.float32, t["mean"], t["std"])
+        rows.append({"model": t["model"], "name": t["name"], "block": t["block"],
+                     "sse": float(((b - a) ** 2).sum()), "ss": float((a**2).sum()),
+                     "rel_frob": float((wh - w).norm() / w.norm().clamp_min(1e-30))})
+    return rows
+
+
+def aggregate(rows: list[dict]) -> dict[str, dict[str, float]]:
+    out = {}
+    for block in (*BLOCKS, "all"):
+        sel = [r for r in rows if block == "all" or r["block"] == block]
+        if sel:
+            out[block] = {"rel_mse": sum(r["sse"] for r in sel) / max(sum(r["ss"] for r in sel), 1e-300),
+                          "rel_frob": float(np.mean([r["rel_frob"] for r in sel])), "tensors": len(sel)}
+    return out
+
+
+def pca_model(src: str, tensors: list[dict], corpus, mean: np.ndarray, comps: np.ndarray, out) -> str:
+    """A copy of the HF checkpoint ``src`` whose corpus ``tensors`` are replaced by their PCA
+    reconstruction (cached: ``out/PCA_DONE.json`` names the components' digest)."""
+    import hashlib
+    import shutil
+
+    from lsm_dist.checkpoint import DTYPES
+    from lsm_dist.chunking import unchunk
+    from lsm_dist.utils import atomic_write_json, read_json
+    from lsm_dist.zoo.build import _quiet_transformers
+
+    out = Path(out)
+    digest = hashlib.sha256(comps.tobytes() + mean.tobytes() + str(src).encode()).hexdigest()[:16]
+    done = out / "PCA_DONE.json"
+    if done.is_file() and read_json(done).get("digest") == digest:
+        return str(out)
+    from transformers import AutoModelForCausalLM
+
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json", "zoo_card.json"))
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for t in tensors:
+            x, _ = corpus.read_samples(t)
+            w = unchunk(pca_reconstruct(x, mean, comps), t["shape"], DTYPES[t["dtype"]], t["mean"], t["std"])
+            params[t["name"]].copy_(w.to(params[t["name"]].dtype))
+    model.save_pretrained(out)
+    atomic_write_json(done, {"digest": digest, "source": str(src), "tensors": len(tensors)})
+    return str(out)
+
+
+# ---- the experiment ----------------------------------------------------------------------
+def run(ctx: Context) -> Path:
+    from lsm_dist.corpus.reader import Corpus
+    from lsm_dist.merge.encode import role_ids
+    from lsm_dist.model import load_vae
+
+    cfg, t0 = ctx.cfg, time.perf_counter()
+    sets = {"train": Corpus(ctx.corpus("train"))}
+    if cfg.heldout_models:
+        sets["heldout"] = Corpus(ctx.corpus("heldout"))
+    x_train = np.concatenate([sets["train"].read_samples(t)[0] for t in sets["train"].tensors])
+    d = x_train.shape[1] * x_train.shape[2]
+    rows, vaes, pcas = [], {}, {}
+    for r in cfg.ratios:
+        vdir = ctx.vae(r)
+        vaes[r] = vdir
+        vae = load_vae(vdir)
+        roles = role_ids(vdir)
+        k = latent_numbers(vae.cfg)
+        t = time.perf_counter()
+        mean, comps = fit_pca(x_train, k)
+        pcas[r] = (mean, comps)
+        recons = {
+            "VAE": lambda x, e, v=vae, ro=roles: vae_reconstruct(v, x, (e["layer"], e["block"], e["role"]), ro),
+            "PCA": lambda x, e, mu=mean, c=comps: pca_reconstruct(x, mu, c),
+        }
+        for sname, corpus in sets.items():
+            for method, fn in recons.items():
+                for block, m in aggregate(tensor_errors(corpus, fn)).items():
+                    rows.append({"set": sname, "block": block, "r": float(r), "method": method,
+                                 "numbers": k if method == "VAE" else len(comps), **m})
+        ctx.timings[f"recon r={r:g}"] = time.perf_counter() - t
+
+    # table: one row per (set, block, r), VAE and PCA side by side
+    wide = []
+    for sname in sets:
+        for block in (*BLOCKS, "all"):
+            for r in cfg.ratios:
+                v = next(x for x in rows if (x["set"], x["block"], x["r"], x["method"]) == (sname, block, r, "VAE"))
+                p = next(x for x in rows if (x["set"], x["block"], x["r"], x["method"]) == (sname, block, r, "PCA"))
+                wide.append({"set": sname, "block": block, "r": r, "latent numbers / sample": v["numbers"],
+                             "VAE rel-MSE": v["rel_mse"], "PCA rel-MSE": p["rel_mse"],
+                             "VAE rel-Frob": v["rel_frob"], "PCA rel-Frob": p["rel_frob"],
+                             "tensors": v["tensors"]})
+    cols = ["set", "block", "r", "latent numbers / sample", "VAE rel-MSE", "PCA rel-MSE",
+            "VAE rel-Frob", "PCA rel-Frob", "tensors"]
+    sections = ["## Reconstruction vs compression ratio (Tables 7 & 8)\n",
+                f"Sample = {d} values; r = {d} / (latent numbers per sample). VAE: decode(μ); PCA fitted "
+                f"on the {len(x_train)} training-corpus samples with the same numbers per sample. "
+                "rel-MSE in normalized space (padding excluded); rel-Frob = mean over tensors of "
+                "‖Ŵ−W‖/‖W‖ of the rebuilt tensors.\n", markdown_table(wide, cols)]
+    tables = {"results": (wide, cols)}
+
+    acc_rows = []
+    if cfg.recon_models:
+        t = time.perf_counter()
+        ckpts = {m: ctx.path(m) for m in cfg.recon_models}
+        for r, vdir in vaes.items():
+            for m in cfg.recon_models:
+                plan = {"models": {m: ctx.path(m)}, "target": m, "method": "soup",
+                        "params": {"weights": [1.0]}, "space": "latent"}
+                ckpts[f"recon_ratio.{m}.r{r:g}"] = ctx.merge(f"{m}-r{r:g}", plan, vae=vdir)
+                corpus = sets["train" if m in cfg.train_models else "heldout"]
+                ckpts[f"recon_ratio.{m}.pca{r:g}"] = pca_model(
+                    ctx.path(m), [e for e in corpus.tensors if e["model"] == m], corpus, *pcas[r],
+                    ctx.out / "pca_models" / f"{m}-r{r:g}")
+        sc = ctx.scores(ckpts)
+        fams = ctx.families()
+        for m in cfg.recon_models:
+            kind = "train" if m in cfg.train_models else "held-out"
+            for label, key in ([("original", m)] + [(f"VAE r={r:g}", f"recon_ratio.{m}.r{r:g}") for r in vaes]
+                               + [(f"PCA r={r:g}", f"recon_ratio.{m}.pca{r:g}") for r in vaes]):
+                acc_rows.append({"model": m, "set": kind, "weights": label, **sc[key]})
+        acols = ["model", "set", "weights", *fams, "mean"]
+        sections += ["## Accuracy of VAE-reconstructed models\n",
+                     "Every attention and MLP tensor replaced by decode(μ) of the VAE, or by its PCA "
+                     "reconstruction, at each ratio (embeddings and norms kept); lm-eval accuracy.\n", markdown_table(acc_rows, acols)]
+        tables["accuracy"] = (acc_rows, acols + [f + "_se" for f in fams])
+        ctx.timings["recon accuracy"] = time.perf_counter() - t
+
+    _plot(wide, list(sets), cfg.ratios, ctx.out / "results.png")
+    obs = _observations(wide, list(sets), cfg.ratios, acc_rows)
+    if acc_rows:
+        obs.append(ctx.chance_note([r for r in acc_rows if r["weights"] != "original"],
+                                   lambda r: f"{r['model']} {r['weights']}"))
+    return write_report(ctx, "recon_ratio — VAE reconstruction vs compression ratio (paper Tables 7 & 8)",
+                        sections, obs, tables, t0)
+
+
+def _plot(wide, sets, ratios, path):
+    pyplot = plt()
+    fig, axes = pyplot.subplots(2, 2, figsize=(10, 7), sharex=True)
+    for i, block in enumerate(BLOCKS):
+        for j, (metric, label) in enumerate((("rel-MSE", "relative MSE (normalized)"),
+                                             ("rel-Frob", "relative Frobenius error"))):
+            ax = axes[i][j]
+            for sname in sets:
+                for method, style in (("VAE", "-o"), ("PCA", "--s")):
+                    ys = [next(w[f"{method} {metric}"] for w in wide
+                               if (w["set"], w["block"], w["r"]) == (sname, block, r)) for r in ratios]
+                    ax.plot(ratios, ys, style, label=f"{method} {sname}")
+            ax.set_title(f"{block}: {label}")
+            ax.set_xlabel("compression ratio r")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_fig(fig, path)
+
+
+def _observations(wide, sets, ratios, acc_rows) -> list[str]:
+    obs = []
+    get = {(w["set"], w["block"], w["r"]): w for w in wide}
+    for sname in sets:
+        v = [get[(sname, "all", r)]["VAE rel-MSE"] for r in ratios]
+        rising = all(b >= a - 1e-9 for a, b in zip(v, v[1:]))
+        obs.append(f"{sname}: VAE relative MSE over r={', '.join(f'{r:g}' for r in ratios)} is "
+                   f"{', '.join(f'{x:.3f}' for x in v)} — {'grows' if rising else 'does not grow monotonically'} "
+                   f"with the compression ratio ({'as in' if rising else 'unlike'} the paper, where higher "
+                   "ratios cost fidelity).")
+        wins = [r for r in ratios if get[(sname, 'all', r)]["VAE rel-MSE"] < get[(sname, 'all', r)]["PCA rel-MSE"]]
+        pca = ", ".join(f"{get[(sname, 'all', r)]['PCA rel-MSE']:.3f}" for r in ratios)
+        obs.append(f"{sname}: PCA at the same ratio reaches {pca}; the VAE is better at "
+                   f"{len(wins)}/{len(ratios)} ratios" + (" — it does not beat a linear code of the same size, "
+                   "which disagrees with the premise of a learned latent space (paper Tables 7/8)." if not wins else "."))
+    if "heldout" in sets:
+        gaps = [get[("heldout", "all", r)]["VAE rel-MSE"] - get[("train", "all", r)]["VAE rel-MSE"] for r in ratios]
+        obs.append("held-out minus training VAE relative MSE: " + ", ".join(f"r={r:g}: {g:+.3f}" for r, g in zip(ratios, gaps))
+                   + (" (unseen weights are reconstructed worse, the generalization gap the paper's curriculum "
+                      "targets)" if all(g > 0 for g in gaps) else " (no consistent generalization gap)") + ".")
+    for sname in sets:
+        a = [get[(sname, "attn", r)]["VAE rel-MSE"] for r in ratios]
+        m = [get[(sname, "mlp", r)]["VAE rel-MSE"] for r in ratios]
+        worse = "attention" if sum(a) > sum(m) else "MLP"
+        obs.append(f"{sname}: {worse} tensors are reconstructed worse on average "
+                   f"(attn {np.mean(a):.3f} vs mlp {np.mean(m):.3f}).")
+    for r in sorted({float(x["weights"].split("=")[1]) for x in acc_rows if x["weights"] != "original"}):
+        v = [x["mean"] for x in acc_rows if x["weights"] == f"VAE r={r:g}"]
+        p = [x["mean"] for x in acc_rows if x["weights"] == f"PCA r={r:g}"]
+        if v and p:
+            obs.append(f"r={r:g}: models rebuilt from PCA average {np.mean(p):.3f} mean accuracy, from the VAE "
+                       f"{np.mean(v):.3f} (originals {np.mean([x['mean'] for x in acc_rows if x['weights'] == 'original']):.3f}).")
+    by_model: dict[str, list[dict]] = {}
+    for r in acc_rows:
+        by_model.setdefault(r["model"], []).append(r)
+    fams = [k[:-3] for k in (acc_rows[0] if acc_rows else {}) if k.endswith("_se")]
+    for m, rs in by_model.items():
+        orig = rs[0]
+        se = math.sqrt(sum(orig[f + "_se"] ** 2 for f in fams)) / max(len(fams), 1)
+        parts = [f"{x['weights']} {x['mean']:.3f} ({compare(x['mean'], orig['mean'], se)} the original)" for x in rs[1:]]
+        obs.append(f"{m} ({orig['set']}): original mean accuracy {orig['mean']:.3f}; " + "; ".join(parts) + ".")
+    return obs

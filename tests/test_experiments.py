@@ -1,0 +1,175 @@
+"""The paper's experiments (lsm_dist.experiments) in quick mode on the tiny zoo, and the
+PCA-at-the-same-ratio baseline against a hand computation."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lsm_dist.config import ConfigError
+from lsm_dist.experiments import (
+    ExperimentConfig,
+    fit_pca,
+    pca_components_for,
+    pca_reconstruct,
+    relative_error,
+    run_experiment,
+    vae_model_config,
+)
+from lsm_dist.experiments.recon import latent_numbers
+from lsm_dist.model import VAEConfig
+
+
+# ---- PCA at the VAE's compression ratio (hand-computed) ------------------------------------
+def test_pca_matches_hand_computation():
+    # centered data: variance 0.5 along x, 0.125 along y -> the first component is the x axis
+    x = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.5], [0.0, -0.5]])
+    mean, comps = fit_pca(x, 1)
+    assert np.allclose(mean, [0.0, 0.0])
+    assert np.allclose(np.abs(comps), [[1.0, 0.0]])
+    xh = pca_reconstruct(x, mean, comps)
+    assert np.allclose(xh, [[1, 0], [-1, 0], [0, 0], [0, 0]], atol=1e-7)
+    # lost: 0.5^2 + 0.5^2 = 0.5 of a total 1 + 1 + 0.25 + 0.25 = 2.5
+    assert relative_error(x, xh) == pytest.approx(0.2)
+    # with an offset the mean is added back; error 0.5 of sum of squares 74.5
+    y = x + 3.0
+    m2, c2 = fit_pca(y, 1)
+    assert np.allclose(m2, [3.0, 3.0])
+    assert relative_error(y, pca_reconstruct(y, m2, c2)) == pytest.approx(0.5 / 74.5)
+    # every component kept: exact; k larger than the data allows is capped
+    assert relative_error(x, pca_reconstruct(x, *fit_pca(x, 2))) == pytest.approx(0.0, abs=1e-12)
+    assert fit_pca(x[:1], 5)[1].shape == (1, 2)
+
+
+def test_pca_components_at_the_vae_ratio():
+    # samples of 8 x 64 = 512 values, token_stride 2 -> 4 latent tokens
+    for ratio, dim in ((1.6, 80), (2.0, 64), (4.0, 32)):
+        cfg = ExperimentConfig(name="recon_ratio", tokens=8, chunk=64, vae={})
+        model = vae_model_config(cfg, ratio)
+        assert model["latent_dim"] == dim
+        vcfg = VAEConfig(**model)
+        assert vcfg.compression_ratio == pytest.approx(ratio)
+        assert latent_numbers(vcfg) == pca_components_for(512, ratio) == 512 / ratio
+    with pytest.raises(ConfigError, match="ratios"):
+        vae_model_config(ExperimentConfig(name="recon_ratio", tokens=8, chunk=64, vae={}), 3.0)
+
+
+def test_config_presets_and_validation():
+    q = ExperimentConfig(name="cross_arch", quick=True)
+    assert q.zoo_config == "configs/zoo/tiny.yaml" and q.out_dir == "runs/experiments-quick/cross_arch"
+    assert q.shared_dir == "runs/experiments-quick/shared"
+    full = ExperimentConfig(name="expert_merge", eval_n=10)
+    assert full.eval_n == 10 and full.experts == ["llama-arith", "llama-recall"]
+    with pytest.raises(ConfigError, match="name"):
+        ExperimentConfig(name="nope")
+    with pytest.raises(ConfigError, match="lambdas"):
+        ExperimentConfig(name="cross_arch", lambdas=[1.5])
+
+
+# ---- the experiments, quick mode -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def exp_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("experiments")
+
+
+def _cfg(name, root, tiny_zoo, **kw):
+    zoo_dir = Path(next(iter(tiny_zoo.values()))).parent
+    return ExperimentConfig(name=name, quick=True, out_dir=str(root / name), shared_dir=str(root / "shared"),
+                            zoo_dir=str(zoo_dir), **kw)
+
+
+def _rows(out: Path, stem: str = "results") -> list[dict]:
+    return list(csv.DictReader((out / f"{stem}.csv").open()))
+
+
+def _check_outputs(md: Path, title: str) -> Path:
+    out = md.parent
+    text = md.read_text()
+    assert title in text and "## Observations" in text and "| " in text
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "result.json").read_text())["observations"]
+    return out
+
+
+def _check_acc(rows: list[dict], fams=("arith", "recall", "reverse")) -> None:
+    for r in rows:
+        for f in (*fams, "mean"):
+            assert 0.0 <= float(r[f]) <= 1.0, (f, r)
+
+
+@pytest.mark.slow
+def test_recon_ratio_quick(exp_root, tiny_zoo):
+    # two ratios keep the test short (each VAE trains in its own process); r=2 is shared
+    md = run_experiment(_cfg("recon_ratio", exp_root, tiny_zoo, ratios=[2.0, 4.0]))
+    out = _check_outputs(md, "recon_ratio")
+    rows = _rows(out)
+    assert {(r["set"], r["block"]) for r in rows} == {(s, b) for s in ("train", "heldout") for b in ("attn", "mlp", "all")}
+    for r in rows:
+        for k in ("VAE rel-MSE", "PCA rel-MSE", "VAE rel-Frob", "PCA rel-Frob"):
+            assert 0.0 <= float(r[k]) < 2.0 and math.isfinite(float(r[k])), (k, r)
+    # PCA on its own training samples: nested subspaces, so error grows with the ratio
+    pca = [float(r["PCA rel-MSE"]) for r in sorted((r for r in rows if (r["set"], r["block"]) == ("train", "all")),
+                                                  key=lambda r: float(r["r"]))]
+    assert pca == sorted(pca) and len(pca) == 2
+    assert [int(r["latent numbers / sample"]) for r in rows[:2]] == [64, 32]  # 128-value samples
+    acc = _rows(out, "accuracy")
+    assert [r["weights"] for r in acc] == ["original", "VAE r=2", "VAE r=4", "PCA r=2", "PCA r=4"]
+    _check_acc(acc)
+
+
+@pytest.mark.slow
+def test_self_merge_quick(exp_root, tiny_zoo):
+    out = _check_outputs(run_experiment(_cfg("self_merge", exp_root, tiny_zoo)), "self_merge")
+    rows = _rows(out)
+    assert [r["variant"] for r in rows] == ["original", "VAE recon (decode μ)", "self-merge K=1", "self-merge K=4"]
+    _check_acc(rows)
+
+
+@pytest.mark.slow
+def test_expert_merge_quick(exp_root, tiny_zoo):
+    out = _check_outputs(run_experiment(_cfg("expert_merge", exp_root, tiny_zoo)), "expert_merge")
+    rows = _rows(out)
+    assert [(r["method"], r["space"]) for r in rows[3:]] == [
+        ("lerp", "latent"), ("lerp", "weight"), ("ties", "latent"), ("ties", "weight")]
+    _check_acc(rows)
+    for space in ("latent", "weight"):
+        assert (out / "merges" / f"lerp-{space}" / "model" / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.slow
+def test_blocks_quick(exp_root, tiny_zoo):
+    out = _check_outputs(run_experiment(_cfg("blocks", exp_root, tiny_zoo)), "blocks")
+    rows = _rows(out)
+    assert [r["merged blocks"] for r in rows] == ["(original)"] * 2 + [
+        b for b in ("MLP only", "attention only", "both") for _ in range(2)]
+    _check_acc(rows)
+    # MLP-only merges leave the target's attention tensors untouched
+    plan = json.loads((out / "merges" / "lerp-mlp-latent" / "merge_plan.json").read_text())
+    assert plan["plan"]["blocks"] == ["mlp"]
+
+
+@pytest.mark.slow
+def test_cross_arch_quick_cli_and_resume(exp_root, tiny_zoo, capsys):
+    from lsm_dist.cli import main
+
+    zoo_dir = Path(next(iter(tiny_zoo.values()))).parent
+    argv = ["experiment", "-c", "configs/experiments/cross_arch.yaml", "--quick", f"out_dir={exp_root / 'cross_arch'}",
+            f"shared_dir={exp_root / 'shared'}", f"zoo_dir={zoo_dir}"]
+    repo = Path(__file__).resolve().parents[1]
+    argv[2] = str(repo / argv[2])
+    assert main(argv) == 0
+    assert "cross_arch" in capsys.readouterr().out
+    out = exp_root / "cross_arch"
+    rows = _rows(out)
+    lam = [float(r["λ"]) for r in rows if r["λ"] != ""]
+    assert lam == [0.0, 0.1, 1.0]
+    _check_acc(rows)
+    assert "OT only" in (out / "results.md").read_text()
+    # a re-run reuses the VAE, merges and scores: no training, same numbers
+    assert main(argv) == 0
+    again = json.loads((out / "result.json").read_text())
+    assert not any(k.startswith("train") for k in again["timings"])
+    assert _rows(out) == rows
