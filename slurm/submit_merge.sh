@@ -1,0 +1,46 @@
+#!/bin/bash
+# Submit a merge plan as a chain of Slurm jobs (see slurm/merge.sh); print the job ids.
+#   bash slurm/submit_merge.sh N PLAN.yaml [key=value ...]
+# N array tasks encode and N merge (more tasks than layer files leaves some idle). Each stage
+# starts only if the previous one succeeded (afterok; a failed stage cancels the rest).
+# Extra sbatch arguments for every job: LSM_SBATCH_ARGS="--partition=x --time=60".
+set -euo pipefail
+usage="usage: submit_merge.sh N PLAN.yaml [key=value ...]"
+N=${1:-}
+if ! [[ "$N" =~ ^[1-9][0-9]*$ ]]; then echo "submit_merge.sh: N must be a positive integer; $usage" >&2; exit 2; fi
+shift
+PLAN=${1:-}
+if [ -z "$PLAN" ] || [ ! -f "$PLAN" ]; then
+  echo "submit_merge.sh: merge plan '${PLAN}' does not exist; $usage" >&2
+  exit 2
+fi
+here=$(cd "$(dirname "$0")" && pwd)
+REPO=${LSM_REPO:-$(pwd)}
+PY=${LSM_PYTHON:-$REPO/.venv/bin/python}
+# validate the plan before anything is queued (the models are opened by the first stage)
+SPACE=$("$PY" - "$@" <<'PYEOF'
+import sys
+
+from lsm_dist.config import ConfigError
+from lsm_dist.merge.plan import load_plan
+
+try:
+    plan = load_plan(sys.argv[1], sys.argv[2:])
+except ConfigError as e:
+    sys.exit(f"submit_merge.sh: invalid merge plan {sys.argv[1]}: {e}")
+print(plan.space)
+PYEOF
+)
+mkdir -p logs
+# shellcheck disable=SC2086  # LSM_SBATCH_ARGS is a list of arguments
+sb() { local out; out=$(sbatch --parsable ${LSM_SBATCH_ARGS:-} "$@"); echo "${out%%;*}"; }
+after=()
+enc=- fin=-
+if [ "$SPACE" = latent ]; then
+  enc=$(sb --array=0-$((N - 1)) "$here/merge.sh" encode "$@")
+  fin=$(sb --dependency=afterok:"$enc" --kill-on-invalid-dep=yes "$here/merge.sh" encode-finalize "$@")
+  after=(--dependency=afterok:"$fin" --kill-on-invalid-dep=yes)
+fi
+mrg=$(sb --array=0-$((N - 1)) "${after[@]}" "$here/merge.sh" merge "$@")
+asm=$(sb --dependency=afterok:"$mrg" --kill-on-invalid-dep=yes "$here/merge.sh" assemble "$@")
+echo "encode $enc finalize $fin merge $mrg assemble $asm"
