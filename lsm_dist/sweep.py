@@ -241,7 +241,7 @@ def run_sweep(cfg: SweepConfig, wait: bool = True) -> list[dict]:
         try:
             res = j.results()[0]  # a multi-task point returns one result per task; rank 0's first
         except Exception as e:  # a failed point is reported; the others are still gathered
-            failures.append(f"{n}: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}")
+            failures.append(f"{n}: {failure_summary(j, e)}")
             continue
         if isinstance(res, dict) and res.get("preempted"):
             failures.append(f"{n}: preempted at step {res.get('step')} (checkpointed; run the sweep "
@@ -250,6 +250,18 @@ def run_sweep(cfg: SweepConfig, wait: bool = True) -> list[dict]:
     if failures:
         raise RuntimeError(f"sweep {run}: {len(failures)} point(s) failed: " + "; ".join(failures))
     return rows
+
+
+def failure_summary(job, err: Exception, lines: int = 15) -> str:
+    """The job's error plus the tail of its stderr log, so a failed point can be diagnosed from
+    the exception alone (CI logs, sweep drivers that only print the error)."""
+    msg = str(err).strip()
+    head = msg.splitlines()[-1] if msg else repr(err)
+    try:
+        tail = Path(job.paths.stderr).read_text(errors="replace").strip().splitlines()[-lines:]
+    except (OSError, AttributeError):
+        tail = []
+    return head + ("\n    " + "\n    ".join(tail) if tail else "")
 
 
 def gather(cfg: SweepConfig, points: list) -> list[dict]:

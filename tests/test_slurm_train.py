@@ -207,9 +207,10 @@ def test_preempt_requeue_resume_then_kill_and_resubmit(corpus, tmp_path, slurm_c
     s1 = marker["step"]
     assert 10 <= s1 < 120 and marker["checkpoint"].endswith(f"step-{s1:08d}")
     assert complete_steps(run)[-1] == s1  # the preemption checkpoint
-    sh("scontrol", "update", f"jobid={jid}", "StartTime=now")
+    # Slurm holds a requeued job for cred_expire (30 s on the local cluster, see slurm-local.sh;
+    # moving its StartTime earlier makes the launch fail with "Job credential revoked")
     log = run / "logs" / f"slurm-{jid}.log"
-    wait_for(lambda: "(restart 1)" in log.read_text(), 60, "the requeued job to start")
+    wait_for(lambda: "(restart 1)" in log.read_text(), 120, "the requeued job to start")
     print(f"preempted at step {s1}, requeued: {time.monotonic() - t0:.1f}s")
 
     # the requeued job resumes from s1; once it has checkpointed past s1, kill every process

@@ -161,6 +161,10 @@ SlurmctldPort=6817
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# a requeued job waits cred_expire seconds before it may start again (slurmd keeps the old
+# credential revoked that long; starting it earlier fails with "Job credential revoked"):
+# 30 s instead of 120 s keeps the requeue tests short
+AuthInfo=cred_expire=30
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -172,7 +176,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 # schedule batch jobs at submit time (default batch_sched_delay=3 adds up to 3 s per job)
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
+# and run the periodic passes often (defaults 60 s / 30 s): a requeued job whose StartTime is
+# moved to now is only picked up by them
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,sched_interval=5,bf_interval=5
 # the emulated nodes are the same host: trust slurm.conf, not the hardware probe
 SlurmdParameters=config_overrides
 ReturnToService=2
