@@ -122,7 +122,7 @@ def classify(name: str) -> tuple[int | None, str | None, str | None, str]:
     return None, None, None, param
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
     """Parse and validate a safetensors header without reading tensor data.
 
     Returns (header, byte offset where the data section starts).
@@ -168,7 +168,7 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         self._metadata: dict[str, dict] = {}
         for file, wanted in files.items():
-            header, base = _read_header(file)
+            header, base = read_safetensors_header(file)
             self._metadata[str(file)] = header.get("__metadata__", {}) or {}
             for name, h in header.items():
                 if name == "__metadata__" or (wanted is not None and name not in wanted):

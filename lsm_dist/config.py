@@ -83,6 +83,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is str and isinstance(value, (str, Path)):
         return str(value)
     if tp in (int, bool, str) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
@@ -143,25 +148,48 @@ def parse_overrides(overrides: typing.Sequence[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file holding a mapping at top level, with errors that name ``what`` and the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {p} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {p} must hold a mapping at top level")
+    return loaded
+
+
+def config_data(
+    cls: type, path: str | Path | None = None, overrides: typing.Sequence[str] = (), *,
+    what: str = "config file", aliases: typing.Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The raw mapping ``load_config`` validates: YAML file ← dotted overrides.
+
+    ``aliases`` maps dotted user-facing keys to field names (``params.lambda`` →
+    ``params.lambda_``: a keyword cannot be a field name); they apply to the file and overrides.
+    """
+    data = read_yaml_mapping(path, what) if path is not None else {}
+    for alias, name in (aliases or {}).items():
+        *parents, leaf = alias.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[name.rsplit(".", 1)[-1]] = node.pop(leaf)
+    for key, value in parse_overrides(overrides):
+        key = (aliases or {}).get(key, key)
+        _set_dotted(data, key, value, cls)
+    return data
+
+
 def load_config(
     cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()
 ) -> T:
     """Defaults ← YAML file ← dotted overrides, validated by the dataclasses."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at top level")
-        data = loaded
-    for key, value in parse_overrides(overrides):
-        _set_dotted(data, key, value, cls)
-    return from_dict(cls, data)
+    return from_dict(cls, config_data(cls, path, overrides))
 
 
 def describe(cls: type, prefix: str = "") -> list[str]:

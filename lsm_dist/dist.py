@@ -7,10 +7,38 @@ SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT. Nothing else in lsm_dist touches t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+
+# what a launcher sets for the processes it starts; a job or child process submitted from inside
+# a distributed (or formerly distributed) process must not inherit them, or it joins the wrong
+# rendezvous (seen: two submitit sweep points both binding the parent's MASTER_PORT)
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
+             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def launch_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``environ`` (default ``os.environ``) without the rendezvous variables and accelerate's
+    ``ACCELERATE_*`` settings: the environment for a fresh child process or Slurm job."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k not in DIST_VARS and not k.startswith("ACCELERATE_")}
+
+
+@contextlib.contextmanager
+def scrubbed_environ() -> Iterator[None]:
+    """Temporarily drop what :func:`launch_env` drops from ``os.environ`` (for libraries that
+    start jobs with the current environment, e.g. submitit's sbatch)."""
+    keep = launch_env()
+    saved = {k: v for k, v in os.environ.items() if k not in keep}
+    for k in saved:
+        del os.environ[k]
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 @dataclass(frozen=True)
@@ -106,7 +134,7 @@ def read_env(env: Mapping[str, str] | None = None) -> DistEnv:
             node_rank=_int(env, "SLURM_NODEID", 0),
             num_nodes=_int(env, "SLURM_NNODES", len(nodes)),
             master_addr=nodes[0] if nodes else "127.0.0.1",
-            master_port=_int(env, "MASTER_PORT", 20000 + int(job) % 10000),
+            master_port=_int(env, "LSM_MASTER_PORT", 20000 + int(job) % 10000),
             source="slurm",
             **array,
         )

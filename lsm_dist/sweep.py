@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from lsm_dist.config import ConfigError, check, check_choice, doc, from_dict, load_config, to_dict
+from lsm_dist.dist import scrubbed_environ
 from lsm_dist.utils import atomic_write_json, atomic_write_text, get_logger, read_json, sha256_json
 
 
@@ -230,7 +231,7 @@ def run_sweep(cfg: SweepConfig, wait: bool = True) -> list[dict]:
     if todo:
         ex = make_executor(cfg, run / "submitit")
         out_field = KINDS[cfg.kind].out_field
-        with ex.batch():
+        with scrubbed_environ(), ex.batch():  # jobs get their own rendezvous, not ours
             for n, _, c in todo:
                 jobs.append((n, ex.submit(run_point, cfg.kind, to_dict(c), getattr(c, out_field))))
         atomic_write_json(run / "jobs.json", {n: j.job_id for n, j in jobs})

@@ -251,9 +251,14 @@ def test_preempt_requeue_resume_then_kill_and_resubmit(corpus, tmp_path, slurm_c
 
 
 @pytest.mark.slurm
-def test_multinode_submitit_train_sweep(corpus, tmp_path, slurm_cluster):
+def test_multinode_submitit_train_sweep(corpus, tmp_path, slurm_cluster, monkeypatch):
     """Two sweep points (compression ratio 4x and 8x), each a 2-node submitit job whose tasks are
-    the ranks (export_torch_env: SLURM_PROCID -> RANK, env:// rendezvous on the first node)."""
+    the ranks (export_torch_env: SLURM_PROCID -> RANK, env:// rendezvous on the first node).
+    Submitted from a process that holds rendezvous variables of its own (as after an in-process
+    training run): the jobs must not inherit them (both points once bound the same port)."""
+    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "43337"), ("RANK", "0"),
+                 ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(k, v)
     cfg = SweepConfig(
         kind="train", base=TINY, grid={"model.latent_dim": [32, 16]}, run_dir=str(tmp_path / "sweep"),
         overrides=[f"corpus={corpus}", "stage1_steps=6", "stage2_steps=4", *SHORT], executor="slurm",

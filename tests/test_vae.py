@@ -57,9 +57,10 @@ def make_cond(n: int, cfg: VAEConfig, seed: int = 0) -> dict[str, torch.Tensor]:
 
 # ---- config ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("pooled,stride", [(False, 1), (False, 2), (False, 4), (True, 2)])
-@pytest.mark.parametrize("cond", ["none", "layer_block_role"])
-def test_shapes(pooled, stride, cond):
-    cfg = tiny(pooled=pooled, token_stride=stride, cond=cond)
+@pytest.mark.parametrize("cond,skip", [("none", "none"), ("layer_block_role", "none"),
+                                       ("none", "linear")])
+def test_shapes(pooled, stride, cond, skip):
+    cfg = tiny(pooled=pooled, token_stride=stride, cond=cond, skip=skip)
     m = TransformerVAE(cfg)
     x = torch.randn(3, cfg.tokens, cfg.chunk)
     c = make_cond(3, cfg) if cond != "none" else None
@@ -75,6 +76,32 @@ def test_shapes(pooled, stride, cond):
         m.encode(torch.randn(3, cfg.tokens + 1, cfg.chunk), c)
     with pytest.raises(ValueError, match="decode expects"):
         m.decode(torch.randn(3, lt, cfg.latent_dim + 1), c)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_linear_skip_path(pooled):
+    """skip=linear: μ and x̂ are the transformer's plus a linear map of the token group; at init
+    the two maps are a random orthonormal projection and its transpose."""
+    cfg = tiny(skip="linear", pooled=pooled, latent_dim=64)
+    m = TransformerVAE(cfg).eval()
+    g = cfg.group_values
+    assert m.skip_enc.weight.shape == (cfg.latent_dim, g) and m.skip_dec.weight.shape == (g, cfg.latent_dim)
+    assert torch.allclose(m.skip_enc.weight @ m.skip_dec.weight, torch.eye(cfg.latent_dim), atol=1e-5)
+    x = torch.randn(4, cfg.tokens, cfg.chunk)
+    with torch.no_grad():
+        mu, _ = m.encode(x)
+        ref = TransformerVAE(dataclasses.replace(cfg, skip="none"))
+        ref.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("skip_")})
+        mu0, _ = ref.eval().encode(x)
+        lin = (x.reshape(4, cfg.latent_tokens, g) @ m.skip_enc.weight.T)
+        assert torch.allclose(mu, mu0 + lin, atol=1e-5)
+        out = m.decode(mu)
+        want = ref.decode(mu) + (mu @ m.skip_dec.weight.T).reshape(4, cfg.tokens, cfg.chunk)
+        assert torch.allclose(out, want, atol=1e-5)
+    n_skip = 2 * g * cfg.latent_dim
+    assert m.num_parameters() == ref.num_parameters() + n_skip == count_parameters(cfg)
+    fl = 2 * 2 * cfg.latent_tokens * g * cfg.latent_dim * 3  # two linears, training = 3 × fwd
+    assert m.flops_per_sample() == ref.flops_per_sample() + fl
 
 
 def test_compression_ratios():
@@ -218,6 +245,21 @@ def test_save_load_roundtrip(tmp_path):
         m.head.bias.add_(1.0)
     save_vae(m, d)
     assert vae_digest(d) != dig
+
+
+def test_load_checkpoint_saved_before_a_new_config_field(tmp_path):
+    """A VAE saved before ``skip`` existed (absent from config.json and the weights' metadata)
+    loads with the field's default."""
+    from safetensors.torch import load_file, save_file
+
+    d = save_vae(TransformerVAE(tiny()), tmp_path / "old")
+    meta = json.loads((d / "config.json").read_text())
+    del meta["skip"]
+    (d / "config.json").write_text(json.dumps(meta))
+    sd = load_file(d / "model.safetensors")
+    cfg = {k: v for k, v in meta.items() if k != "format"}
+    save_file(sd, d / "model.safetensors", metadata={"format": FORMAT, "config": json.dumps(cfg)})
+    assert load_vae(d).cfg.skip == "none"
 
 
 def test_load_mismatched_config_fails(tmp_path):

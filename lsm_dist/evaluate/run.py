@@ -32,7 +32,6 @@ import difflib
 import gc
 import json
 import re
-import struct
 import tempfile
 import time
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from lsm_dist.checkpoint import CheckpointError, read_safetensors_header
 from lsm_dist.config import ConfigError, check, check_choice, doc
 from lsm_dist.evaluate import report
 from lsm_dist.evaluate.tasks import GROUP, PREFIX, tasks_digest, write_tasks
@@ -62,10 +62,6 @@ class EvalError(RuntimeError):
         lines = [f"  {n}: {msg}" for n, msg in self.failures.items()]
         done = f"; scored: {', '.join(scored)}" if scored else ""
         super().__init__(f"{len(failures)} checkpoint(s) failed{done}\n" + "\n".join(lines))
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory is missing or does not hold a loadable model."""
 
 
 @dataclasses.dataclass
@@ -130,29 +126,6 @@ def parse_checkpoints(specs: Sequence[str]) -> list[tuple[str, Path]]:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _safetensors_header(path: Path) -> bytes:
-    """The JSON header of a safetensors file, after checking the file is complete."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path.name}: {size} bytes, too short for a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 100 << 20):
-            raise CheckpointError(f"{path.name}: header length {n} exceeds the file ({size} B)")
-        header = f.read(n)
-    try:
-        meta = json.loads(header)
-        end = max((int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"),
-                  default=0)  # fmt: skip
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise CheckpointError(f"{path.name}: unreadable safetensors header ({e})") from None
-    if 8 + n + end != size:
-        raise CheckpointError(f"{path.name}: {size} bytes but the header needs {8 + n + end} "
-                              "(truncated or corrupt)")  # fmt: skip
-    return header
-
-
 def checkpoint_fingerprint(path: str | Path, mode: str = "stat") -> dict[str, Any]:
     """Check a HF checkpoint dir and describe it (what its digest is made of).
 
@@ -193,7 +166,7 @@ def checkpoint_fingerprint(path: str | Path, mode: str = "stat") -> dict[str, An
         st = p.stat()
         entry: dict[str, Any] = {"size": st.st_size}
         if f.endswith(".safetensors"):
-            entry["header"] = sha256_json(_safetensors_header(p).decode("utf-8", "replace"))
+            entry["header"] = sha256_json(read_safetensors_header(p)[0])
         if mode == "content":
             entry["sha256"] = sha256_file(p)
         else:

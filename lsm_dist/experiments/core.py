@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from lsm_dist.config import ConfigError, check, check_choice, doc, to_dict
+from lsm_dist.dist import launch_env
 from lsm_dist.utils import atomic_write_json, atomic_write_text, get_logger, read_json, sha256_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -211,9 +212,7 @@ class Context:
         t = time.perf_counter()
         # a fresh single-process run: drop any rendezvous this process already holds (an
         # in-process run before it keeps MASTER_PORT listening, and the child would collide)
-        dist_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                     "MASTER_ADDR", "MASTER_PORT"}
-        env = {k: v for k, v in os.environ.items() if k not in dist_vars and not k.startswith("ACCELERATE_")}
+        env = launch_env()
         env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
         proc = subprocess.run([sys.executable, "-m", "lsm_dist.train", "--config", str(req_path)],
                               capture_output=True, text=True, env=env, cwd=str(REPO))

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from lsm_dist.checkpoint import DTYPES, CheckpointError, TensorInfo, _read_header
+from lsm_dist.checkpoint import DTYPES, CheckpointError, TensorInfo, read_safetensors_header
 from lsm_dist.utils import atomic_open, fsync_dir
 
 
@@ -26,7 +26,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
 def read_header(path: str | Path) -> dict | None:
     """Header of a safetensors file (tensors + ``__metadata__``), None if missing or corrupt."""
     try:
-        return _read_header(Path(path))[0]
+        return read_safetensors_header(Path(path))[0]
     except (CheckpointError, OSError):
         return None
 

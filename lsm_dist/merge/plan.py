@@ -17,18 +17,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from lsm_dist.checkpoint import LAYER_RE, Checkpoint
 from lsm_dist.chunking import ChunkSpec
 from lsm_dist.config import (
     ConfigError,
-    _set_dotted,
     check,
     check_choice,
+    config_data,
     doc,
     from_dict,
-    parse_overrides,
     to_dict,
 )
 from lsm_dist.merge.hetero import AlignConfig, resolve_layer_map
@@ -169,21 +166,8 @@ class MergePlan:
 
 def load_plan(path: str | Path | None = None, overrides=()) -> MergePlan:
     """Defaults ← YAML ← dotted overrides (``params.lambda=0.3`` works: key ``lambda``)."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"merge plan {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"merge plan {p} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"merge plan {p} must hold a mapping at top level")
-    if isinstance(data.get("params"), dict) and "lambda" in data["params"]:
-        data["params"]["lambda_"] = data["params"].pop("lambda")
-    for key, value in parse_overrides(overrides):
-        _set_dotted(data, "params.lambda_" if key == "params.lambda" else key, value, MergePlan)
+    data = config_data(MergePlan, path, overrides, what="merge plan",
+                       aliases={"params.lambda": "params.lambda_"})
     return from_dict(MergePlan, data)
 
 

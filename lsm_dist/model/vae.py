@@ -68,6 +68,13 @@ class VAEConfig:
     max_layers: int = doc("layer-embedding size for cond (layer ids 0..max_layers-1, -1 = global)", 128)
     num_roles: int = doc("role-embedding size for cond (role ids 0..num_roles-1)", 64)
     norm: str = doc("normalization: rmsnorm | layernorm", "rmsnorm")
+    skip: str = doc(
+        "none | linear: a linear path around the transformer, from each group of token_stride "
+        "input tokens (all tokens if pooled) straight to its latent token (added to mu) and from "
+        "each latent token back to its token group (added to the output); the transformer learns "
+        "the residual, so the VAE is at least a learned linear code (PCA-like) from the start",
+        "none",
+    )
 
     def __post_init__(self) -> None:
         for name in ("chunk", "tokens", "d_model", "heads", "latent_dim", "token_stride",
@@ -91,6 +98,7 @@ class VAEConfig:
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         check_choice(self.cond, "cond", ("none", "layer_block_role"))
         check_choice(self.norm, "norm", ("rmsnorm", "layernorm"))
+        check_choice(self.skip, "skip", ("none", "linear"))
 
     @property
     def latent_tokens(self) -> int:
@@ -100,6 +108,11 @@ class VAEConfig:
     def latent_shape(self) -> tuple[int, int]:
         """Per-sample latent shape (latent tokens, latent_dim)."""
         return (self.latent_tokens, self.latent_dim)
+
+    @property
+    def group_values(self) -> int:
+        """Weight values that map to one latent token (token group × chunk)."""
+        return (self.tokens if self.pooled else self.token_stride) * self.chunk
 
     @property
     def compression_ratio(self) -> float:
@@ -224,6 +237,9 @@ class TransformerVAE(nn.Module):
         self.dec_cond = CondEmbedding(cfg) if cfg.cond != "none" else None
         self.decoder = Stack(cfg, cfg.dec_layers)
         self.head = nn.Linear(d, cfg.chunk)
+        lin = cfg.skip == "linear"
+        self.skip_enc = nn.Linear(cfg.group_values, cfg.latent_dim, bias=False) if lin else None
+        self.skip_dec = nn.Linear(cfg.latent_dim, cfg.group_values, bias=False) if lin else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -243,6 +259,10 @@ class TransformerVAE(nn.Module):
                 nn.init.normal_(blk.fc2.weight, std=std)
         if self.dec_pos is not None:
             nn.init.normal_(self.dec_pos, std=0.02)
+        if self.skip_enc is not None:  # a random orthonormal projection and its transpose
+            nn.init.orthogonal_(self.skip_enc.weight)
+            with torch.no_grad():
+                self.skip_dec.weight.copy_(self.skip_enc.weight.T)
 
     # ---- encoder / decoder -------------------------------------------------------------
     def encode(self, x: torch.Tensor, cond: dict[str, torch.Tensor] | None = None):
@@ -259,7 +279,10 @@ class TransformerVAE(nn.Module):
             h = h.mean(dim=1, keepdim=True)
         elif self.down is not None:
             h = self.down(h.reshape(B, cfg.latent_tokens, cfg.token_stride * cfg.d_model))
-        return self.mu(h), self.logvar(h).clamp(-30.0, 20.0)
+        mu = self.mu(h)
+        if self.skip_enc is not None:
+            mu = mu + self.skip_enc(x.to(mu.dtype).reshape(B, cfg.latent_tokens, cfg.group_values))
+        return mu, self.logvar(h).clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """z (B, latent_tokens, latent_dim) → x_hat (B, tokens, chunk)."""
@@ -275,7 +298,10 @@ class TransformerVAE(nn.Module):
             h = self.up(h).reshape(B, cfg.tokens, cfg.d_model)
         if self.dec_cond is not None:
             h = h + self.dec_cond(cond, B)
-        return self.head(self.decoder(h))
+        out = self.head(self.decoder(h))
+        if self.skip_dec is not None:
+            out = out + self.skip_dec(z.to(out.dtype)).reshape(B, cfg.tokens, cfg.chunk)
+        return out
 
     @staticmethod
     def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -305,7 +331,7 @@ class TransformerVAE(nn.Module):
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
                 top = name.split(".")[0]
-                rows = Lt if top in ("down", "mu", "logvar", "latent_in", "up") else T
+                rows = Lt if top in ("down", "mu", "logvar", "latent_in", "up", "skip_enc", "skip_dec") else T
                 macs += rows * m.in_features * m.out_features
         fwd = 2 * macs + (cfg.enc_layers + cfg.dec_layers) * 4 * T * T * cfg.d_model
         return 3 * fwd if training else fwd
@@ -391,7 +417,9 @@ def load_vae(directory: str | Path, map_location: str | torch.device = "cpu") ->
         n = int.from_bytes(f.read(8), "little")
         meta = json.loads(f.read(n)).get("__metadata__") or {}
     if "config" in meta:
-        saved, now = json.loads(meta["config"]), _config_dict(cfg)
+        # a field added after the save is absent from it and must hold its default
+        saved = {**_config_dict(VAEConfig()), **json.loads(meta["config"])}
+        now = _config_dict(cfg)
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if diff:
             raise VAECheckpointError(f"{cpath} disagrees with the config saved in {wpath} on "

@@ -8,23 +8,18 @@ YAML), so ``model_config=configs/vae/tiny.yaml model.latent_dim=16`` works.
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from lsm_dist.config import (
-    ConfigError,
-    _set_dotted,
     check,
     check_choice,
+    config_data,
     doc,
     from_dict,
     load_config,
-    parse_overrides,
+    read_yaml_mapping,
     to_dict,
 )
 from lsm_dist.model import RECON_KINDS, VAEConfig
@@ -180,43 +175,8 @@ class TrainConfig:
 def load_train_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()
                       ) -> TrainConfig:
     """Defaults ← YAML ← overrides; ``model`` fields layer over the ``model_config`` YAML."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at top level")
-    for key, value in parse_overrides(overrides):
-        _set_dotted(data, key, _float_if_float_field(key, value), TrainConfig)
+    data = config_data(TrainConfig, path, overrides)
     if data.get("model_config"):
-        mpath = resolve_path(str(data["model_config"]))
-        if not mpath.is_file():
-            raise ConfigError(f"model_config: {mpath} does not exist")
-        base = yaml.safe_load(mpath.read_text()) or {}
-        if not isinstance(base, dict):
-            raise ConfigError(f"model_config: {mpath} must hold a mapping")
+        base = read_yaml_mapping(resolve_path(str(data["model_config"])), "model_config:")
         data["model"] = {**base, **(data.get("model") or {})}
     return from_dict(TrainConfig, data)
-
-
-def _float_if_float_field(key: str, value: Any) -> Any:
-    """YAML 1.1 reads ``1e-3`` as a string: accept it for float fields (lr=1e-3)."""
-    if not isinstance(value, str):
-        return value
-    cls: Any = TrainConfig
-    for part in key.split("."):
-        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
-        tp = hints.get(part)
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        cls = args[0] if args and dataclasses.is_dataclass(args[0]) else tp
-    if cls is float:
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
