@@ -40,7 +40,7 @@ class DemoConfig:
     zoo_dir: str | None = doc("where the zoo is built / reused (default: the zoo config's out_dir)", None)
     tokens: int = doc("tokens per sample of the corpus / VAE", 8)
     chunk: int = doc("values per token", 64)
-    vae_config: str = doc("VAE architecture YAML", "configs/vae/tiny.yaml")
+    vae_config: str = doc("VAE architecture YAML", "configs/vae/demo.yaml")
     train_config: str = doc("trainer YAML (steps are set by the preset unless given here)", "configs/train/tiny.yaml")
     stage1_steps: int | None = doc("stage-1 (autoencoder) steps; None: the preset's", None)
     stage2_steps: int | None = doc("stage-2 (β-VAE) steps; None: the preset's", None)

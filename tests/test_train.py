@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import yaml
 from lsm_dist.config import ConfigError, load_config
 from lsm_dist.corpus import ConvertConfig, CorpusError, run_convert
 from lsm_dist.corpus.reader import Corpus, make_loader
-from lsm_dist.model import VAEConfig, load_vae
+from lsm_dist.model import TransformerVAE, VAEConfig, load_vae
 from lsm_dist.train import (
     CheckpointError,
     TrainConfig,
@@ -29,7 +30,7 @@ from lsm_dist.train import (
     run_train,
 )
 from lsm_dist.train import checkpointing as ck
-from lsm_dist.train.data import TrainStream, choose_holdout, load_eval_set
+from lsm_dist.train.data import TrainStream, blocks_of, choose_holdout, load_eval_set
 from lsm_dist.train.loop import Progress, StageSchedule, update_plateau
 from lsm_dist.train.metrics import read_metrics
 from lsm_dist.train.setup import deepspeed_config
@@ -406,3 +407,31 @@ def test_nan_stops_keeps_last_checkpoint_and_resumes(corpora, tmp_path):
     assert "resumed from" in out and "step-00000005" in out
     assert [s for s, _ in list_checkpoints(run)] == [5, 10]
     assert max(train_losses(run)) == 10
+
+
+@pytest.mark.parametrize("lr_scale", [0.0, 0.1])
+def test_linear_skip_starts_as_pca_and_trains_at_its_own_lr(corpora, tmp_path, lr_scale):
+    """skip=sample: the trainer fits the linear path's PCA init on training samples (every rank
+    the same), and the path trains at skip_lr_scale × lr through the DeepSpeed optimizer: frozen
+    (scale 0) it ends exactly at the init; at 0.1 it moves, but less than the transformer."""
+    cfg = tiny_cfg(corpora, tmp_path, **{"model.skip": "sample", "skip_lr_scale": lr_scale,
+                                         "stage1_steps": 12, "stage2_steps": 4, "val_every": 0,
+                                         "ckpt_every": 0})
+    metrics = run_train(cfg)
+    log = (Path(cfg.run_dir) / "logs" / "rank0.log").read_text()
+    m = re.search(r"PCA code of (\d+) training samples \(keeps ([\d.]+)% of their energy\)", log)
+    assert m, log
+    corpus = Corpus(cfg.corpus)
+    holdout = choose_holdout(corpus, cfg.val_fraction, cfg.seed)
+    keys = [(t, s) for t, s, _n, _b in blocks_of(corpus) if (t, s) not in holdout]
+    init = TransformerVAE(cfg.model)
+    kept = init.init_skip_pca(load_eval_set(corpus, keys, cfg.skip_init_samples, cfg.seed).x)
+    assert int(m.group(1)) <= cfg.skip_init_samples and float(m.group(2)) == pytest.approx(100 * kept, abs=0.05)
+    vae = load_vae(metrics["vae"])
+    moved = (vae.skip_enc.weight - init.skip_enc.weight).norm() / init.skip_enc.weight.norm()
+    if lr_scale == 0:
+        assert torch.equal(vae.skip_enc.weight, init.skip_enc.weight)
+        assert torch.equal(vae.skip_dec.weight, init.skip_dec.weight)
+    else:
+        assert 0 < moved < 0.2, moved
+    assert vae.head.weight.abs().sum() > 0  # the transformer (zero-initialized head) trained

@@ -58,7 +58,7 @@ def make_cond(n: int, cfg: VAEConfig, seed: int = 0) -> dict[str, torch.Tensor]:
 # ---- config ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("pooled,stride", [(False, 1), (False, 2), (False, 4), (True, 2)])
 @pytest.mark.parametrize("cond,skip", [("none", "none"), ("layer_block_role", "none"),
-                                       ("none", "linear")])
+                                       ("none", "group"), ("none", "sample")])
 def test_shapes(pooled, stride, cond, skip):
     cfg = tiny(pooled=pooled, token_stride=stride, cond=cond, skip=skip)
     m = TransformerVAE(cfg)
@@ -78,30 +78,57 @@ def test_shapes(pooled, stride, cond, skip):
         m.decode(torch.randn(3, lt, cfg.latent_dim + 1), c)
 
 
-@pytest.mark.parametrize("pooled", [False, True])
-def test_linear_skip_path(pooled):
-    """skip=linear: μ and x̂ are the transformer's plus a linear map of the token group; at init
-    the two maps are a random orthonormal projection and its transpose."""
-    cfg = tiny(skip="linear", pooled=pooled, latent_dim=64)
+@pytest.mark.parametrize("skip,pooled", [("group", False), ("group", True), ("sample", False)])
+def test_linear_skip_path(skip, pooled):
+    """skip=group|sample: μ and x̂ are the transformer's plus a linear map of the token group or
+    the whole sample; at init the two maps are a random orthonormal projection and its transpose."""
+    cfg = tiny(skip=skip, pooled=pooled, latent_dim=64)
     m = TransformerVAE(cfg).eval()
-    g = cfg.group_values
-    assert m.skip_enc.weight.shape == (cfg.latent_dim, g) and m.skip_dec.weight.shape == (g, cfg.latent_dim)
-    assert torch.allclose(m.skip_enc.weight @ m.skip_dec.weight, torch.eye(cfg.latent_dim), atol=1e-5)
+    rows, n_in, n_out = cfg.skip_shape
+    assert (rows, n_in, n_out) == ((1, 512, cfg.latent_tokens * 64) if skip == "sample"
+                                   else (cfg.latent_tokens, cfg.group_values, 64))
+    assert m.skip_enc.weight.shape == (n_out, n_in) and m.skip_dec.weight.shape == (n_in, n_out)
+    assert torch.allclose(m.skip_enc.weight @ m.skip_dec.weight, torch.eye(n_out), atol=1e-5)
     x = torch.randn(4, cfg.tokens, cfg.chunk)
     with torch.no_grad():
         mu, _ = m.encode(x)
         ref = TransformerVAE(dataclasses.replace(cfg, skip="none"))
         ref.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("skip_")})
         mu0, _ = ref.eval().encode(x)
-        lin = (x.reshape(4, cfg.latent_tokens, g) @ m.skip_enc.weight.T)
+        lin = (x.reshape(4, rows, n_in) @ m.skip_enc.weight.T).reshape(mu.shape)
         assert torch.allclose(mu, mu0 + lin, atol=1e-5)
         out = m.decode(mu)
-        want = ref.decode(mu) + (mu @ m.skip_dec.weight.T).reshape(4, cfg.tokens, cfg.chunk)
+        want = ref.decode(mu) + (mu.reshape(4, rows, n_out) @ m.skip_dec.weight.T).reshape(x.shape)
         assert torch.allclose(out, want, atol=1e-5)
-    n_skip = 2 * g * cfg.latent_dim
-    assert m.num_parameters() == ref.num_parameters() + n_skip == count_parameters(cfg)
-    fl = 2 * 2 * cfg.latent_tokens * g * cfg.latent_dim * 3  # two linears, training = 3 × fwd
+    assert m.num_parameters() == ref.num_parameters() + 2 * n_in * n_out == count_parameters(cfg)
+    fl = 2 * 2 * rows * n_in * n_out * 3  # two linears, training = 3 × forward
     assert m.flops_per_sample() == ref.flops_per_sample() + fl
+
+
+@pytest.mark.parametrize("skip", ["group", "sample"])
+def test_init_skip_pca(skip):
+    """The PCA init makes the linear path the best rank-k code of the fit samples: on data of
+    rank ≤ k it is exact, and the returned energy fraction is 1 − PCA's relative error."""
+    cfg = tiny(skip=skip, latent_dim=32)
+    m = TransformerVAE(cfg).eval()
+    rows, n_in, n_out = cfg.skip_shape
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(n_in, n_out // 2, generator=g))[0]  # rank n_out/2 data
+    x = (torch.randn(300 * rows, n_out // 2, generator=g) @ basis.T).reshape(-1, cfg.tokens, cfg.chunk)
+    kept = m.init_skip_pca(x)
+    assert kept == pytest.approx(1.0, abs=1e-9)
+    w = m.skip_enc.weight.double()
+    v = x.double().reshape(-1, n_in)
+    assert torch.allclose(v @ w.T @ w, v, atol=1e-4)  # encode-decode through the linear path
+    assert torch.equal(m.skip_dec.weight, m.skip_enc.weight.T)
+    noise = torch.randn(300, cfg.tokens, cfg.chunk, generator=g)
+    kept = m.init_skip_pca(noise)
+    gv = noise.double().reshape(-1, n_in)
+    w = m.skip_enc.weight.double()
+    rel = float(((gv - gv @ w.T @ w) ** 2).sum() / (gv ** 2).sum())
+    assert 0 < kept < 1 and rel == pytest.approx(1 - kept, abs=1e-5)
+    with pytest.raises(ValueError, match="linear skip path"):
+        TransformerVAE(tiny()).init_skip_pca(x)
 
 
 def test_compression_ratios():

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from lsm_dist.config import ConfigError, check, check_choice, doc, to_dict
+from lsm_dist.config import ConfigError, check, check_choice, doc, from_dict, to_dict
 from lsm_dist.dist import launch_env
 from lsm_dist.utils import atomic_write_json, atomic_write_text, get_logger, read_json, sha256_json
 
@@ -70,9 +70,9 @@ class ExperimentConfig:
     zoo_dir: str | None = doc("where the zoo is built / reused (default: the zoo config's out_dir)", None)
     tokens: int | None = doc("tokens per weight sample (None: preset)", None)
     chunk: int | None = doc("values per token (None: preset)", None)
-    vae_config: str = doc("VAE architecture YAML; tokens/chunk/latent_dim are set here", "configs/vae/tiny.yaml")
-    vae: dict[str, Any] = doc("VAEConfig field overrides of vae_config",
-                              factory=lambda: {"d_model": 128, "enc_layers": 1, "dec_layers": 1})
+    vae_config: str = doc("VAE architecture YAML; tokens/chunk/latent_dim are set here", "configs/vae/demo.yaml")
+    vae: dict[str, Any] = doc("VAEConfig field overrides of vae_config (e.g. {skip: none}: the VAE "
+                              "without its linear skip path)", factory=dict)
     train_config: str = doc("trainer YAML", "configs/train/tiny.yaml")
     train: dict[str, Any] = doc("TrainConfig field overrides (e.g. {lr: 0.002})",
                                 factory=lambda: {"batch_size": 32, "warmup_steps": 50, "lr": 2e-3})
@@ -198,7 +198,12 @@ class Context:
         base = yaml.safe_load(resolve_path(cfg.train_config).read_text()) or {}
         base.pop("model_config", None)
         request = {**base, **request}
-        digest = sha256_json({"request": request, "corpus": read_json(train_c / "manifest.json")["plan_digest"]})[:10]
+        # over the resolved trainer config, so a changed default (not only a changed request)
+        # makes a new VAE instead of reusing a cached one
+        from lsm_dist.train.config import TrainConfig
+
+        resolved = to_dict(from_dict(TrainConfig, {**request, "run_dir": "-"}))
+        digest = sha256_json({"request": resolved, "corpus": read_json(train_c / "manifest.json")["plan_digest"]})[:10]
         run_dir = self.shared / f"vae-r{ratio:g}-{digest}"
         done = run_dir / "experiment_vae.json"
         if done.is_file() and (run_dir / "vae" / "config.json").is_file():

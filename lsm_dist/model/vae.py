@@ -69,10 +69,12 @@ class VAEConfig:
     num_roles: int = doc("role-embedding size for cond (role ids 0..num_roles-1)", 64)
     norm: str = doc("normalization: rmsnorm | layernorm", "rmsnorm")
     skip: str = doc(
-        "none | linear: a linear path around the transformer, from each group of token_stride "
-        "input tokens (all tokens if pooled) straight to its latent token (added to mu) and from "
-        "each latent token back to its token group (added to the output); the transformer learns "
-        "the residual, so the VAE is at least a learned linear code (PCA-like) from the start",
+        "linear path around the transformer, added to mu and to the output, so the transformer "
+        "learns the residual of a linear (PCA-like) code: none | group (each group of "
+        "token_stride input tokens to its latent token and back: 2·group_values·latent_dim "
+        "parameters) | sample (the whole sample to all latent numbers and back: "
+        "2·tokens·chunk·latent_tokens·latent_dim parameters; sees correlations across all "
+        "tokens, for small samples)",
         "none",
     )
 
@@ -98,7 +100,7 @@ class VAEConfig:
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         check_choice(self.cond, "cond", ("none", "layer_block_role"))
         check_choice(self.norm, "norm", ("rmsnorm", "layernorm"))
-        check_choice(self.skip, "skip", ("none", "linear"))
+        check_choice(self.skip, "skip", ("none", "group", "sample"))
 
     @property
     def latent_tokens(self) -> int:
@@ -113,6 +115,13 @@ class VAEConfig:
     def group_values(self) -> int:
         """Weight values that map to one latent token (token group × chunk)."""
         return (self.tokens if self.pooled else self.token_stride) * self.chunk
+
+    @property
+    def skip_shape(self) -> tuple[int, int, int]:
+        """(rows per sample, values in, latent numbers out) of the linear skip path."""
+        if self.skip == "sample":
+            return 1, self.tokens * self.chunk, self.latent_tokens * self.latent_dim
+        return self.latent_tokens, self.group_values, self.latent_dim
 
     @property
     def compression_ratio(self) -> float:
@@ -237,9 +246,10 @@ class TransformerVAE(nn.Module):
         self.dec_cond = CondEmbedding(cfg) if cfg.cond != "none" else None
         self.decoder = Stack(cfg, cfg.dec_layers)
         self.head = nn.Linear(d, cfg.chunk)
-        lin = cfg.skip == "linear"
-        self.skip_enc = nn.Linear(cfg.group_values, cfg.latent_dim, bias=False) if lin else None
-        self.skip_dec = nn.Linear(cfg.latent_dim, cfg.group_values, bias=False) if lin else None
+        _, n_in, n_out = cfg.skip_shape
+        lin = cfg.skip != "none"
+        self.skip_enc = nn.Linear(n_in, n_out, bias=False) if lin else None
+        self.skip_dec = nn.Linear(n_out, n_in, bias=False) if lin else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -259,10 +269,37 @@ class TransformerVAE(nn.Module):
                 nn.init.normal_(blk.fc2.weight, std=std)
         if self.dec_pos is not None:
             nn.init.normal_(self.dec_pos, std=0.02)
-        if self.skip_enc is not None:  # a random orthonormal projection and its transpose
-            nn.init.orthogonal_(self.skip_enc.weight)
-            with torch.no_grad():
+        if self.skip_enc is not None:  # a random orthonormal projection and its transpose;
+            nn.init.orthogonal_(self.skip_enc.weight)  # the transformer's outputs start at zero,
+            with torch.no_grad():  # so the VAE starts as exactly the linear code
                 self.skip_dec.weight.copy_(self.skip_enc.weight.T)
+            for m in (self.mu, self.head):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @torch.no_grad()
+    def init_skip_pca(self, x: torch.Tensor) -> float:
+        """Start the linear skip path as the PCA code of samples ``x`` (N, tokens, chunk):
+        ``skip_enc`` rows = the top principal directions of their token groups (``skip=group``)
+        or of whole samples (``sample``), uncentered (the corpus is standardized per tensor);
+        ``skip_dec`` = its transpose. Deterministic (float64
+        SVD on CPU), so every rank computes the same init. Returns the fraction of the groups'
+        energy the code keeps (1 − the PCA relative error on ``x``)."""
+        if self.skip_enc is None:
+            raise ValueError("init_skip_pca needs a VAE with a linear skip path (skip=group|sample)")
+        cfg = self.cfg
+        if x.dim() != 3 or tuple(x.shape[1:]) != (cfg.tokens, cfg.chunk) or len(x) == 0:
+            raise ValueError(f"init_skip_pca expects x of shape (N>0, {cfg.tokens}, {cfg.chunk}), "
+                             f"got {tuple(x.shape)}")
+        rows, n_in, n_out = cfg.skip_shape
+        g = x.detach().cpu().double().reshape(-1, n_in)
+        _, sv, vh = torch.linalg.svd(g, full_matrices=False)
+        k = min(n_out, vh.shape[0])
+        w = self.skip_enc.weight
+        w[:k] = vh[:k].to(w.dtype)  # rows beyond the data's rank keep their random init
+        self.skip_dec.weight.copy_(w.T)
+        energy = (sv ** 2).sum()
+        return float((sv[:k] ** 2).sum() / energy) if energy > 0 else 1.0
 
     # ---- encoder / decoder -------------------------------------------------------------
     def encode(self, x: torch.Tensor, cond: dict[str, torch.Tensor] | None = None):
@@ -281,7 +318,9 @@ class TransformerVAE(nn.Module):
             h = self.down(h.reshape(B, cfg.latent_tokens, cfg.token_stride * cfg.d_model))
         mu = self.mu(h)
         if self.skip_enc is not None:
-            mu = mu + self.skip_enc(x.to(mu.dtype).reshape(B, cfg.latent_tokens, cfg.group_values))
+            rows, n_in, _ = cfg.skip_shape
+            lin = self.skip_enc(x.to(mu.dtype).reshape(B, rows, n_in))
+            mu = mu + lin.reshape(B, cfg.latent_tokens, cfg.latent_dim)
         return mu, self.logvar(h).clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -300,7 +339,8 @@ class TransformerVAE(nn.Module):
             h = h + self.dec_cond(cond, B)
         out = self.head(self.decoder(h))
         if self.skip_dec is not None:
-            out = out + self.skip_dec(z.to(out.dtype)).reshape(B, cfg.tokens, cfg.chunk)
+            rows, _, n_out = cfg.skip_shape
+            out = out + self.skip_dec(z.to(out.dtype).reshape(B, rows, n_out)).reshape(B, cfg.tokens, cfg.chunk)
         return out
 
     @staticmethod
@@ -331,7 +371,8 @@ class TransformerVAE(nn.Module):
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
                 top = name.split(".")[0]
-                rows = Lt if top in ("down", "mu", "logvar", "latent_in", "up", "skip_enc", "skip_dec") else T
+                rows = (cfg.skip_shape[0] if top in ("skip_enc", "skip_dec")
+                        else Lt if top in ("down", "mu", "logvar", "latent_in", "up") else T)
                 macs += rows * m.in_features * m.out_features
         fwd = 2 * macs + (cfg.enc_layers + cfg.dec_layers) * 4 * T * T * cfg.d_model
         return 3 * fwd if training else fwd

@@ -114,6 +114,13 @@ class TrainConfig:
     val_max_samples: int = doc("cap on held-out samples evaluated (each of val and heldout)", 512)
 
     seed: int = doc("seed of model init, data order, holdout choice and posterior samples", 0)
+    skip_init: str = doc(
+        "how a model with a linear skip path (skip=group|sample) starts: pca (the linear path is the PCA code of "
+        "skip_init_samples training samples, so training starts at PCA's reconstruction and the "
+        "transformer learns the residual) | random (orthonormal projection)", "pca")
+    skip_init_samples: int = doc("training samples the pca skip_init is fitted on", 8192)
+    skip_lr_scale: float = doc("learning rate of the linear skip path / lr (small: keep the PCA "
+                               "code, let the transformer learn the residual)", 0.1)
     num_workers: int = doc("DataLoader worker processes per rank (0 = read in the main process)",
                            0)
     shuffle_buffer: int = doc("samples in the stream's shuffle buffer", 2048)
@@ -148,6 +155,10 @@ class TrainConfig:
         check(self.tail_weight >= 0, "tail_weight", f"must be >= 0, got {self.tail_weight}")
         check(self.huber_delta > 0, "huber_delta", f"must be > 0, got {self.huber_delta}")
         check_choice(self.precision, "precision", PRECISIONS)
+        check_choice(self.skip_init, "skip_init", ("pca", "random"))
+        check(self.skip_lr_scale >= 0, "skip_lr_scale", f"must be >= 0, got {self.skip_lr_scale}")
+        check(self.skip_init_samples >= 1, "skip_init_samples",
+              f"must be >= 1, got {self.skip_init_samples}")
         if self.zero_stage is not None:
             check_choice(self.zero_stage, "zero_stage", (1, 2, 3))
         check(self.resume in ("auto", "none") or bool(self.resume), "resume",

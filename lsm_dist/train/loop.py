@@ -27,7 +27,7 @@ from lsm_dist.dist import read_env
 from lsm_dist.model import BLOCK_IDS, TransformerVAE, VAEConfig, per_block_sse, vae_loss
 from lsm_dist.train import checkpointing as ck
 from lsm_dist.train.config import TrainConfig
-from lsm_dist.train.data import EvalSet, TrainStream, choose_holdout, load_eval_set
+from lsm_dist.train.data import EvalSet, TrainStream, blocks_of, choose_holdout, load_eval_set
 from lsm_dist.train.metrics import MetricsWriter, peak_flops, rank_logger
 from lsm_dist.train.setup import export_torch_env, make_accelerator, open_corpus, verify_split
 from lsm_dist.utils import atomic_write_json, sha256_json
@@ -64,12 +64,20 @@ class StageSchedule:
         return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * prog))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (not on norms, biases, positions)."""
-    decay, no = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, skip_lr_scale: float = 1.0) -> list[dict]:
+    """Weight decay on matrices only (not on norms, biases, positions); the linear skip path
+    (no decay: it is the PCA code) trains at ``lr_scale`` × the schedule's lr."""
+    decay, no, skip = [], [], []
     for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and "dec_pos" not in name else no).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no, "weight_decay": 0.0}]
+        if name.startswith("skip_"):
+            skip.append(p)
+        else:
+            (decay if p.dim() >= 2 and "dec_pos" not in name else no).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": no, "weight_decay": 0.0, "lr_scale": 1.0}]
+    if skip:
+        groups.append({"params": skip, "weight_decay": 0.0, "lr_scale": skip_lr_scale})
+    return groups
 
 
 # ---- state --------------------------------------------------------------------------------------
@@ -211,9 +219,16 @@ def run_train(cfg: TrainConfig) -> dict:
     # model, optimizer, schedule
     torch.manual_seed(cfg.seed)
     model = TransformerVAE(cfg.model)
+    holdout = choose_holdout(corpus, cfg.val_fraction, cfg.seed)
+    if cfg.model.skip != "none" and cfg.skip_init == "pca" and resume_from is None:
+        keys = [(ti, start) for ti, start, _n, _b in blocks_of(corpus) if (ti, start) not in holdout]
+        fit = load_eval_set(corpus, keys, cfg.skip_init_samples, cfg.seed).x
+        kept = model.init_skip_pca(fit)
+        log.info("linear skip path initialized as the PCA code of %d training samples "
+                 "(keeps %.1f%% of their energy)", len(fit), 100 * kept)
     nparams = model.num_parameters()
     flops_per_sample = model.flops_per_sample(training=True)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.skip_lr_scale), lr=cfg.lr,
                             betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     schedule = StageSchedule(cfg)
     engine, _ = acc.prepare(model, opt)
@@ -232,7 +247,6 @@ def run_train(cfg: TrainConfig) -> dict:
                         "data stream will not continue exactly")
         log.info("resumed from %s at step %d (stage %d)", resume_from, prog.step, prog.stage())
 
-    holdout = choose_holdout(corpus, cfg.val_fraction, cfg.seed)
     val = load_eval_set(corpus, sorted(holdout), cfg.val_max_samples, cfg.seed).shard(rank, world)
     held = (load_eval_set(heldout, None, cfg.val_max_samples, cfg.seed,
                           roles=corpus.manifest["roles"]).shard(rank, world)
@@ -375,6 +389,12 @@ def run_train(cfg: TrainConfig) -> dict:
     finally:
         stop.restore()
         writer.close()
+        # a local operation (no collective): frees the rendezvous so a later run in this process
+        # (notebook, demo, tests) starts from a clean accelerate / torch.distributed state
+        if torch.distributed.is_initialized():  # DeepSpeed's call also drops its cached groups
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group()
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -404,7 +424,7 @@ def _set_lr(engine, opt, lr: float) -> None:
     # looked up every time: loading a checkpoint replaces the optimizer's param_groups list
     for groups in (opt.param_groups, getattr(engine.optimizer, "param_groups", [])):
         for g in groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def _start_stage2(prog: Progress, schedule: StageSchedule, writer: MetricsWriter) -> None:
