@@ -1,13 +1,12 @@
 """Streaming reader throughput vs `cat` of the same shards (same run).
 
-    python benchmarks/bench_reader.py [--mb 1024] [--workers 0 2] [--batch 256] [--readahead 0 2]
+    python benchmarks/bench_reader.py [--mb 1024] [--workers 2] [--batch 256]
 
 Builds (or reuses, with --dir) a corpus with the paper's sample size (16 × 640 float32 =
 40 KiB) from a synthetic bf16 checkpoint, then measures one pass of
   * baseline: `cat shard-*.tar > /dev/null`, as samples/s;
-  * CorpusStream + DataLoader with N workers (0 = in the trainer process), as samples/s: the
-    indexed backend (blocks read by manifest offset; with and without posix_fadvise readahead)
-    and the webdataset backend (tar parsing), both through the shuffle buffer and batch gather.
+  * CorpusStream + DataLoader with N workers (tar parsing by webdataset, shuffle buffer,
+    np.stack batching), as samples/s.
 Prints the ratio (target ≥ 0.5) and what ~30K samples/s per GPU needs.
 """
 
@@ -28,17 +27,15 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=1024, help="corpus size in MiB (float32 samples)")
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers (0: in-process)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--shuffle-buffer", type=int, default=1024)
     ap.add_argument("--dir", default=None)
-    ap.add_argument("--readahead", type=int, nargs="+", default=[0, 2],
-                    help="blocks announced to the kernel ahead (posix_fadvise WILLNEED); 0 = off")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from bench_convert import make_checkpoint
 
-    from lsm_dist.corpus import ConvertConfig, reader, run_convert
+    from lsm_dist.corpus import ConvertConfig, run_convert
     from lsm_dist.corpus.reader import Corpus, CorpusStream, make_loader
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench_reader_"))
@@ -79,15 +76,12 @@ def main() -> None:
             timed_cat()
         cat_rate = timed_cat()
         print(f"[{mode} page cache] cat: {cat_rate:,.0f} samples/s ({cat_rate * sample_bytes / 2**20:.0f} MiB/s)")
-        runs = [("indexed", ra) for ra in args.readahead] + [("webdataset", 0)]
-        for backend, ra in runs:
-            reader.READAHEAD_BLOCKS = ra  # inherited by forked DataLoader workers
+        for backend in ("indexed", "webdataset"):
             for w in args.workers:
                 if cold:
                     drop_caches()
                 rate = timed_reader(w, backend)
-                what = f"{backend} readahead={ra}" if backend == "indexed" else backend
-                print(f"[{mode}] reader {what:22s} workers={w}: {rate:,.0f} samples/s "
+                print(f"[{mode}] reader {backend:10s} workers={w}: {rate:,.0f} samples/s "
                       f"({rate * sample_bytes / 2**20:.0f} MiB/s, incl. worker start); ratio vs cat {rate / cat_rate:.2f}")
         if cold:
             drop_caches()

@@ -12,11 +12,9 @@ resumed stream skips exactly the batches already seen.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,18 +144,6 @@ class Corpus:
         return "\n".join(lines)
 
 
-READAHEAD_BLOCKS = 2  # blocks of a shard announced to the kernel ahead of the one being read
-
-
-def _advise(f, offset: int, length: int, what: str) -> None:
-    """posix_fadvise where the OS has it (Linux): asynchronous readahead of what comes next, so
-    reading overlaps the shuffle/gather work instead of waiting on the disk block by block."""
-    advice = getattr(os, f"POSIX_FADV_{what}", None)
-    if advice is not None:
-        with contextlib.suppress(OSError):  # a filesystem without fadvise: it is only a hint
-            os.posix_fadvise(f.fileno(), offset, length, advice)
-
-
 class CorpusStream(IterableDataset):
     """Streaming training reader over a corpus.
 
@@ -241,12 +227,8 @@ class CorpusStream(IterableDataset):
         url = self.paths[si]
         self._check_sha(url)
         per = self.tokens * self.chunk
-        blocks = self.index[si]
         with open(url, "rb", buffering=0) as f:
-            _advise(f, 0, 0, "SEQUENTIAL")
-            for k, (off, nbytes, n, ids) in enumerate(blocks):
-                for ahead in blocks[k + 1 : k + 1 + READAHEAD_BLOCKS]:  # the kernel reads these
-                    _advise(f, ahead[0], ahead[1], "WILLNEED")  # while this one is processed
+            for off, nbytes, n, ids in self.index[si]:
                 head = nbytes - n * per * 4
                 arr = np.empty((n, self.tokens, self.chunk), dtype=np.float32)
                 f.seek(off + head)
