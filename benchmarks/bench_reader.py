@@ -1,12 +1,13 @@
 """Streaming reader throughput vs `cat` of the same shards (same run).
 
-    python benchmarks/bench_reader.py [--mb 1024] [--workers 2] [--batch 256]
+    python benchmarks/bench_reader.py [--mb 1024] [--workers 0 2] [--batch 256]
 
 Builds (or reuses, with --dir) a corpus with the paper's sample size (16 × 640 float32 =
 40 KiB) from a synthetic bf16 checkpoint, then measures one pass of
   * baseline: `cat shard-*.tar > /dev/null`, as samples/s;
-  * CorpusStream + DataLoader with N workers (tar parsing by webdataset, shuffle buffer,
-    np.stack batching), as samples/s.
+  * CorpusStream + DataLoader with N workers (0 = in the trainer process), as samples/s: the
+    indexed backend (blocks read by manifest offset) and the webdataset backend (tar parsing),
+    both through the shuffle buffer and batch gather.
 Prints the ratio (target ≥ 0.5) and what ~30K samples/s per GPU needs.
 """
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=1024, help="corpus size in MiB (float32 samples)")
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers (0: in-process)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--shuffle-buffer", type=int, default=1024)
     ap.add_argument("--dir", default=None)
