@@ -117,14 +117,14 @@ def test_init_skip_pca(skip):
     x = (torch.randn(300 * rows, n_out // 2, generator=g) @ basis.T).reshape(-1, cfg.tokens, cfg.chunk)
     kept = m.init_skip_pca(x)
     assert kept == pytest.approx(1.0, abs=1e-9)
-    w = m.skip_enc.weight.double()
+    w = m.skip_enc.weight.detach().double()
     v = x.double().reshape(-1, n_in)
     assert torch.allclose(v @ w.T @ w, v, atol=1e-4)  # encode-decode through the linear path
     assert torch.equal(m.skip_dec.weight, m.skip_enc.weight.T)
     noise = torch.randn(300, cfg.tokens, cfg.chunk, generator=g)
     kept = m.init_skip_pca(noise)
     gv = noise.double().reshape(-1, n_in)
-    w = m.skip_enc.weight.double()
+    w = m.skip_enc.weight.detach().double()
     rel = float(((gv - gv @ w.T @ w) ** 2).sum() / (gv ** 2).sum())
     assert 0 < kept < 1 and rel == pytest.approx(1 - kept, abs=1e-5)
     with pytest.raises(ValueError, match="linear skip path"):
