@@ -62,11 +62,11 @@ def main() -> None:
         subprocess.run(f"cat {corpus_dir}/shard-*.tar > /dev/null", shell=True, check=True)
         return n / (time.perf_counter() - t0)
 
-    def timed_reader(w: int, backend: str) -> float:
+    def timed_reader(w: int, backend: str, kind: str) -> float:
         stream = CorpusStream(c, args.batch, resampled=False, shuffle_buffer=args.shuffle_buffer,
                               drop_last=False, backend=backend)
         t0 = time.perf_counter()
-        seen = sum(b["x"].shape[0] for b in make_loader(stream, num_workers=w))
+        seen = sum(b["x"].shape[0] for b in make_loader(stream, num_workers=w, kind=kind))
         assert seen == n, (seen, n)
         return seen / (time.perf_counter() - t0)
 
@@ -77,13 +77,14 @@ def main() -> None:
             timed_cat()
         cat_rate = timed_cat()
         print(f"[{mode} page cache] cat: {cat_rate:,.0f} samples/s ({cat_rate * sample_bytes / 2**20:.0f} MiB/s)")
-        for backend in ("indexed", "webdataset"):
-            for w in args.workers:
-                if cold:
-                    drop_caches()
-                rate = timed_reader(w, backend)
-                print(f"[{mode}] reader {backend:10s} workers={w}: {rate:,.0f} samples/s "
-                      f"({rate * sample_bytes / 2**20:.0f} MiB/s, incl. worker start); ratio vs cat {rate / cat_rate:.2f}")
+        runs = [(b, w, k) for b in ("indexed", "webdataset") for w in args.workers
+                for k in (("process", "thread") if w else ("in-process",))]
+        for backend, w, kind in runs:
+            if cold:
+                drop_caches()
+            rate = timed_reader(w, backend, "thread" if kind == "thread" else "process")
+            print(f"[{mode}] reader {backend:10s} workers={w} {kind:10s}: {rate:,.0f} samples/s "
+                  f"({rate * sample_bytes / 2**20:.0f} MiB/s, incl. worker start); ratio vs cat {rate / cat_rate:.2f}")
         if cold:
             drop_caches()
     need = 30_000 * sample_bytes

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -136,6 +137,48 @@ def test_stream_resume_is_exact(two_models, tmp_path, workers):
     res_it = iter(make_loader(CorpusStream(c, 6, seed=3, shuffle_buffer=32, start_batches=5), num_workers=workers))
     resumed = [next(res_it)["x"] for _ in range(4)]
     assert all(torch.equal(a, b) for a, b in zip(full[5:], resumed))
+
+
+@pytest.mark.parametrize("resampled", [True, False])
+def test_thread_loader_matches_dataloader(two_models, tmp_path, resampled):
+    """ThreadLoader = DataLoader's worker protocol in threads: the same batches in the same
+    order, also when resumed, and a finite stream ends (exhausted workers are skipped)."""
+    run_convert(cfg(tmp_path, two_models), progress=False)
+    c = Corpus(tmp_path / "corpus")
+
+    def batches(kind: str, start: int = 0, n: int | None = 12) -> list[dict]:
+        stream = CorpusStream(c, 6, seed=3, shuffle_buffer=32, resampled=resampled, start_batches=start,
+                              drop_last=False)
+        it = iter(make_loader(stream, num_workers=3, kind=kind))
+        out = [b for _, b in zip(range(n), it)] if n else list(it)
+        return out
+
+    n = 12 if resampled else None
+    ref, got = batches("process", n=n), batches("thread", n=n)
+    assert len(ref) == len(got) > 3
+    for a, b in zip(ref, got):
+        assert torch.equal(a["x"], b["x"]) and torch.equal(a["sample"], b["sample"])
+    if not resampled:  # every sample exactly once
+        assert sum(len(b["x"]) for b in got) == c.num_samples
+    resumed = batches("thread", start=5, n=4)
+    assert all(torch.equal(a["x"], b["x"]) for a, b in zip(ref[5:9], resumed))
+
+
+def test_thread_loader_reports_worker_errors_and_stops(two_models, tmp_path):
+    run_convert(cfg(tmp_path, two_models), progress=False)
+    c = Corpus(tmp_path / "corpus")
+    stream = CorpusStream(c, 6, seed=3, shuffle_buffer=32)
+    it = iter(make_loader(stream, num_workers=2, kind="thread"))
+    next(it)
+    it.close()  # the consumer stops early: the worker threads end
+    assert not [t for t in threading.enumerate() if t.name.startswith("lsm-loader-")]
+    with pytest.raises(ValueError, match="loader kind"):
+        make_loader(stream, 2, kind="fibers")
+    shard = c.path / c.shards[0]["name"]
+    shard.write_bytes(shard.read_bytes()[:2048])  # truncated under the running reader
+    stream = CorpusStream(c, 6, seed=3, shuffle_buffer=32, resampled=False)
+    with pytest.raises(CorpusError, match="truncated"):
+        list(make_loader(stream, num_workers=2, kind="thread"))
 
 
 def test_kill_and_resume_gives_identical_corpus(tmp_path):

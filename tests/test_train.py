@@ -416,7 +416,7 @@ def test_linear_skip_starts_as_pca_and_trains_at_its_own_lr(corpora, tmp_path, l
     (scale 0) it ends exactly at the init; at 0.1 it moves, but less than the transformer."""
     cfg = tiny_cfg(corpora, tmp_path, **{"model.skip": "sample", "skip_lr_scale": lr_scale,
                                          "stage1_steps": 12, "stage2_steps": 4, "val_every": 0,
-                                         "ckpt_every": 0})
+                                         "ckpt_every": 0, "num_workers": 2, "loader": "thread"})
     metrics = run_train(cfg)
     log = (Path(cfg.run_dir) / "logs" / "rank0.log").read_text()
     m = re.search(r"PCA code of (\d+) training samples \(keeps ([\d.]+)% of their energy\)", log)

@@ -304,8 +304,15 @@ class CorpusStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        loader_worker, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # DataLoader hands out batches round-robin starting at its worker 0. Global batch b
+        if info is None:
+            return self.iter_worker(0, 1)
+        return self.iter_worker(info.id, info.num_workers, shared=True)
+
+    def iter_worker(self, loader_worker: int, nworkers: int, shared: bool = False) -> Iterator[dict]:
+        """The batches loader worker ``loader_worker`` of ``nworkers`` delivers (a DataLoader
+        process, a :class:`ThreadLoader` thread, or the whole stream for 0 of 1). ``shared``:
+        batches go to shared memory (a DataLoader worker process hands them over)."""
+        # Loaders hand out batches round-robin starting at their worker 0. Global batch b
         # belongs to logical stream b % W, so a loader resumed after B batches must start
         # with logical stream B % W: its worker i plays stream (i + B) % W, and stream w has
         # already delivered ceil((B - w) / W) batches.
@@ -316,14 +323,83 @@ class CorpusStream(IterableDataset):
                 continue
             buf, rows, meta = item
             x = torch.empty((len(rows), self.tokens, self.chunk), dtype=torch.float32)
-            if info is not None:
+            if shared:
                 x.share_memory_()  # the trainer process maps it; no copy on hand-over
             np.take(buf, rows, axis=0, out=x.numpy())
             m = torch.from_numpy(meta[rows])
             yield {"x": x, "tensor": m[:, 0], "layer": m[:, 1], "block": m[:, 2], "role": m[:, 3], "sample": m[:, 4]}
 
 
-def make_loader(stream: CorpusStream, num_workers: int = 0, prefetch_factor: int = 4) -> torch.utils.data.DataLoader:
-    """A DataLoader over a stream (batches are formed in the workers; batch_size=None)."""
+class ThreadLoader:
+    """DataLoader's worker protocol with threads instead of processes: worker i runs
+    ``stream.iter_worker(i, N)`` in a thread and batches are taken round-robin from workers
+    0..N-1 (an exhausted worker is skipped), so the order, and resuming with ``start_batches``,
+    are exactly those of ``DataLoader(stream, num_workers=N)``. File reads and numpy/torch copies
+    release the GIL, so the threads overlap with each other and with the trainer; batches are
+    handed over without shared memory or pickling. Each worker keeps up to ``prefetch`` batches
+    ready."""
+
+    _DONE = object()
+
+    def __init__(self, stream: CorpusStream, num_workers: int, prefetch: int = 4):
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.stream, self.num_workers, self.prefetch = stream, num_workers, max(1, prefetch)
+
+    def __iter__(self) -> Iterator[dict]:
+        import queue
+        import threading
+
+        stop = threading.Event()
+        queues = [queue.Queue(self.prefetch) for _ in range(self.num_workers)]
+
+        def put(q, item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work(i: int) -> None:
+            try:
+                for batch in self.stream.iter_worker(i, self.num_workers):
+                    if not put(queues[i], batch):
+                        return
+                put(queues[i], self._DONE)
+            except BaseException as e:  # re-raised in the consumer
+                put(queues[i], e)
+
+        threads = [threading.Thread(target=work, args=(i,), daemon=True, name=f"lsm-loader-{i}")
+                   for i in range(self.num_workers)]
+        for t in threads:
+            t.start()
+        try:
+            live = list(range(self.num_workers))
+            while live:
+                for i in list(live):
+                    item = queues[i].get()
+                    if item is self._DONE:
+                        live.remove(i)
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        yield item
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=5)
+
+
+def make_loader(stream: CorpusStream, num_workers: int = 0, prefetch_factor: int = 4,
+                kind: str = "process"):
+    """Batches of ``stream`` formed by ``num_workers`` loader workers (0: in this process):
+    ``kind="process"``: a DataLoader with worker processes (batch_size=None); ``"thread"``: a
+    :class:`ThreadLoader`. Both deliver the same batches in the same order."""
+    if kind not in ("process", "thread"):
+        raise ValueError(f"loader kind {kind!r} is not one of ['process', 'thread']")
+    if kind == "thread" and num_workers > 0:
+        return ThreadLoader(stream, num_workers, prefetch_factor)
     kw = dict(persistent_workers=True, prefetch_factor=prefetch_factor) if num_workers > 0 else {}
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, **kw)

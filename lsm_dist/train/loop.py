@@ -255,7 +255,8 @@ def run_train(cfg: TrainConfig) -> dict:
                          seed=cfg.seed, resampled=True, shuffle_buffer=cfg.shuffle_buffer,
                          start_batches=prog.step * cfg.grad_accum)
     with torch.random.fork_rng(devices=[]):  # DataLoader.__iter__ draws a base seed from the
-        batches = iter(make_loader(stream, cfg.num_workers))  # global RNG: keep it out of it
+        # global RNG: keep it out of it
+        batches = iter(make_loader(stream, cfg.num_workers, kind=cfg.loader))
     writer = MetricsWriter(run_dir, main, prog.step if resume_from is not None else None)
     peak = peak_flops(device)
     stop = _StopFlag()
