@@ -125,8 +125,8 @@ class TrainConfig:
                            0)
     loader: str = doc(
         "how num_workers > 0 loader workers run: thread (in the trainer process; reads and copies "
-        "release the GIL, no shared-memory hand-over: 2x the batches/s of processes with 2 "
-        "workers on the 2-core dev machine) | process (torch DataLoader worker processes; for the "
+        "release the GIL, no shared-memory hand-over: 1.3-2.1x the batches/s of processes with "
+        "2 workers on the 2-core dev machine) | process (torch DataLoader worker processes; for the "
         "webdataset backend's Python tar parsing on many cores). Same batches either way", "thread")
     shuffle_buffer: int = doc("samples in the stream's shuffle buffer", 2048)
     cpu_threads: int = doc("torch.set_num_threads per rank on CPU (0 = leave as is; 1 is best "
