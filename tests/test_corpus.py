@@ -139,6 +139,7 @@ def test_stream_resume_is_exact(two_models, tmp_path, workers):
     assert all(torch.equal(a, b) for a, b in zip(full[5:], resumed))
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
 @pytest.mark.parametrize("resampled", [True, False])
 def test_thread_loader_matches_dataloader(two_models, tmp_path, resampled):
     """ThreadLoader = DataLoader's worker protocol in threads: the same batches in the same
