@@ -435,3 +435,29 @@ def test_linear_skip_starts_as_pca_and_trains_at_its_own_lr(corpora, tmp_path, l
     else:
         assert 0 < moved < 0.2, moved
     assert vae.head.weight.abs().sum() > 0  # the transformer (zero-initialized head) trained
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_share_the_pca_start_and_keep_a_frozen_skip(corpora, tmp_path):
+    """2 gloo ranks under ZeRO-3 (parameters partitioned after the init) with 2 loader threads
+    each: both ranks fit the same PCA start, and skip_lr_scale=0 survives DeepSpeed's optimizer
+    wrapping (the exported skip weights are exactly the init)."""
+    run = tmp_path / "run"
+    rc, out = launch("accelerate", [*RUN, f"corpus={corpora['corpus']}", f"run_dir={run}", "stage1_steps=12",
+                                    "stage2_steps=4", "val_every=0", "ckpt_every=0", "model.skip=sample",
+                                    "skip_lr_scale=0.0", "num_workers=2", "loader=thread"],
+                     tmp_path / "out.txt", accelerate_cfg="zero3_cpu_2proc")
+    assert rc == 0, out[-4000:]
+    fits = [re.search(r"PCA code of .*energy\)", (run / "logs" / f"rank{r}.log").read_text()) for r in (0, 1)]
+    assert all(fits) and fits[0].group(0) == fits[1].group(0)
+    cfg = load_train_config(REPO / "configs/train/tiny.yaml",
+                            [f"corpus={corpora['corpus']}", f"run_dir={run}", "model.skip=sample"])
+    corpus = Corpus(cfg.corpus)
+    holdout = choose_holdout(corpus, cfg.val_fraction, cfg.seed)
+    keys = [(t, s) for t, s, _n, _b in blocks_of(corpus) if (t, s) not in holdout]
+    init = TransformerVAE(cfg.model)
+    init.init_skip_pca(load_eval_set(corpus, keys, cfg.skip_init_samples, cfg.seed).x)
+    vae = load_vae(run / "vae")
+    assert torch.equal(vae.skip_enc.weight, init.skip_enc.weight)
+    assert torch.equal(vae.skip_dec.weight, init.skip_dec.weight)
+    assert vae.head.weight.detach().abs().sum() > 0
