@@ -37,20 +37,13 @@ from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from lsm_dist.utils import human_bytes as human  # noqa: E402
 
 WS_BYTES_PER_ELEM = 32
 PRESETS = {  # Llama-2-7B shapes, and a small stand-in with the same structure
     "7b": dict(hidden=4096, inter=11008, layers=32, vocab=32000, heads=32, kv_heads=32),
     "tiny": dict(hidden=256, inter=688, layers=2, vocab=1000, heads=4, kv_heads=4),
 }
-
-
-def human(n: float) -> str:
-    for u in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or u == "TiB":
-            return f"{n:.1f} {u}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def layer_shapes(hidden: int, inter: int, kv_heads: int, heads: int) -> dict[str, tuple[int, int]]:

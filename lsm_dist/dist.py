@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -141,9 +142,17 @@ def read_env(env: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv(source="single", **array)
 
 
-def export_torch_env(env: DistEnv | None = None) -> DistEnv:
-    """Under srun / submitit multi-task jobs, export what torch.distributed and accelerate
-    read (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def export_torch_env(env: DistEnv | None = None, single_process: bool = False) -> DistEnv:
+    """Export what torch.distributed and accelerate read (RANK, WORLD_SIZE, LOCAL_RANK,
+    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) where no launcher did: under srun / submitit
+    multi-task jobs (always, over any inherited values), and with ``single_process`` for a lone
+    process (a world of 1 on a free local port, keeping values the user set).
 
     Does nothing when a launcher (torchrun, accelerate) already set them.
     """
@@ -154,4 +163,10 @@ def export_torch_env(env: DistEnv | None = None) -> DistEnv:
             LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr,
             MASTER_PORT=str(env.master_port), GROUP_RANK=str(env.node_rank),
         )
+    elif env.source == "single" and single_process:
+        for k, v in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0), ("LOCAL_WORLD_SIZE", 1),
+                     ("MASTER_ADDR", env.master_addr)):
+            os.environ.setdefault(k, str(v))
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
     return env

@@ -25,7 +25,15 @@ from typing import Any
 
 import yaml
 
-from lsm_dist.config import ConfigError, check, check_choice, doc, from_dict, to_dict
+from lsm_dist.config import (
+    ConfigError,
+    check,
+    check_choice,
+    doc,
+    from_dict,
+    read_yaml_mapping,
+    to_dict,
+)
 from lsm_dist.dist import launch_env
 from lsm_dist.utils import atomic_write_json, atomic_write_text, get_logger, read_json, sha256_json
 
@@ -125,7 +133,7 @@ def vae_model_config(cfg: ExperimentConfig, ratio: float) -> dict[str, Any]:
     latent_dim = tokens·chunk / (latent_tokens·ratio), which must come out an integer."""
     from lsm_dist.train.config import resolve_path
 
-    model = {**(yaml.safe_load(resolve_path(cfg.vae_config).read_text()) or {}),
+    model = {**read_yaml_mapping(resolve_path(cfg.vae_config), "vae_config"),
              "tokens": cfg.tokens, "chunk": cfg.chunk, **cfg.vae}
     latent_tokens = 1 if model.get("pooled") else model["tokens"] // model.get("token_stride", 2)
     dim = model["tokens"] * model["chunk"] / (latent_tokens * ratio)
@@ -195,7 +203,7 @@ class Context:
             request["heldout_corpus"] = str(held_c)
         from lsm_dist.train.config import resolve_path
 
-        base = yaml.safe_load(resolve_path(cfg.train_config).read_text()) or {}
+        base = read_yaml_mapping(resolve_path(cfg.train_config), "train_config")
         base.pop("model_config", None)
         request = {**base, **request}
         # over the resolved trainer config, so a changed default (not only a changed request)

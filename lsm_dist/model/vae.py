@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from lsm_dist.checkpoint import BLOCKS
+from lsm_dist.checkpoint import BLOCKS, read_safetensors_header
 from lsm_dist.config import ConfigError, check, check_choice, doc, from_dict, to_dict
 from lsm_dist.utils import atomic_open, atomic_write_json
 
@@ -282,9 +282,9 @@ class TransformerVAE(nn.Module):
         """Start the linear skip path as the PCA code of samples ``x`` (N, tokens, chunk):
         ``skip_enc`` rows = the top principal directions of their token groups (``skip=group``)
         or of whole samples (``sample``), uncentered (the corpus is standardized per tensor);
-        ``skip_dec`` = its transpose. Deterministic (float64
-        SVD on CPU), so every rank computes the same init. Returns the fraction of the groups'
-        energy the code keeps (1 − the PCA relative error on ``x``)."""
+        ``skip_dec`` = its transpose. Deterministic (float64 SVD on CPU), so every rank computes
+        the same init. Returns the fraction of the groups' energy the code keeps (1 − the PCA
+        relative error on ``x``)."""
         if self.skip_enc is None:
             raise ValueError("init_skip_pca needs a VAE with a linear skip path (skip=group|sample)")
         cfg = self.cfg
@@ -454,9 +454,7 @@ def load_vae(directory: str | Path, map_location: str | torch.device = "cpu") ->
     bad = sorted(k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if bad:
         raise VAECheckpointError(f"{wpath}: non-finite values (NaN/Inf) in [{_listing(bad)}]")
-    with open(wpath, "rb") as f:  # header only: 8-byte length + JSON
-        n = int.from_bytes(f.read(8), "little")
-        meta = json.loads(f.read(n)).get("__metadata__") or {}
+    meta = read_safetensors_header(wpath)[0].get("__metadata__") or {}
     if "config" in meta:
         # a field added after the save is absent from it and must hold its default
         saved = {**_config_dict(VAEConfig()), **json.loads(meta["config"])}

@@ -23,13 +23,13 @@ import torch
 
 from lsm_dist.config import ConfigError, save_resolved, to_dict
 from lsm_dist.corpus.reader import Corpus, make_loader
-from lsm_dist.dist import read_env
+from lsm_dist.dist import export_torch_env, read_env
 from lsm_dist.model import BLOCK_IDS, TransformerVAE, VAEConfig, per_block_sse, vae_loss
 from lsm_dist.train import checkpointing as ck
 from lsm_dist.train.config import TrainConfig
 from lsm_dist.train.data import EvalSet, TrainStream, blocks_of, choose_holdout, load_eval_set
 from lsm_dist.train.metrics import MetricsWriter, peak_flops, rank_logger
-from lsm_dist.train.setup import export_torch_env, make_accelerator, open_corpus, verify_split
+from lsm_dist.train.setup import make_accelerator, open_corpus, verify_split
 from lsm_dist.utils import atomic_write_json, sha256_json
 
 NBLOCKS = len(BLOCK_IDS)
@@ -202,7 +202,7 @@ def run_train(cfg: TrainConfig) -> dict:
         ck.check_compatible(ck.read_state(resume_from), resume_from, cfg.model_digest(), env.world_size)
 
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
-    export_torch_env(env)
+    export_torch_env(env, single_process=True)
     acc, ds, ds_path = make_accelerator(cfg, env, bf16)
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
     device = acc.device

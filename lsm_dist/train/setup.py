@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 
 import torch
 
@@ -21,24 +20,6 @@ from lsm_dist.model import VAEConfig, count_parameters
 from lsm_dist.train.config import TrainConfig, resolve_path
 
 DEFAULT_DS = "configs/deepspeed/zero2.json"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def export_torch_env(env: DistEnv) -> None:
-    """torch.distributed / accelerate read RANK, WORLD_SIZE, ... : provide them when the launcher
-    did not (a single process, or srun with one task per rank)."""
-    if env.source == "torchrun":
-        return
-    port = env.master_port if env.source == "slurm" else _free_port()
-    for k, v in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank),
-                 ("LOCAL_WORLD_SIZE", env.local_world_size), ("MASTER_ADDR", env.master_addr),
-                 ("MASTER_PORT", port)):
-        os.environ.setdefault(k, str(v))
 
 
 def open_corpus(path: str, what: str, model: VAEConfig) -> Corpus:
