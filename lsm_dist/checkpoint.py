@@ -232,6 +232,14 @@ class Checkpoint:
         heads = [(t.name, t.dtype, list(t.shape)) for t in self.tensors.values()]
         return sha256_json({"config": self.config, "tensors": heads})[:16]
 
+    def source_files(self) -> list[str]:
+        """The files whose bytes make up this model: its safetensors files and config.json."""
+        files = sorted({t.file for t in self.tensors.values()})
+        cfg = self.path / "config.json" if self.path.is_dir() else None
+        if cfg is not None and cfg.is_file():
+            files.append(str(cfg))
+        return files
+
     @property
     def num_layers(self) -> int:
         layers = [t.layer for t in self.tensors.values() if t.layer is not None]

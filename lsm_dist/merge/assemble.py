@@ -80,7 +80,7 @@ def merged_files(layers_dir: Path, digest: str, groups: dict[str, list[str]] | N
     return out
 
 
-def assemble(target: str | Path, layers_dir: str | Path, model_dir: str | Path, digest: str,
+def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir: str | Path, digest: str,
              max_shard_size: int = 2 * 10**9, groups: dict[str, list[str]] | None = None,
              extra: dict | None = None) -> Path:
     """Build the HF checkpoint ``model_dir`` (see module doc) and mark it complete."""
@@ -91,7 +91,7 @@ def assemble(target: str | Path, layers_dir: str | Path, model_dir: str | Path, 
     tmp.mkdir(parents=True)
     handles: dict[Path, object] = {}
     try:
-        with Checkpoint(target) as tck:
+        with (target if isinstance(target, Checkpoint) else Checkpoint(target)) as tck:
             unknown = sorted(set(merged) - set(tck.tensors))
             if unknown:
                 raise AssemblyError(f"layer files hold tensors the target lacks: {unknown[:5]}")
@@ -135,7 +135,7 @@ def assemble(target: str | Path, layers_dir: str | Path, model_dir: str | Path, 
         raise
     atomic_write_json(model_dir / MARKER, {
         "plan_digest": digest, "tensors": num, "merged_tensors": len(merged), "shards": n,
-        "total_size": total, "target": str(target), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "total_size": total, "target": str(tck.path), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra or {}),
     })  # fmt: skip
     log.info("assemble: %s (%d tensors, %d merged, %d shard(s))", model_dir, num, len(merged), n)

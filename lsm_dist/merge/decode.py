@@ -141,7 +141,7 @@ def run_decode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None) -
             vaes[tvae] = load_vae(tvae, map_location=device)
         vae = vaes[tvae]
     else:
-        checkpoints = {m: Checkpoint(i.path) for m, i in rp.models.items()}
+        checkpoints = {m: i.open() for m, i in rp.models.items()}
     try:
         for g in todo:
             jobs = {j.name: j for j in rp.groups[g]}

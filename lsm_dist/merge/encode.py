@@ -217,7 +217,7 @@ def run_encode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None,
         if vae is None:  # everything cached: no need to load the VAE
             totals["reused"] += len(names)
             continue
-        with Checkpoint(info.path) as ck:
+        with info.open() as ck:
             s = encode_names(ck, names, vae, info.vae, caches[mid], rp.plan.batch_size, device,
                              rp.plan.latent_dtype)
         log.info("encode %s: %d tensor(s) encoded, %d reused", mid, s["encoded"], s["reused"])
@@ -237,5 +237,6 @@ def finalize_encode(rp) -> dict[str, LatentCache]:
                                 "(has every worker of the encode stage finished?)")
     for m, c in caches.items():
         info = rp.models[m]
-        c.write_manifest({"model": str(info.path), "vae": str(info.vae)})
+        c.write_manifest({"model": str(info.path), "lora": str(info.lora) if info.lora else None,
+                          "vae": str(info.vae)})
     return caches

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lsm_dist.adapters import open_model, split_model_ref
 from lsm_dist.checkpoint import LAYER_RE, Checkpoint
 from lsm_dist.chunking import ChunkSpec
 from lsm_dist.config import (
@@ -59,6 +60,17 @@ def parse_size(value: int | str, field_name: str = "max_shard_size") -> int:
 class ModelEntry:
     path: str = doc("HF checkpoint directory or .safetensors file; '${zoo_dir}' expands to zoo_dir")
     vae: str | None = doc("this model's own VAE checkpoint (default: the plan's `vae`)", None)
+    lora: str | None = doc("peft LoRA adapter directory applied on `path` (the base), tensor by "
+                           "tensor; mergekit's `path: BASE+ADAPTER` means the same", None)
+
+
+def _model_entry(mid: str, v) -> ModelEntry:
+    if isinstance(v, ModelEntry):
+        return v
+    if isinstance(v, str):
+        return ModelEntry(path=v)
+    check(isinstance(v, dict), f"models.{mid}", f"must be a path or {{path, vae, lora}}, got {v!r}")
+    return from_dict(ModelEntry, v, f"models.{mid}")
 
 
 @dataclass
@@ -95,7 +107,7 @@ class MergePlan:
 
     def __post_init__(self) -> None:
         check(bool(self.models), "models", "name at least one model (id: path)")
-        self.models = {k: (ModelEntry(path=v) if isinstance(v, str) else v) for k, v in self.models.items()}
+        self.models = {k: _model_entry(k, v) for k, v in self.models.items()}
         for k in self.models:
             check(bool(k) and "/" not in k, "models", f"model id {k!r} must be a plain name")
         known = list(self.models)
@@ -147,7 +159,15 @@ class MergePlan:
         return Path(p.replace("${zoo_dir}", self.zoo_dir)).expanduser()
 
     def model_path(self, mid: str) -> Path:
-        return self.expand(self.models[mid].path)
+        return self.model_ref(mid)[0]
+
+    def model_ref(self, mid: str) -> tuple[Path, Path | None]:
+        """(checkpoint path, LoRA adapter dir or None) of model ``mid``."""
+        e = self.models[mid]
+        if e.lora:
+            return self.expand(e.path), self.expand(e.lora)
+        path, lora = split_model_ref(str(self.expand(e.path)))
+        return Path(path), Path(lora) if lora else None
 
     def vae_path(self, mid: str) -> Path | None:
         v = self.models[mid].vae or self.vae
@@ -188,6 +208,10 @@ class ModelInfo:
     vae_digest: str | None
     vae_cfg: VAEConfig | None
     layer_map: list[int] | None  # target layer -> this model's layer (None: the target)
+    lora: Path | None = None  # LoRA adapter applied on `path`
+
+    def open(self) -> Checkpoint:
+        return open_model(self.path, self.lora)
 
 
 @dataclass
@@ -229,12 +253,10 @@ class ResolvedPlan:
 
 
 def content_digest(ck: Checkpoint, memo_dir: str | Path | None = None) -> str:
-    """sha256 over config.json and every safetensors file of ``ck`` (memoized per file by
+    """sha256 over every file of ``ck`` (``Checkpoint.source_files``: config.json, the
+    safetensors files, a LoRA adapter's files) (memoized per file by
     path, size and mtime in ``<memo_dir>/digests.json`` so a re-run does not re-read)."""
-    files = sorted({t.file for t in ck.tensors.values()})
-    cfg = ck.path / "config.json" if ck.path.is_dir() else None
-    if cfg is not None and cfg.is_file():
-        files.append(str(cfg))
+    files = ck.source_files()
     memo_path = Path(memo_dir) / "digests.json" if memo_dir else None
     memo = {}
     if memo_path is not None and memo_path.is_file():
@@ -273,11 +295,12 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
     """All checks before heavy work (see module doc); raises ConfigError / ValueError."""
     checkpoints: dict[str, Checkpoint] = {}
     for mid in plan.operands:
-        path = plan.model_path(mid)
+        path, lora = plan.model_ref(mid)
         try:
-            checkpoints[mid] = Checkpoint(path)
+            checkpoints[mid] = open_model(path, lora)
         except (ValueError, OSError) as e:
-            raise ConfigError(f"models.{mid}: cannot open {path}: {e}") from None
+            what = f"{path} + LoRA {lora}" if lora else str(path)
+            raise ConfigError(f"models.{mid}: cannot open {what}: {e}") from None
     tid = plan.target
     tck = checkpoints[tid]
     selected = tck.select(plan.blocks, plan.include, plan.exclude)
@@ -350,7 +373,7 @@ def _model_infos(plan, checkpoints, maps, jobs) -> dict[str, ModelInfo]:
             _check_fit(plan, mid, ck, vpath, vcfg, [ck.tensors[j.sources[mid]] for j in jobs])
             latent_dims[mid] = vcfg.latent_dim
         infos[mid] = ModelInfo(mid, ck.path, vpath, ck.num_layers, content_digest(ck, plan.cache_dir),
-                               vdig, vcfg, maps[mid])
+                               vdig, vcfg, maps[mid], plan.model_ref(mid)[1])
     if len(set(latent_dims.values())) > 1:
         raise ConfigError(f"vae: the models' VAEs have different latent_dim {latent_dims}; "
                           "latents can only be merged within one latent width")

@@ -49,7 +49,8 @@ def run_assemble(rp: ResolvedPlan) -> Path:
     if is_complete(rp.model_dir, rp.digest):
         return rp.model_dir
     groups = {g: [j.name for j in jobs] for g, jobs in rp.groups.items()}
-    return assemble(rp.models[rp.plan.target].path, rp.layers_dir, rp.model_dir, rp.digest,
+    t = rp.models[rp.plan.target]
+    return assemble(t.open(), rp.layers_dir, rp.model_dir, rp.digest,
                     parse_size(rp.plan.max_shard_size), groups,
                     extra={"method": rp.plan.method, "space": rp.plan.space})
 
