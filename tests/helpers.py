@@ -52,3 +52,70 @@ def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], shards: int =
         weight_map |= {n: fname for n in part}
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
+
+
+def write_tiny_gguf(path: Path, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                    inter: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny Llama GGUF (F32 tensors, a byte-level BPE tokenizer) written with the gguf
+    package the way llama.cpp's converter writes one (q/k rows permuted); returns the HF state
+    dict it encodes, which transformers' GGUF loader must give back exactly."""
+    import gguf
+    import numpy as np
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    b2u = bytes_to_unicode()
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [b2u[i] for i in range(256)]
+    tokens += ["he", "ll", "\u0120w"]
+    vocab = len(tokens) + 2
+    tokens += ["<extra0>", "<extra1>"]
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    sd = LlamaForCausalLM(cfg).state_dict()
+
+    def permute(w: torch.Tensor, n: int) -> torch.Tensor:
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * 259 + [4, 4])
+    w.add_token_merges(["h e", "l l", "\u0120 w"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(False)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    for i in range(layers):
+        p, g = f"model.layers.{i}.", f"blk.{i}."
+        names |= {p + "self_attn.q_proj.weight": g + "attn_q.weight", p + "self_attn.k_proj.weight": g + "attn_k.weight",
+                  p + "self_attn.v_proj.weight": g + "attn_v.weight", p + "self_attn.o_proj.weight": g + "attn_output.weight",
+                  p + "mlp.gate_proj.weight": g + "ffn_gate.weight", p + "mlp.up_proj.weight": g + "ffn_up.weight",
+                  p + "mlp.down_proj.weight": g + "ffn_down.weight", p + "input_layernorm.weight": g + "attn_norm.weight",
+                  p + "post_attention_layernorm.weight": g + "ffn_norm.weight"}
+    for hf, gg in names.items():
+        t = sd[hf]
+        if "q_proj" in hf:
+            t = permute(t, heads)
+        elif "k_proj" in hf:
+            t = permute(t, kv_heads)
+        w.add_tensor(gg, t.numpy().astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {k: sd[k] for k in names}

