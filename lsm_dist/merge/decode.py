@@ -3,9 +3,18 @@ decode it with the target's VAE and write ``out_dir/layers/<group>.safetensors``
 
 Per tensor (latent space): load the operands' latents from the cache; align / resample the
 non-target ones onto the target's latents when the models differ (or an alignment is asked);
-run the operator; decode in batches with the *target's* VAE; de-normalize with the *target*
-tensor's mean/std from its encode manifest, drop the padding, reshape, cast to the target's
-dtype. Weight space: read the operands' tensors and run the same operator on them.
+run the operator; decode in batches with the *target's* VAE, then either
+
+- ``decode: direct`` (the paper's ``W = D(z_merged)``): de-normalize with the *target*
+  tensor's mean/std from its encode manifest, drop the padding, reshape, cast to the target's
+  dtype; or
+- ``decode: delta``: ``W = W_target + std_target · (D(z_merged) − D(z_target))``, per sample:
+  samples whose merged latent equals the target's are not decoded and change nothing, so the
+  VAE's reconstruction error cancels and ``z_merged == z_target`` gives ``W_target`` bit for
+  bit. The sum is formed in float32 (float64 for float64 weights) and rounded once to the
+  target's dtype.
+
+Weight space: read the operands' tensors and run the same operator on them.
 
 A layer file is streamed tensor by tensor (one merged tensor in memory at a time) into a temp
 file renamed when complete; it carries ``{"plan_digest", "group", "tensors"}`` in its
@@ -66,8 +75,10 @@ def decode_latents(vae: TransformerVAE, z: torch.Tensor, cond_info: tuple, roles
     return out
 
 
-def merge_latent_tensor(rp, job, caches, vae: TransformerVAE, device: torch.device) -> torch.Tensor:
-    """Merged and decoded target tensor ``job`` (shape and dtype of the target's)."""
+def merge_latent_tensor(rp, job, caches, vae: TransformerVAE, device: torch.device,
+                        target: Checkpoint | None = None) -> torch.Tensor:
+    """Merged and decoded target tensor ``job`` (shape and dtype of the target's); ``target``
+    (the target's checkpoint) is read by ``decode: delta``."""
     plan, tid = rp.plan, rp.plan.target
     op = get_operator(plan.method)
     z_t = None
@@ -92,9 +103,36 @@ def merge_latent_tensor(rp, job, caches, vae: TransformerVAE, device: torch.devi
     if entry is None:
         raise FileNotFoundError(f"latent manifest of {tid} has no entry for {job.name!r} (re-run encode)")
     roles = role_ids(rp.models[tid].vae)
-    x = decode_latents(vae, z, (job.layer, job.block, job.role), roles, plan.batch_size, device)
+    cond = (job.layer, job.block, job.role)
+    if plan.decode == "delta":
+        z_t = caches[tid].load(job.sources[tid])[0]
+        return delta_decode(vae, z, z_t, target.read(job.sources[tid]), entry["std"], cond, roles,
+                            plan.batch_size, device, what=job.name)
+    x = decode_latents(vae, z, cond, roles, plan.batch_size, device)
     del z
     return unchunk_blocks(x, job.shape, DTYPES[job.dtype], entry["mean"], entry["std"])
+
+
+def delta_decode(vae: TransformerVAE, z: torch.Tensor, z_t: torch.Tensor, w_t: torch.Tensor, std: float,
+                 cond_info: tuple, roles: dict[str, int], batch_size: int, device: torch.device,
+                 what: str = "") -> torch.Tensor:
+    """``W_t + std · (D(z) − D(z_t))`` (module doc); rows with ``z == z_t`` are exactly ``W_t``."""
+    if tuple(z.shape) != tuple(z_t.shape):
+        raise ValueError(f"{what}: merged latents {tuple(z.shape)} and the target's {tuple(z_t.shape)} differ")
+    work = torch.float64 if w_t.dtype == torch.float64 else torch.float32
+    out = w_t.reshape(-1).to(work, copy=True)
+    moved = (z != z_t).reshape(z.shape[0], -1).any(dim=1).nonzero().squeeze(1)
+    if moved.numel():
+        d = decode_latents(vae, z[moved], cond_info, roles, batch_size, device)
+        d -= decode_latents(vae, z_t[moved], cond_info, roles, batch_size, device)
+        per = d[0].size
+        full = np.zeros((z.shape[0], per), dtype=np.float32)
+        full[moved.numpy()] = d.reshape(len(d), per)
+        flat = torch.from_numpy(full.reshape(-1)[: out.numel()]).to(work)
+        if flat.numel() < out.numel():
+            raise ValueError(f"{what}: {flat.numel()} decoded values cannot cover {out.numel()} weights")
+        out.add_(flat, alpha=float(std))
+    return out.to(w_t.dtype).reshape(w_t.shape)
 
 
 def unchunk_blocks(samples: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype, mean: float,
@@ -140,6 +178,8 @@ def run_decode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None) -
         if tvae not in vaes:
             vaes[tvae] = load_vae(tvae, map_location=device)
         vae = vaes[tvae]
+        if plan.decode == "delta":
+            checkpoints = {plan.target: rp.models[plan.target].open()}
     else:
         checkpoints = {m: i.open() for m, i in rp.models.items()}
     try:
@@ -152,7 +192,7 @@ def run_decode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None) -
                 job = jobs[name]
                 release_memory()  # the previous tensor's buffers are gone by now
                 if plan.space == "latent":
-                    return merge_latent_tensor(rp, job, caches, vae, device)
+                    return merge_latent_tensor(rp, job, caches, vae, device, checkpoints.get(plan.target))
                 return merge_weight_tensor(rp, job, checkpoints)
 
             meta = {"plan_digest": rp.digest, "group": g, "tensors": sorted(jobs)}

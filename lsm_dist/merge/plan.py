@@ -36,6 +36,7 @@ from lsm_dist.utils import atomic_write_json, read_json, sha256_json
 
 PLAN_RECORD = "merge_plan.json"
 SPACES = ("latent", "weight")
+DECODES = ("delta", "direct")
 BLOCK_CHOICES = {"attn": ["attn"], "mlp": ["mlp"], "both": ["attn", "mlp"]}
 LATENT_DTYPES = ("float32", "bfloat16")
 PLAN_VERSION = 1
@@ -85,6 +86,9 @@ class MergePlan:
     params: MergeParams = doc("operator parameters (lambda, weights, density, drop_p, samples, seed)",
                               factory=MergeParams)
     space: str = doc("latent (LS-Merge) or weight (the weight-space baselines)", "latent")
+    decode: str = doc("latent space: delta (W = W_target + D(z_merged) - D(z_target): the VAE's "
+                      "reconstruction error cancels, z_merged = z_target gives W_target exactly) | "
+                      "direct (W = D(z_merged), the paper's)", "delta")
     blocks: str | list[str] = doc("tensors merged: attn | mlp | both (others come from the target)", "both")
     include: str | None = doc("regex: merge only matching tensors (within blocks)", None)
     exclude: str | None = doc("regex: never merge matching tensors", None)
@@ -118,6 +122,7 @@ class MergePlan:
             self.target = self.base or known[0]
         op = get_operator(self.method)
         check_choice(self.space, "space", SPACES)
+        check_choice(self.decode, "decode", DECODES)
         if isinstance(self.blocks, str):
             check_choice(self.blocks, "blocks", list(BLOCK_CHOICES))
             self.blocks = BLOCK_CHOICES[self.blocks]
