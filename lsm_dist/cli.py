@@ -96,9 +96,8 @@ def cmd_train(args) -> int:
 def cmd_demo(args) -> int:
     from lsm_dist.demo import DemoConfig, run_demo
 
-    cfg = _load(DemoConfig, args)
-    if args.quick:
-        cfg.quick = True
+    over = [*args.overrides, *(["quick=true"] if args.quick else []), *(["real=true"] if args.real else [])]
+    cfg = _load(DemoConfig, argparse.Namespace(**{**vars(args), "overrides": over}))
     save_resolved(cfg, Path(cfg.out_dir) / "demo.resolved.yaml")
     return run_demo(cfg)
 
@@ -249,9 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a checkpoint to score (repeatable; added to checkpoints=[...])")
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("demo", help="the end-to-end demo on the small model zoo")
+    s = sub.add_parser("demo", help="the end-to-end demo on models the project builds")
     _add_common(s)
     s.add_argument("--quick", action="store_true", help="smallest settings (CI)")
+    s.add_argument("--real", action="store_true",
+                   help="the real pretrained SmolLM2-135M-Instruct and its LoRA experts")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("experiment", help="a paper experiment at small scale: table, CSV, plot")

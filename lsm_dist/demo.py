@@ -1,13 +1,16 @@
-"""`lsm demo`: the whole pipeline from nothing, on the small model zoo the project builds.
+"""`lsm demo`: the whole pipeline from nothing, on models the project builds.
 
-zoo (train small Llama / Qwen2 / Gemma-3 models and task experts) → weight corpus of the
-Llama family → VAE training (stage 1 autoencoder, stage 2 β-VAE) → merges (latent: VAE
-reconstruction, lerp, soup, self-merge, heterogeneous OT; weight space: lerp, soup, SLERP,
-task arithmetic, TIES, DARE) → lm-eval on the zoo's held-out tasks → one comparison table.
+zoo (small Llama / Qwen2 / Gemma-3 models trained on generated tasks and their LoRA experts; or,
+with ``--real``, the real pretrained SmolLM2-135M-Instruct and its LoRA experts) → weight corpus
+→ VAE training (stage 1 autoencoder, stage 2 β-VAE) → merges (latent space, delta-decoded:
+lerp, soup, task arithmetic, TIES, self-merge, heterogeneous OT; the paper's direct decoding of
+the VAE reconstruction and of the lerp for contrast; weight space: lerp, soup, SLERP, task
+arithmetic, TIES, DARE) → lm-eval on the held-out tasks (+ perplexity on a fixed English text)
+→ one comparison table and how much of each expert's gain every merge keeps.
 
 Every stage caches its output under ``out_dir`` (the zoo under ``zoo_dir``), so a re-run
 after an interruption continues where it stopped. ``--quick`` uses the tiny zoo and short
-runs (CI); the default preset targets ≤ 15 minutes on a 2-core CPU.
+runs (CI); the default preset targets ≤ 15 minutes and ``--real`` ≤ 30 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -22,21 +25,31 @@ from lsm_dist.config import check, doc
 from lsm_dist.utils import atomic_write_text, get_logger
 
 REPO = Path(__file__).resolve().parent.parent
+ZOO_TASKS = ["lsm_arith_mc", "lsm_recall_mc", "lsm_reverse_mc"]
 PRESETS = {
     # zoo config, base, two experts, held-out model (VAE generalization), hetero source
     "default": dict(zoo_config="configs/zoo/default.yaml", base="llama-base",
                     experts=["llama-arith", "llama-recall"], heldout="llama-reverse",
-                    hetero_source="gemma3-base", stage1_steps=600, stage2_steps=200, eval_n=100),
+                    hetero_source="gemma3-base", stage1_steps=600, stage2_steps=200, eval_n=100,
+                    eval_tasks=ZOO_TASKS),
     "quick": dict(zoo_config="configs/zoo/tiny.yaml", base="llama-tiny-base",
                   experts=["llama-tiny-arith", "llama-tiny-reverse"], heldout=None,
-                  hetero_source="qwen2-tiny-base", stage1_steps=60, stage2_steps=20, eval_n=24),
+                  hetero_source="qwen2-tiny-base", stage1_steps=60, stage2_steps=20, eval_n=24,
+                  eval_tasks=ZOO_TASKS),
+    "real": dict(zoo_config="configs/zoo/real.yaml", base="smollm2-135m",
+                 experts=["smollm2-arith", "smollm2-reverse"], heldout=None, hetero_source=None,
+                 stage1_steps=600, stage2_steps=100, eval_n=100,
+                 eval_tasks=["lsm_arith_mc", "lsm_reverse_mc"]),
 }
 
 
 @dataclass
 class DemoConfig:
-    out_dir: str = doc("demo run directory (corpus, VAE run, merges, eval)", "runs/demo")
+    out_dir: str | None = doc("demo run directory (corpus, VAE run, merges, eval); default "
+                              "runs/demo (runs/demo-real with --real)", None)
     quick: bool = doc("tiny zoo and short runs (CI, ≤ 5 minutes)", False)
+    real: bool = doc("the real pretrained SmolLM2-135M-Instruct and its LoRA experts "
+                     "(configs/zoo/real.yaml; ≤ 30 minutes on 2 cores, cached)", False)
     zoo_dir: str | None = doc("where the zoo is built / reused (default: the zoo config's out_dir)", None)
     tokens: int = doc("tokens per sample of the corpus / VAE", 8)
     chunk: int = doc("values per token", 64)
@@ -47,16 +60,21 @@ class DemoConfig:
     lambda_: float = doc("λ of the two-model lerp / slerp merges", 0.5)
     hetero_lambda: float = doc("λ of the heterogeneous OT merge (paper: 0.05-0.2)", 0.1)
     eval_n: int | None = doc("held-out test rows per task family; None: the preset's", None)
-    eval_tasks: list[str] = doc("lm-eval tasks (default: the zoo's multiple-choice tasks)",
-                                factory=lambda: ["lsm_arith_mc", "lsm_recall_mc", "lsm_reverse_mc"])
+    eval_tasks: list[str] | None = doc("lm-eval tasks (None: the preset's multiple-choice tasks)", None)
+    ppl: bool = doc("also score word perplexity on a fixed English text (lsm_english_ppl)", True)
 
     def __post_init__(self) -> None:
         check(0.0 <= self.lambda_ <= 1.0, "lambda_", "must be in [0, 1]")
         check(0.0 <= self.hetero_lambda <= 1.0, "hetero_lambda", "must be in [0, 1]")
+        check(not (self.quick and self.real), "real", "--quick and --real exclude each other")
+        if self.eval_tasks is None:
+            self.eval_tasks = list(self.preset["eval_tasks"])
+        if self.out_dir is None:
+            self.out_dir = "runs/demo-real" if self.real else "runs/demo"
 
     @property
     def preset(self) -> dict:
-        return PRESETS["quick" if self.quick else "default"]
+        return PRESETS["quick" if self.quick else "real" if self.real else "default"]
 
 
 def _stage(log, name: str):
@@ -70,13 +88,17 @@ def _plans(cfg: DemoConfig, zoo: dict[str, Path], vae: Path) -> dict[str, dict]:
     paths = {k: str(zoo[k]) for k in (base, a, b)}
     two = {"models": {a: paths[a], b: paths[b]}, "target": a}
     three = {"models": {base: paths[base], a: paths[a], b: paths[b]}, "target": a, "base": base, "inputs": [a, b]}
+    direct = {"space": "latent", "decode": "direct"}  # the paper's W = D(z)
+    delta = {"space": "latent", "decode": "delta"}  # W = W_target + D(z) - D(z_target)
     plans = {
-        "vae-recon": {**two, "method": "lerp", "params": {"lambda": 0.0}, "space": "latent"},
-        "latent-lerp": {**two, "method": "lerp", "params": {"lambda": cfg.lambda_}, "space": "latent"},
-        "latent-soup": {**two, "method": "soup", "params": {"weights": [0.5, 0.5]}, "space": "latent"},
+        "vae-recon-direct": {**two, "method": "lerp", "params": {"lambda": 0.0}, **direct},
+        "latent-lerp-direct": {**two, "method": "lerp", "params": {"lambda": cfg.lambda_}, **direct},
+        "latent-lerp": {**two, "method": "lerp", "params": {"lambda": cfg.lambda_}, **delta},
+        "latent-soup": {**two, "method": "soup", "params": {"weights": [0.5, 0.5]}, **delta},
+        "latent-task-arith": {**three, "method": "task_arithmetic", "params": {"weights": [1.0, 1.0]}, **delta},
+        "latent-ties": {**three, "method": "ties", "params": {"density": 0.5}, **delta},
         "latent-self-merge": {"models": {a: paths[a]}, "target": a, "method": "self_merge",
-                              "params": {"samples": 8, "seed": 0}, "space": "latent"},
-        "latent-ties": {**three, "method": "ties", "params": {"density": 0.5}, "space": "latent"},
+                              "params": {"samples": 8, "seed": 0}, **delta},
         "weight-lerp": {**two, "method": "lerp", "params": {"lambda": cfg.lambda_}, "space": "weight"},
         "weight-soup": {**two, "method": "soup", "params": {"weights": [0.5, 0.5]}, "space": "weight"},
         "weight-slerp": {**two, "method": "slerp", "params": {"lambda": cfg.lambda_}, "space": "weight"},
@@ -87,7 +109,7 @@ def _plans(cfg: DemoConfig, zoo: dict[str, Path], vae: Path) -> dict[str, dict]:
     if p["hetero_source"] in zoo:
         src = p["hetero_source"]
         plans["hetero-ot"] = {"models": {base: str(zoo[base]), src: str(zoo[src])}, "target": base,
-                              "method": "lerp", "params": {"lambda": cfg.hetero_lambda}, "space": "latent",
+                              "method": "lerp", "params": {"lambda": cfg.hetero_lambda}, **delta,
                               "layer_map": "proportional", "alignment": {"method": "gaussian", "reg": 1e-3}}
     out = Path(cfg.out_dir)
     for name, plan in plans.items():
@@ -100,6 +122,7 @@ def run_demo(cfg: DemoConfig) -> int:
     from lsm_dist.corpus import ConvertConfig, run_convert
     from lsm_dist.corpus.reader import Corpus
     from lsm_dist.evaluate.run import EvalConfig, run_eval
+    from lsm_dist.evaluate.tasks import PPL_TASK
     from lsm_dist.merge.plan import load_plan
     from lsm_dist.merge.run import run_merge
     from lsm_dist.train import load_train_config, run_train
@@ -151,17 +174,45 @@ def run_demo(cfg: DemoConfig) -> int:
         log.info("merge %-18s -> %s", name, merged[name])
     timings["merge"] = time.perf_counter() - t
 
-    t = _stage(log, "5/5 evaluation (lm-eval, held-out test splits)")
+    t = _stage(log, "5/5 evaluation (lm-eval, held-out test splits" + (", English perplexity)" if cfg.ppl else ")"))
     models = {m: zoo[m] for m in train_models}
     ckpts = [f"{k}={v}" for k, v in {**models, **merged}.items()]
-    ecfg = EvalConfig(checkpoints=ckpts, tasks=list(cfg.eval_tasks), out_dir=str(out / "eval"),
+    tasks = list(cfg.eval_tasks) + ([PPL_TASK] if cfg.ppl else [])
+    ecfg = EvalConfig(checkpoints=ckpts, tasks=tasks, out_dir=str(out / "eval"),
                       n=cfg.eval_n or p["eval_n"], batch_size=32)
-    table = Path(run_eval(ecfg)) / "results.md"
+    eval_dir = Path(run_eval(ecfg))
+    table = eval_dir / "results.md"
     timings["eval"] = time.perf_counter() - t
 
     print()
     print(table.read_text())
+    print(retention_summary(eval_dir, p["base"], p["experts"], list(merged), cfg.eval_tasks))
     total = time.perf_counter() - t_all
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {total:.0f}s")
     print(f"outputs: {out} (plans/, merges/<name>/model, eval/results.md|csv|png, vae_run/tb)")
     return 0
+
+
+def retention_summary(eval_dir: Path, base: str, experts: list[str], merges: list[str],
+                      tasks: list[str]) -> str:
+    """What every merge keeps of each expert's gain over the base on that expert's own task,
+    ``(merge − base) / (expert − base)``, best first (the demo's last table)."""
+    from lsm_dist.utils import read_json
+
+    scored = read_json(eval_dir / "summary.json")["scored"]
+    metrics = {n: read_json(p)["metrics"] for n, p in scored.items()}
+    acc = {n: {t: float(m.get(f"{t}/acc", "nan")) for t in tasks} for n, m in metrics.items()}
+    own = {e: max(tasks, key=lambda t, e=e: acc[e][t] - acc[base][t]) for e in experts}
+    lines = ["how much of each expert's gain over the base a merge keeps, (merge - base) / (expert - base):",
+             "| merge | " + " | ".join(f"{e} ({own[e]})" for e in experts) + " | min |",
+             "|---|" + "---|" * (len(experts) + 1)]
+    rows = []
+    for n in merges:
+        if n not in acc:
+            continue
+        keep = [(acc[n][own[e]] - acc[base][own[e]]) / (acc[e][own[e]] - acc[base][own[e]])
+                if acc[e][own[e]] > acc[base][own[e]] else float("nan") for e in experts]
+        rows.append((min(keep), n, keep))
+    for worst, n, keep in sorted(rows, key=lambda r: -r[0] if r[0] == r[0] else 1e9):
+        lines.append(f"| {n} | " + " | ".join(f"{k:.0%}" for k in keep) + f" | {worst:.0%} |")
+    return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lsm_dist.config import ConfigError
 from lsm_dist.experiments import (
@@ -98,6 +99,7 @@ def _check_acc(rows: list[dict], fams=("arith", "recall", "reverse")) -> None:
     for r in rows:
         for f in (*fams, "mean"):
             assert 0.0 <= float(r[f]) <= 1.0, (f, r)
+        assert 1.0 < float(r["ppl"]) < math.inf, r  # word perplexity on the English text
 
 
 @pytest.mark.slow
@@ -124,8 +126,11 @@ def test_recon_ratio_quick(exp_root, tiny_zoo):
 def test_self_merge_quick(exp_root, tiny_zoo):
     out = _check_outputs(run_experiment(_cfg("self_merge", exp_root, tiny_zoo)), "self_merge")
     rows = _rows(out)
-    assert [r["variant"] for r in rows] == ["original", "VAE recon (decode μ)", "self-merge K=1", "self-merge K=4"]
+    assert [(r["variant"], r["decode"]) for r in rows] == [
+        ("original", ""), ("self-merge K=1", "delta"), ("self-merge K=4", "delta"),
+        ("VAE recon (decode μ)", "direct"), ("self-merge K=1", "direct"), ("self-merge K=4", "direct")]
     _check_acc(rows)
+    assert "delta decoding: perplexity within" in (out / "results.md").read_text()
 
 
 @pytest.mark.slow
@@ -133,10 +138,12 @@ def test_expert_merge_quick(exp_root, tiny_zoo):
     out = _check_outputs(run_experiment(_cfg("expert_merge", exp_root, tiny_zoo)), "expert_merge")
     rows = _rows(out)
     assert [(r["method"], r["space"]) for r in rows[3:]] == [
-        ("lerp", "latent"), ("lerp", "weight"), ("ties", "latent"), ("ties", "weight")]
+        (m, s) for m in ("lerp", "ties") for s in ("latent/delta", "latent/direct", "weight")]
     _check_acc(rows)
-    for space in ("latent", "weight"):
+    for space in ("latent-delta", "latent-direct", "weight"):
         assert (out / "merges" / f"lerp-{space}" / "model" / "model.safetensors.index.json").is_file()
+    text = (out / "results.md").read_text()
+    assert "gain retention" in text and "best latent merge (delta decoding)" in text
 
 
 @pytest.mark.slow
@@ -173,3 +180,30 @@ def test_cross_arch_quick_cli_and_resume(exp_root, tiny_zoo, capsys):
     again = json.loads((out / "result.json").read_text())
     assert not any(k.startswith("train") for k in again["timings"])
     assert _rows(out) == rows
+
+
+@pytest.mark.slow
+def test_noise_quick_on_a_user_checkpoint(exp_root, tiny_zoo):
+    """The tolerance curve of any checkpoint (`models`, no zoo): accuracy / perplexity per
+    noise level; the noisy copies differ from the original by the asked relative MSE."""
+    from lsm_dist.checkpoint import Checkpoint
+
+    mine = str(tiny_zoo["llama-tiny-arith"])
+    cfg = ExperimentConfig(name="noise", quick=True, out_dir=str(exp_root / "noise"),
+                           shared_dir=str(exp_root / "shared"), models={"mine": mine},
+                           noise_models=["mine"], noise_levels=[0.01, 0.3], zoo_config="none")
+    out = _check_outputs(run_experiment(cfg), "noise")
+    rows = _rows(out)
+    assert [float(r["rel-MSE"]) for r in rows] == [0.0, 0.01, 0.3]
+    _check_acc(rows)
+    assert float(rows[2]["ppl"]) > float(rows[0]["ppl"])  # heavy noise hurts
+    a = Checkpoint(mine)
+    b = Checkpoint(out / "merges" / "mine-noise0.3" / "model")
+    n = "model.layers.0.mlp.up_proj.weight"
+    x, y = a.read(n).double(), b.read(n).double()
+    rel = float(((y - x) ** 2).mean() / x.var())
+    assert 0.2 < rel < 0.4, rel
+    assert torch.equal(a.read("model.embed_tokens.weight"), b.read("model.embed_tokens.weight"))
+    with pytest.raises(ConfigError, match="neither in `models`"):
+        run_experiment(ExperimentConfig(name="noise", quick=True, out_dir=str(exp_root / "n2"),
+                                        noise_models=["nope"], zoo_config="none"))

@@ -12,6 +12,12 @@ For every family ``t`` of ``lsm_dist.zoo.tasks.TASK_NAMES`` (arith, recall, reve
   removes surrounding whitespace and ``exact_match`` compares with the stripped answer.
 
 Groups: ``lsm_zoo_mc`` (mean acc), ``lsm_zoo_gen`` (mean exact_match) and ``lsm_zoo`` (both).
+
+``lsm_english_ppl`` (``output_type: loglikelihood_rolling``): perplexity on a fixed plain-English
+text shipped with the package (``data/english.txt``: 16 paragraphs, ~1,800 words, written for
+this project; each paragraph one document, ~2,000 SmolLM2 tokens in all), metrics
+``word_perplexity`` / ``byte_perplexity`` / ``bits_per_byte``. It is the sensitive signal of
+damage to a pretrained model's general ability that task accuracy alone misses.
 Test rows come from the held-out ``test`` split (``examples(t, "test", n, seed)``; ``recall``
 has fewer test names than a large ``n``); few-shot examples from a small ``train`` pool.
 
@@ -34,6 +40,8 @@ from lsm_dist.zoo import tasks as T
 
 PREFIX = "lsm_"
 GROUP = "lsm_zoo"
+PPL_TASK = "lsm_english_ppl"
+ENGLISH = Path(__file__).resolve().parent / "data" / "english.txt"
 KINDS = ("mc", "gen")
 MANIFEST = "manifest.json"
 TASKS_FORMAT = 1  # bump when the YAML layout changes
@@ -46,7 +54,31 @@ def task_name(family: str, kind: str) -> str:
 def local_task_names() -> list[str]:
     """Every task and group name the generated folder defines."""
     leaves = [task_name(f, k) for k in KINDS for f in T.TASK_NAMES]
-    return [GROUP, *(f"{GROUP}_{k}" for k in KINDS), *leaves]
+    return [GROUP, *(f"{GROUP}_{k}" for k in KINDS), *leaves, PPL_TASK]
+
+
+def english_documents() -> list[str]:
+    """The fixed English text, one document per paragraph."""
+    return [p.strip() for p in ENGLISH.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+
+
+def ppl_yaml(data: str) -> dict[str, Any]:
+    """Rolling log-likelihood of each document (lm-eval's wikitext recipe, local data)."""
+    return {
+        "task": PPL_TASK,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": data}},
+        "test_split": "test",
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": "text",
+        "metric_list": [
+            {"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+            {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+            {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
+        ],
+        "metadata": {"version": 1.0},
+    }
 
 
 def _jsonl(rows: list[dict]) -> str:
@@ -148,6 +180,9 @@ def render_tasks(tasks_dir: Path, n: int = 100, seed: int = 0, fewshot_pool: int
         )
     for name, cfg in group_yamls().items():
         files[f"_{name}.yaml"] = yaml.safe_dump(cfg, sort_keys=False)
+    files["data/english_test.jsonl"] = _jsonl([{"text": d} for d in english_documents()])
+    files[f"{PPL_TASK}.yaml"] = yaml.safe_dump(ppl_yaml(str(tasks_dir / "data/english_test.jsonl")),
+                                              sort_keys=False)
     return files
 
 

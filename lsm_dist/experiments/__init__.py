@@ -1,6 +1,8 @@
 """The paper's experiments at small scale, each a typed config that writes its table
 (``results.md`` + CSV), a PNG plot and ``result.json`` under its ``out_dir``:
 
+- ``noise``        — the model's tolerance to weight error (accuracy / perplexity vs the
+  relative MSE of Gaussian noise on its weights): what every reconstruction is read against;
 - ``recon_ratio``  — VAE reconstruction vs compression ratio, training vs held-out models,
   attention vs MLP, against PCA at the same ratio (paper Tables 7 & 8);
 - ``self_merge``   — base vs VAE reconstruction vs K-sample self-merge (Table 2);
@@ -39,11 +41,11 @@ def load_experiment_config(path: str | Path | None = None, overrides: Sequence[s
 def run_experiment(cfg: ExperimentConfig) -> Path:
     """Run experiment ``cfg.name``; returns ``<out_dir>/results.md`` (CSV / PNG / JSON beside)."""
     from lsm_dist.config import save_resolved
-    from lsm_dist.experiments import merges, recon
+    from lsm_dist.experiments import merges, noise, recon
 
     ctx = Context(cfg)
     save_resolved(cfg, ctx.out / "experiment.resolved.yaml")
-    run = {"recon_ratio": recon.run, "self_merge": merges.run_self_merge,
+    run = {"noise": noise.run, "recon_ratio": recon.run, "self_merge": merges.run_self_merge,
            "expert_merge": merges.run_expert_merge, "cross_arch": merges.run_cross_arch,
            "blocks": merges.run_blocks}[cfg.name]
     return run(ctx)

@@ -38,8 +38,9 @@ from lsm_dist.dist import launch_env
 from lsm_dist.utils import atomic_write_json, atomic_write_text, get_logger, read_json, sha256_json
 
 REPO = Path(__file__).resolve().parents[2]
-EXPERIMENTS = ("recon_ratio", "self_merge", "expert_merge", "cross_arch", "blocks")
+EXPERIMENTS = ("noise", "recon_ratio", "self_merge", "expert_merge", "cross_arch", "blocks")
 TASKS = ["lsm_arith_mc", "lsm_recall_mc", "lsm_reverse_mc"]
+DECODES = ("delta", "direct")
 log = get_logger("lsm.experiments")
 
 # Model roles and run sizes; an ExperimentConfig field left at None takes its preset's value.
@@ -53,7 +54,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         hetero_target="llama-base", hetero_sources=["qwen2-base", "gemma3-base", "llama-wide-base"],
         tokens=8, chunk=64, stage1_steps=800, stage2_steps=200, eval_n=100, samples=[1, 4, 16],
         lambdas=[0.0, 0.05, 0.1, 0.2, 0.5, 1.0],
-        methods=["lerp", "soup", "task_arithmetic", "ties", "dare"]),
+        methods=["lerp", "soup", "task_arithmetic", "ties", "dare"], eval_tasks=list(TASKS),
+        noise_models=["llama-base"], noise_levels=[0.003, 0.01, 0.03, 0.1, 0.3]),
+    # the real pretrained SmolLM2-135M-Instruct and its LoRA experts (configs/zoo/real.yaml)
+    "real": dict(
+        zoo_config="configs/zoo/real.yaml",
+        train_models=["smollm2-135m"], heldout_models=[],
+        base="smollm2-135m", experts=["smollm2-arith", "smollm2-reverse"],
+        self_merge_models=["smollm2-arith"], recon_models=["smollm2-135m"],
+        hetero_target=None, hetero_sources=[],
+        tokens=8, chunk=64, stage1_steps=1500, stage2_steps=200, eval_n=100, samples=[1, 4, 16],
+        lambdas=[0.0, 0.05, 0.1, 0.2, 0.5, 1.0],
+        methods=["lerp", "soup", "task_arithmetic", "ties", "dare"],
+        eval_tasks=["lsm_arith_mc", "lsm_reverse_mc"],
+        noise_models=["smollm2-135m"], noise_levels=[0.001, 0.003, 0.01, 0.03, 0.1]),
     "quick": dict(
         zoo_config="configs/zoo/tiny.yaml",
         train_models=["llama-tiny-base", "llama-tiny-arith", "llama-tiny-reverse", "qwen2-tiny-base"],
@@ -62,7 +76,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         self_merge_models=["llama-tiny-arith"], recon_models=["llama-tiny-base"],
         hetero_target="llama-tiny-base", hetero_sources=["qwen2-tiny-base"],
         tokens=4, chunk=32, stage1_steps=30, stage2_steps=10, eval_n=8, samples=[1, 4],
-        lambdas=[0.0, 0.1, 1.0], methods=["lerp", "ties"]),
+        lambdas=[0.0, 0.1, 1.0], methods=["lerp", "ties"], eval_tasks=list(TASKS),
+        noise_models=["llama-tiny-base"], noise_levels=[0.01, 0.1]),
 }
 
 
@@ -73,8 +88,14 @@ class ExperimentConfig:
                               "default runs/experiments[-quick]/<name>", None)
     shared_dir: str | None = doc("corpora, VAEs, latent cache and lm-eval results shared by the "
                                  "experiments; default <out_dir>/../shared", None)
-    quick: bool = doc("tiny zoo, few steps, short lists (tests / CI)", False)
-    zoo_config: str | None = doc("zoo YAML (None: the preset's)", None)
+    quick: bool = doc("tiny zoo, few steps, short lists (tests / CI): preset quick", False)
+    preset: str | None = doc("default (the zoo) | quick (tiny zoo) | real (the real SmolLM2-135M "
+                             "and its LoRA experts): the values of every field left unset", None)
+    models: dict[str, str] = doc("checkpoints by name (a directory, or BASE+ADAPTER for a peft "
+                                 "LoRA adapter): looked up before the zoo, so any role below may "
+                                 "name a user's model; with zoo_config: none the zoo is never built",
+                                 factory=dict)
+    zoo_config: str | None = doc("zoo YAML (None: the preset's; 'none': no zoo)", None)
     zoo_dir: str | None = doc("where the zoo is built / reused (default: the zoo config's out_dir)", None)
     tokens: int | None = doc("tokens per weight sample (None: preset)", None)
     chunk: int | None = doc("values per token (None: preset)", None)
@@ -89,7 +110,14 @@ class ExperimentConfig:
     ratio: float = doc("compression ratio of the VAE the merge experiments use", 2.0)
     ratios: list[float] = doc("recon_ratio: compression ratios compared", factory=lambda: [1.6, 2.0, 4.0])
     eval_n: int | None = doc("test rows per task family (None: preset)", None)
-    eval_tasks: list[str] = doc("lm-eval tasks (accuracy columns)", factory=lambda: list(TASKS))
+    eval_tasks: list[str] | None = doc("lm-eval tasks (accuracy columns; None: preset)", None)
+    ppl: bool = doc("also score word perplexity on the fixed English text (lsm_english_ppl)", True)
+    decodes: list[str] = doc("latent merges decoded with: delta (W_t + D(z) - D(z_t)) and/or direct "
+                             "(D(z), the paper's)", factory=lambda: list(DECODES))
+    noise_models: list[str] | None = doc("noise: models perturbed", None)
+    noise_levels: list[float] | None = doc("noise: relative MSE of the Gaussian noise added to every "
+                                           "attention / MLP weight (noise std = sqrt(level)·std of "
+                                           "the tensor)", None)
     train_models: list[str] | None = doc("models of the VAE's training corpus", None)
     heldout_models: list[str] | None = doc("models NOT in the training corpus (generalization)", None)
     base: str | None = doc("base model of the experts (task arithmetic / TIES / DARE)", None)
@@ -112,18 +140,31 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         check_choice(self.name, "name", EXPERIMENTS)
         check_choice(self.alignment, "alignment", ("gaussian", "emd", "sinkhorn"))
-        preset = PRESETS["quick" if self.quick else "default"]
+        if self.preset is None:
+            self.preset = "quick" if self.quick else "default"
+        check_choice(self.preset, "preset", PRESETS)
+        check(not self.quick or self.preset == "quick", "quick", f"contradicts preset {self.preset!r}")
+        self.quick = self.preset == "quick"
+        for d in self.decodes:
+            check_choice(d, "decodes", DECODES)
+        check(bool(self.decodes), "decodes", f"name at least one of {list(DECODES)}")
+        for k, v in self.models.items():
+            check(bool(k) and "/" not in k and isinstance(v, str) and bool(v), "models",
+                  f"{k!r}: {v!r} must be name: path")
+        preset = PRESETS[self.preset]
         for key, value in preset.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         if self.out_dir is None:
-            self.out_dir = f"runs/experiments{'-quick' if self.quick else ''}/{self.name}"
+            suffix = "" if self.preset == "default" else f"-{self.preset}"
+            self.out_dir = f"runs/experiments{suffix}/{self.name}"
         if self.shared_dir is None:
             self.shared_dir = str(Path(self.out_dir).parent / "shared")
         check(len(self.experts) == 2, "experts", f"name two experts, got {self.experts}")
         check(bool(self.ratios) and all(r >= 1.0 for r in self.ratios), "ratios", "must be >= 1")
         check(all(isinstance(k, int) and k >= 1 for k in self.samples), "samples", "must be >= 1")
         check(all(0.0 <= x <= 1.0 for x in self.lambdas), "lambdas", "must be in [0, 1]")
+        check(all(x > 0.0 for x in self.noise_levels), "noise_levels", "must be > 0")
         check(0.0 <= self.lambda_ <= 1.0, "lambda_", "must be in [0, 1]")
         check(self.eval_n > 0, "eval_n", "must be > 0")
 
@@ -163,14 +204,34 @@ class Context:
             from lsm_dist.train.config import resolve_path
             from lsm_dist.zoo import build_zoo, load_zoo_config
 
-            over = [f"out_dir={self.cfg.zoo_dir}"] if self.cfg.zoo_dir else []
-            self._zoo = build_zoo(load_zoo_config(resolve_path(self.cfg.zoo_config), over), progress=False)
+            if str(self.cfg.zoo_config).lower() in ("none", ""):
+                self._zoo = {}
+            else:
+                over = [f"out_dir={self.cfg.zoo_dir}"] if self.cfg.zoo_dir else []
+                self._zoo = build_zoo(load_zoo_config(resolve_path(self.cfg.zoo_config), over),
+                                      progress=False)
         return self._zoo
 
     def path(self, model: str) -> str:
+        """The checkpoint of ``model``: ``cfg.models`` first, then the zoo."""
+        if model in self.cfg.models:
+            return self.cfg.models[model]
         if model not in self.zoo:
-            raise ConfigError(f"model {model!r} is not in the zoo ({sorted(self.zoo)})")
+            raise ConfigError(f"model {model!r} is neither in `models` ({sorted(self.cfg.models)}) nor "
+                              f"in the zoo ({sorted(self.zoo)})")
         return str(self.zoo[model])
+
+    def scorable(self, model: str) -> str:
+        """A directory lm-eval can load for ``model``: BASE+ADAPTER inputs are materialized once
+        (an identity weight-space merge that applies the adapter)."""
+        from lsm_dist.adapters import split_model_ref
+
+        path = self.path(model)
+        if split_model_ref(path)[1] is None:
+            return path
+        return str(self.merge(f"{model}-materialized", {"models": {model: path}, "target": model,
+                                                         "method": "soup", "params": {"weights": [1.0]},
+                                                         "space": "weight"}))
 
     def corpus(self, kind: str) -> Path:
         """The weight corpus of the training (``train``) or held-out (``heldout``) models."""
@@ -257,13 +318,17 @@ class Context:
         return out
 
     def scores(self, ckpts: dict[str, str | Path]) -> dict[str, dict[str, float]]:
-        """lm-eval accuracy per checkpoint: ``{name: {family: acc, family_se: se, mean: …}}``
-        (results cached in ``shared_dir/eval`` by checkpoint digest)."""
+        """lm-eval accuracy per checkpoint: ``{name: {family: acc, family_se: se, mean: …,
+        ppl: word perplexity}}`` (results cached in ``shared_dir/eval`` by checkpoint digest);
+        a value naming a model of the experiment (``cfg.models`` / zoo) is scored as that model."""
         from lsm_dist.evaluate.run import EvalConfig, run_eval
+        from lsm_dist.evaluate.tasks import PPL_TASK
 
         t = time.perf_counter()
         out = self.shared / "eval"
-        run_eval(EvalConfig(checkpoints=[f"{k}={v}" for k, v in ckpts.items()], tasks=list(self.cfg.eval_tasks),
+        ckpts = {k: (self.scorable(k) if str(v) == self.path_or_none(k) else v) for k, v in ckpts.items()}
+        tasks = list(self.cfg.eval_tasks) + ([PPL_TASK] if self.cfg.ppl else [])
+        run_eval(EvalConfig(checkpoints=[f"{k}={v}" for k, v in ckpts.items()], tasks=tasks,
                             out_dir=str(out), n=self.cfg.eval_n, batch_size=32, seed=self.cfg.seed,
                             progress=False))
         scored = read_json(out / "summary.json")["scored"]
@@ -278,12 +343,24 @@ class Context:
                 row[fam + "_se"] = math.nan if se is None else float(se)
             accs = [row[family(t)] for t in self.cfg.eval_tasks]
             row["mean"] = sum(accs) / len(accs)
+            if self.cfg.ppl:
+                row["ppl"] = float(m.get(f"{PPL_TASK}/word_perplexity", math.nan))
             res[name] = row
         self.timings["eval"] = self.timings.get("eval", 0.0) + time.perf_counter() - t
         return res
 
+    def path_or_none(self, model: str) -> str | None:
+        try:
+            return self.path(model)
+        except ConfigError:
+            return None
+
     def families(self) -> list[str]:
         return [family(t) for t in self.cfg.eval_tasks]
+
+    def score_cols(self) -> list[str]:
+        """Accuracy per family, their mean, and perplexity when scored."""
+        return [*self.families(), "mean", *(["ppl"] if self.cfg.ppl else [])]
 
     def chance(self) -> float:
         """Mean accuracy of uniform guessing over the scored families (1/choices per test row
@@ -363,11 +440,12 @@ def write_report(ctx: Context, title: str, sections: list[str], observations: li
     cfg = ctx.cfg
     total = time.perf_counter() - t0
     ctx.timings["total"] = total
-    settings = (f"zoo `{cfg.zoo_config}`; samples {cfg.tokens}×{cfg.chunk} values; VAE `{cfg.vae_config}` "
+    settings = (f"preset {cfg.preset}; zoo `{cfg.zoo_config}`" + (f"; models {cfg.models}" if cfg.models else "")
+                + f"; samples {cfg.tokens}×{cfg.chunk} values; VAE `{cfg.vae_config}` "
                 f"{cfg.vae or ''} trained {cfg.stage1_steps}+{cfg.stage2_steps} steps on "
-                f"{', '.join(cfg.train_models)} (held out: {', '.join(cfg.heldout_models)}); lm-eval "
-                f"{', '.join(cfg.eval_tasks)} (acc, n={cfg.eval_n} test rows per family, 0-shot); "
-                f"{'quick' if cfg.quick else 'full'} mode")
+                f"{', '.join(cfg.train_models)} (held out: {', '.join(cfg.heldout_models) or 'none'}); lm-eval "
+                f"{', '.join(cfg.eval_tasks)} (acc, n={cfg.eval_n} test rows per family, 0-shot)"
+                + ("; ppl = word perplexity of lsm_english_ppl (a fixed English text)" if cfg.ppl else ""))
     md = [f"# {title}\n", f"Settings: {settings}.\n"]
     md += sections
     md.append("## Observations\n")

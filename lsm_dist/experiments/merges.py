@@ -24,7 +24,12 @@ from lsm_dist.experiments.core import (
 
 
 def _acc_cols(ctx: Context) -> list[str]:
-    return [*ctx.families(), "mean"]
+    return ctx.score_cols()
+
+
+def _space_decodes(ctx: Context) -> list[tuple[str, str, str]]:
+    """(label, space, decode) of every merge variant compared: latent per decode, then weight."""
+    return [(f"latent/{d}", "latent", d) for d in ctx.cfg.decodes] + [("weight", "weight", "direct")]
 
 
 def _csv_cols(cols: list[str], ctx: Context) -> list[str]:
@@ -59,63 +64,93 @@ def run_self_merge(ctx: Context) -> Path:
     for m in cfg.self_merge_models:
         one = {"models": {m: ctx.path(m)}, "target": m, "space": "latent"}
         ckpts[m] = ctx.path(m)
-        labels.append((m, "original", m, None))
-        key = f"self_merge.{m}.recon"
-        ckpts[key] = ctx.merge(f"{m}-recon", {**one, "method": "soup", "params": {"weights": [1.0]}})
-        labels.append((m, "VAE recon (decode μ)", key, 0))
-        for k in cfg.samples:
-            key = f"self_merge.{m}.K{k}"
-            ckpts[key] = ctx.merge(f"{m}-K{k}", {**one, "method": "self_merge",
-                                                 "params": {"samples": k, "seed": cfg.seed}})
-            labels.append((m, f"self-merge K={k}", key, k))
+        labels.append((m, "original", "", m, None))
+        for dec in cfg.decodes:
+            if dec == "direct":  # delta-decoded reconstruction is the original, bit for bit
+                key = f"self_merge.{m}.recon"
+                ckpts[key] = ctx.merge(f"{m}-recon", {**one, "method": "soup", "params": {"weights": [1.0]},
+                                                      "decode": "direct"})
+                labels.append((m, "VAE recon (decode μ)", dec, key, 0))
+            for k in cfg.samples:
+                key = f"self_merge.{m}.K{k}" + ("" if dec == "direct" else f".{dec}")
+                ckpts[key] = ctx.merge(f"{m}-K{k}" + ("" if dec == "direct" else f"-{dec}"),
+                                       {**one, "method": "self_merge", "decode": dec,
+                                        "params": {"samples": k, "seed": cfg.seed}})
+                labels.append((m, f"self-merge K={k}", dec, key, k))
     sc = ctx.scores(ckpts)
-    rows = [{"model": m, "variant": v, "K": k if k is not None else "", **sc[key]} for m, v, key, k in labels]
-    cols = ["model", "variant", *_acc_cols(ctx)]
+    rows = [{"model": m, "variant": v, "decode": d, "K": k if k is not None else "", **sc[key]}
+            for m, v, d, key, k in labels]
+    cols = ["model", "variant", "decode", *_acc_cols(ctx)]
     fams = ctx.families()
+    panels = ["mean"] + (["ppl"] if cfg.ppl else [])
     pyplot = plt()
-    fig, ax = pyplot.subplots(figsize=(6.5, 4.2))
-    for i, m in enumerate(cfg.self_merge_models):
-        sub = [r for r in rows if r["model"] == m]
-        ks = [r for r in sub if r["variant"].startswith("self-merge")]
-        c = f"C{i}"
-        ax.plot([r["K"] for r in ks], [r["mean"] for r in ks], "-o", color=c, label=f"{m}: self-merge")
-        ax.axhline(sub[0]["mean"], color=c, ls="--", lw=1, label=f"{m}: original")
-        ax.axhline(sub[1]["mean"], color=c, ls=":", lw=1, label=f"{m}: VAE recon")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("posterior samples K")
-    ax.set_ylabel("mean accuracy")
-    ax.set_title("self-merge: accuracy vs K")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, axes = pyplot.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    for ax, metric in zip(axes[0], panels):
+        for i, m in enumerate(cfg.self_merge_models):
+            sub = [r for r in rows if r["model"] == m]
+            c = f"C{i}"
+            for dec, style in zip(cfg.decodes, ("-o", "--s")):
+                ks = [r for r in sub if r["variant"].startswith("self-merge") and r["decode"] == dec]
+                ax.plot([r["K"] for r in ks], [r[metric] for r in ks], style, color=c,
+                        label=f"{m}: self-merge ({dec})")
+            ax.axhline(sub[0][metric], color=c, ls="--", lw=1, label=f"{m}: original")
+            rec = [r for r in sub if r["variant"].startswith("VAE recon")]
+            if rec:
+                ax.axhline(rec[0][metric], color=c, ls=":", lw=1, label=f"{m}: VAE recon (direct)")
+        ax.set_xscale("log", base=2)
+        if metric == "ppl":
+            ax.set_yscale("log")
+        ax.set_xlabel("posterior samples K")
+        ax.set_ylabel("mean accuracy" if metric == "mean" else "word perplexity (English text)")
+        ax.set_title(f"self-merge: {'accuracy' if metric == 'mean' else 'perplexity'} vs K")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     save_fig(fig, ctx.out / "results.png")
     obs = []
     for m in cfg.self_merge_models:
         sub = [r for r in rows if r["model"] == m]
-        orig, rec, ks = sub[0], sub[1], sub[2:]
+        orig = sub[0]
         se = mean_se(orig, fams)
-        best = max(ks, key=lambda r: r["mean"])
         kind = "training" if m in cfg.train_models else "held-out"
-        obs.append(f"{m} ({kind} model): original {orig['mean']:.3f}, VAE reconstruction {rec['mean']:.3f} "
-                   f"({compare(rec['mean'], orig['mean'], se)} the original), self-merge "
-                   + ", ".join(f"K={r['K']} {r['mean']:.3f}" for r in ks)
-                   + f"; best K={best['K']} is {compare(best['mean'], orig['mean'], se)} the original"
-                   + (" — the paper reports self-merging improving on the single model; not reproduced here."
-                      if compare(best['mean'], orig['mean'], se) != "above" else " — consistent with the paper's gain."))
-        trend = np.corrcoef([math.log2(r["K"]) for r in ks], [r["mean"] for r in ks])[0, 1] if len(ks) > 2 else math.nan
-        if not math.isnan(trend):
-            obs.append(f"{m}: correlation of mean accuracy with log2 K is {trend:+.2f} "
-                       f"({'more samples help' if trend > 0.5 else 'no clear benefit from more samples'}).")
+        rec = [r for r in sub if r["variant"].startswith("VAE recon")]
+        line = f"{m} ({kind} model): original {orig['mean']:.3f}" + _ppl_text(orig)
+        if rec:
+            line += (f", VAE reconstruction (direct) {rec[0]['mean']:.3f}{_ppl_text(rec[0])} "
+                     f"({compare(rec[0]['mean'], orig['mean'], se)} the original)")
+        obs.append(line + ".")
+        for dec in cfg.decodes:
+            ks = [r for r in sub if r["variant"].startswith("self-merge") and r["decode"] == dec]
+            best = max(ks, key=lambda r: r["mean"])
+            obs.append(f"{m}, {dec} decoding: self-merge " + ", ".join(
+                f"K={r['K']} {r['mean']:.3f}{_ppl_text(r)}" for r in ks)
+                + f"; best K={best['K']} is {compare(best['mean'], orig['mean'], se)} the original"
+                + (" — the paper reports self-merging improving on the single model; not reproduced here."
+                   if compare(best['mean'], orig['mean'], se) != "above" else " — consistent with the paper's gain."))
+            if cfg.ppl and dec == "delta":
+                worst = max(abs(r["ppl"] / orig["ppl"] - 1) for r in ks)
+                obs.append(f"{m}, delta decoding: perplexity within {100 * worst:.1f}% of the original at every K "
+                           f"(target of the project: within 1%).")
+            trend = np.corrcoef([math.log2(r["K"]) for r in ks], [r["mean"] for r in ks])[0, 1] if len(ks) > 2 else math.nan
+            if not math.isnan(trend):
+                obs.append(f"{m}, {dec}: correlation of mean accuracy with log2 K is {trend:+.2f} "
+                           f"({'more samples help' if trend > 0.5 else 'no clear benefit from more samples'}).")
     obs.append(ctx.chance_note([r for r in rows if r["variant"] != "original"],
-                               lambda r: f"{r['model']} {r['variant']}"))
+                               lambda r: f"{r['model']} {r['variant']} ({r['decode']})"))
     return write_report(ctx, "self_merge — self-merging one model with K posterior samples (paper Table 2)",
-                        ["## Accuracy\n", "VAE recon = every attention/MLP tensor replaced by decode(μ); "
-                         "self-merge K = decode of the mean of K posterior samples z = μ + σ·ε.\n",
+                        ["## Accuracy\n", "VAE recon = every attention/MLP tensor replaced by decode(μ) (direct "
+                         "decoding; with delta decoding the reconstruction is the original bit for bit); "
+                         "self-merge K = the mean of K posterior samples z = μ + σ·ε, decoded directly "
+                         "(D(z)) or as a delta (W + D(z) − D(μ)).\n",
                          markdown_table(rows, cols)], obs, {"results": (rows, _csv_cols(cols, ctx))}, t0)
 
 
+def _ppl_text(r: dict) -> str:
+    return f" (ppl {r['ppl']:.4g})" if "ppl" in r and not math.isnan(r["ppl"]) else ""
+
+
 # ---- expert_merge (Table 3) ----------------------------------------------------------------
-def _method_plan(ctx: Context, method: str, space: str, blocks: str = "both") -> dict:
+def _method_plan(ctx: Context, method: str, space: str, blocks: str = "both", decode: str = "delta") -> dict:
     cfg = ctx.cfg
     a, b = cfg.experts
     base = cfg.base
@@ -129,55 +164,78 @@ def _method_plan(ctx: Context, method: str, space: str, blocks: str = "both") ->
     if method in ("task_arithmetic", "ties", "dare") and cfg.delta_weights:
         params["weights"] = list(cfg.delta_weights)
     plan = three if method in ("task_arithmetic", "ties", "dare") else two
-    return {**plan, "method": method, "params": params, "space": space, "blocks": blocks}
+    return {**plan, "method": method, "params": params, "space": space, "blocks": blocks, "decode": decode}
 
 
 def run_expert_merge(ctx: Context) -> Path:
     cfg, t0 = ctx.cfg, time.perf_counter()
     a, b = cfg.experts
     ckpts = {m: ctx.path(m) for m in (cfg.base, a, b)}
+    variants = _space_decodes(ctx)
     for method in cfg.methods:
-        for space in ("latent", "weight"):
-            ckpts[f"expert_merge.{method}.{space}"] = ctx.merge(f"{method}-{space}", _method_plan(ctx, method, space))
+        for label, space, dec in variants:
+            ckpts[f"expert_merge.{method}.{label.replace('/', '-')}"] = ctx.merge(
+                f"{method}-{label.replace('/', '-')}", _method_plan(ctx, method, space, decode=dec))
     sc = ctx.scores(ckpts)
     fams = ctx.families()
     rows = [{"method": m, "space": "(original)", **sc[m]} for m in (cfg.base, a, b)]
     for method in cfg.methods:
-        for space in ("latent", "weight"):
-            rows.append({"method": method, "space": space, **sc[f"expert_merge.{method}.{space}"]})
+        for label, _, _ in variants:
+            rows.append({"method": method, "space": label, **sc[f"expert_merge.{method}.{label.replace('/', '-')}"]})
     cols = ["method", "space", *_acc_cols(ctx)]
     for r in rows:
         r["label"] = r["method"] if r["space"] == "(original)" else f"{r['method']}/{r['space']}"
     _bars(rows, "label", fams, ctx.out / "results.png", f"two experts ({a}, {b}): latent vs weight space")
-    obs, wins, losses, diffs = [], 0, 0, []
-    for method in cfg.methods:
-        lat = next(r for r in rows if (r["method"], r["space"]) == (method, "latent"))
-        wgt = next(r for r in rows if (r["method"], r["space"]) == (method, "weight"))
-        se = max(mean_se(lat, fams), mean_se(wgt, fams))
-        c = compare(lat["mean"], wgt["mean"], se)
-        wins, losses = wins + (c == "above"), losses + (c == "below")
-        diffs.append(lat["mean"] - wgt["mean"])
-        obs.append(f"{method}: latent {lat['mean']:.3f} vs weight {wgt['mean']:.3f} — latent is {c} weight space.")
-    n = len(cfg.methods)
-    verdict = ("reproduced" if wins > n / 2 else "contradicted here (latent significantly worse for most operators)"
-               if losses > n / 2 else "not confirmed at this scale (most differences within noise)")
-    obs.append(f"latent space is significantly better for {wins}/{n} and significantly worse for {losses}/{n} "
-               f"operators (mean difference {np.mean(diffs):+.3f}); the paper finds latent-space merging more "
-               f"robust than weight-space merging — {verdict}.")
-    best_expert = {f: max(sc[a][f], sc[b][f]) for f in fams}
+    obs = []
+    for dec in cfg.decodes:
+        wins, losses, diffs = 0, 0, []
+        for method in cfg.methods:
+            lat = next(r for r in rows if (r["method"], r["space"]) == (method, f"latent/{dec}"))
+            wgt = next(r for r in rows if (r["method"], r["space"]) == (method, "weight"))
+            se = max(mean_se(lat, fams), mean_se(wgt, fams))
+            c = compare(lat["mean"], wgt["mean"], se)
+            wins, losses = wins + (c == "above"), losses + (c == "below")
+            diffs.append(lat["mean"] - wgt["mean"])
+            obs.append(f"{method}: latent ({dec} decoding) {lat['mean']:.3f}{_ppl_text(lat)} vs weight "
+                       f"{wgt['mean']:.3f}{_ppl_text(wgt)} — latent is {c} weight space.")
+        n = len(cfg.methods)
+        verdict = ("reproduced" if wins > n / 2 else "contradicted here (latent significantly worse for most operators)"
+                   if losses > n / 2 else "not confirmed at this scale (most differences within noise)")
+        obs.append(f"{dec} decoding: latent space is significantly better for {wins}/{n} and significantly worse "
+                   f"for {losses}/{n} operators (mean difference {np.mean(diffs):+.3f}); the paper finds "
+                   f"latent-space merging more robust than weight-space merging — {verdict}.")
     keep = [r for r in rows if r["space"] != "(original)"]
-    kept = {r["label"]: float(np.nanmean([r[f] / best_expert[f] if best_expert[f] > 0 else math.nan for f in fams]))
-            for r in keep}
-    top = max(kept, key=kept.get)
-    obs.append(f"retention (merge accuracy / best expert's, averaged over families): best {top} {kept[top]:.2f}; "
-               + ", ".join(f"{k} {v:.2f}" for k, v in kept.items()) + ".")
+    kept = retention(rows[0], sc[a], sc[b], keep, fams)
+    top = max(kept, key=lambda k: min((x for x in kept[k] if not math.isnan(x)), default=-math.inf))
+    obs.append(f"gain retention (merge − base) / (expert − base) on each expert's task: best (highest minimum) "
+               f"{top} " + "/".join(f"{x:.2f}" for x in kept[top]) + "; "
+               + ", ".join(f"{k} " + "/".join(f"{x:.2f}" for x in v) for k, v in kept.items()) + ".")
+    best_w = max((r for r in keep if r["space"] == "weight"), key=lambda r: r["mean"])
+    for dec in cfg.decodes:
+        best_l = max((r for r in keep if r["space"] == f"latent/{dec}"), key=lambda r: r["mean"])
+        se = max(mean_se(best_l, fams), mean_se(best_w, fams))
+        obs.append(f"best latent merge ({dec} decoding) {best_l['label']} {best_l['mean']:.3f}{_ppl_text(best_l)} "
+                   f"is {compare(best_l['mean'], best_w['mean'], se)} the best weight-space merge "
+                   f"{best_w['label']} {best_w['mean']:.3f}{_ppl_text(best_w)}.")
     obs.append(ctx.chance_note(keep, lambda r: r["label"]))
     return write_report(ctx, "expert_merge — two experts merged in latent vs weight space (paper Table 3)",
                         ["## Accuracy\n", f"Experts {a}, {b} fine-tuned from {cfg.base}; lerp/slerp λ={cfg.lambda_}, "
                          f"soup [0.5, 0.5], task arithmetic / TIES (density {cfg.density}) / DARE (p={cfg.drop_p}) on "
                          f"deltas from {cfg.base} with weights {cfg.delta_weights or [1.0, 1.0]}. Latent = the same "
-                         "operator on VAE latents (μ), decoded with the VAE.\n", markdown_table(rows, cols)],
+                         "operator on VAE latents (μ), decoded with the VAE: latent/direct = D(z_merged) (the "
+                         "paper's), latent/delta = W_target + D(z_merged) − D(z_target).\n", markdown_table(rows, cols)],
                         obs, {"results": (rows, _csv_cols(cols, ctx))}, t0)
+
+
+def retention(base: dict, ea: dict, eb: dict, rows: list[dict], fams: list[str]) -> dict[str, list[float]]:
+    """Per merge: the share of each expert's gain over the base it keeps on that expert's own
+    task, ``(merge − base) / (expert − base)`` (an expert's task = the family where it gains most)."""
+    tasks = [max(fams, key=lambda f: e[f] - base[f]) for e in (ea, eb)]
+    out = {}
+    for r in rows:
+        out[r["label"]] = [(r[f] - base[f]) / (e[f] - base[f]) if e[f] - base[f] > 0 else math.nan
+                           for f, e in zip(tasks, (ea, eb))]
+    return out
 
 
 # ---- blocks (Table 6) ----------------------------------------------------------------------
@@ -185,15 +243,18 @@ def run_blocks(ctx: Context) -> Path:
     cfg, t0 = ctx.cfg, time.perf_counter()
     a, b = cfg.experts
     ckpts = {a: ctx.path(a), b: ctx.path(b)}
+    dec = cfg.decodes[0]
+    spaces = (("latent", dec), ("weight", "direct"))
     for blocks in ("mlp", "attn", "both"):
-        for space in ("latent", "weight"):
-            ckpts[f"blocks.{blocks}.{space}"] = ctx.merge(f"lerp-{blocks}-{space}", _method_plan(ctx, "lerp", space, blocks))
+        for space, d in spaces:
+            ckpts[f"blocks.{blocks}.{space}"] = ctx.merge(f"lerp-{blocks}-{space}",
+                                                          _method_plan(ctx, "lerp", space, blocks, decode=d))
     sc = ctx.scores(ckpts)
     fams = ctx.families()
     rows = [{"merged blocks": "(original)", "space": m, **sc[m]} for m in (a, b)]
     names = {"mlp": "MLP only", "attn": "attention only", "both": "both"}
     for blocks in ("mlp", "attn", "both"):
-        for space in ("latent", "weight"):
+        for space, _ in spaces:
             rows.append({"merged blocks": names[blocks], "space": space, **sc[f"blocks.{blocks}.{space}"]})
     cols = ["merged blocks", "space", *_acc_cols(ctx)]
     for r in rows:
@@ -226,14 +287,18 @@ def run_blocks(ctx: Context) -> Path:
                "as measured, without a claim of agreement.")
     return write_report(ctx, "blocks — merging MLP only / attention only / both (paper Table 6)",
                         ["## Accuracy\n", f"lerp λ={cfg.lambda_} of {a} (target) and {b}; only the named blocks are "
-                         f"merged, every other tensor is {a}'s original. Weight-space lerp of the same blocks for "
-                         "reference.\n", markdown_table(rows, cols)], obs, {"results": (rows, _csv_cols(cols, ctx))}, t0)
+                         f"merged, every other tensor is {a}'s original; latent merges decoded with {dec} decoding. "
+                         "Weight-space lerp of the same blocks for reference.\n", markdown_table(rows, cols)], obs, {"results": (rows, _csv_cols(cols, ctx))}, t0)
 
 
 # ---- cross_arch (Table 5, Fig. 4) ----------------------------------------------------------
 def run_cross_arch(ctx: Context) -> Path:
     cfg, t0 = ctx.cfg, time.perf_counter()
     tgt = cfg.hetero_target
+    from lsm_dist.config import check
+
+    check(bool(tgt) and bool(cfg.hetero_sources), "hetero_target",
+          f"cross_arch needs hetero_target and hetero_sources (preset {cfg.preset} has none)")
     ckpts = {tgt: ctx.path(tgt)}
     keys = []
     for src in cfg.hetero_sources:
@@ -242,7 +307,7 @@ def run_cross_arch(ctx: Context) -> Path:
             key = f"cross_arch.{src}.l{lam:g}"
             plan = {"models": {tgt: ctx.path(tgt), src: ctx.path(src)}, "target": tgt, "method": "lerp",
                     "params": {"lambda": float(lam)}, "space": "latent", "layer_map": "proportional",
-                    "alignment": {"method": cfg.alignment, "reg": 1e-3}}
+                    "alignment": {"method": cfg.alignment, "reg": 1e-3}, "decode": cfg.decodes[0]}
             ckpts[key] = ctx.merge(f"{src}-l{lam:g}", plan)
             keys.append((src, lam, key))
     sc = ctx.scores(ckpts)
@@ -303,6 +368,6 @@ def run_cross_arch(ctx: Context) -> Path:
                         ["## Accuracy vs λ\n", f"Target {tgt}; each source of another width / depth / family is "
                          f"layer-paired proportionally, its latents resampled to the target's size and mapped by a "
                          f"per-tensor {cfg.alignment} OT map T; z = z_t + λ(T(z_s) − z_t) is decoded with the VAE "
-                         f"(target's mean/std). λ=0: the target through the VAE; λ=1 ('OT only'): T(z_s) alone, "
+                         f"({cfg.decodes[0]} decoding; target's mean/std). λ=0: the target through the VAE; λ=1 ('OT only'): T(z_s) alone, "
                          "decoded into the target's shapes; the target's embeddings/norms are kept.\n",
                          markdown_table(rows, cols)], obs, {"results": (rows, _csv_cols(cols, ctx))}, t0)

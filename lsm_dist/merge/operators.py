@@ -54,6 +54,8 @@ class MergeParams:
     samples: int = doc("self_merge: number K of posterior samples z = mu + sigma·eps averaged", 8)
     seed: int = doc("seed for DARE masks, self_merge samples and OT subsampling", 0)
     granularity: str = doc("slerp: 'tensor' (one flattened vector) or 'vector' (per latent token / row)", "tensor")
+    noise: float = doc("noise: relative MSE of the Gaussian noise added (noise std = sqrt(noise) · the "
+                       "tensor's std)", 0.01)
 
     def __post_init__(self) -> None:
         lam = self.lambda_
@@ -64,6 +66,8 @@ class MergeParams:
         check(isinstance(self.samples, int) and self.samples >= 1, "params.samples",
               f"must be a positive integer, got {self.samples!r}")
         check_choice(self.granularity, "params.granularity", GRANULARITIES)
+        check(isinstance(self.noise, (int, float)) and math.isfinite(self.noise) and self.noise >= 0,
+              "params.noise", f"must be a finite number >= 0, got {self.noise!r}")
         if self.weights is not None:
             check(len(self.weights) > 0, "params.weights", "must not be empty")
             check(all(math.isfinite(w) for w in self.weights), "params.weights",
@@ -265,3 +269,13 @@ def self_merge(xs, p: MergeParams, logvars, gen: torch.Generator, **_) -> torch.
     for _ in range(p.samples):
         acc.add_(torch.randn(mu.shape, generator=gen))
     return mu + torch.exp(0.5 * logvar) * (acc / p.samples)
+
+
+@register_operator("noise", min_inputs=1, max_inputs=1)
+def noise(xs, p: MergeParams, gen: torch.Generator, **_) -> torch.Tensor:
+    """Gaussian noise of relative MSE `noise` (std = sqrt(noise)·std of the tensor), seeded per
+    tensor: not a merge but a probe of how much error a model tolerates (the tolerance curve
+    every reconstruction is read against)."""
+    x = xs[0]
+    sd = float(x.std()) if x.numel() > 1 else 0.0
+    return x + torch.randn(x.shape, generator=gen) * (math.sqrt(p.noise) * sd)
