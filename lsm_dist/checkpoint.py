@@ -27,6 +27,10 @@ import torch
 from lsm_dist.utils import sha256_json
 
 INDEX_NAME = "model.safetensors.index.json"
+# the files of a Hugging Face checkpoint beside its weights (config, generation, tokenizer)
+AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+             "added_tokens.json", "chat_template.jinja", "chat_template.json")  # fmt: skip
 
 DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
@@ -220,6 +224,34 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         raise CheckpointError(f"{path}: {data - pos} bytes after the last tensor's data "
                               "(corrupt file or a header that does not describe it)")
     return header, 8 + n
+
+
+def _require_dir(path: str | Path) -> None:
+    p = Path(path)
+    if not p.is_dir():  # else transformers takes the path for a hub repo id
+        why = "a symlink loop" if p.is_symlink() and not p.exists() else "no such directory"
+        raise CheckpointError(f"{p} is not a checkpoint directory ({why})")
+
+
+def load_causal_lm(path: str | Path, dtype: str | torch.dtype | None = "auto"):
+    """``AutoModelForCausalLM`` from a local checkpoint directory with nothing of it executed or
+    unpickled: ``trust_remote_code=False`` (code named by a config's ``auto_map`` is never
+    imported), safetensors weights only (``use_safetensors``: never ``pytorch_model.bin``) and
+    local files only (a path is never taken for a hub id). Check the directory first
+    (headers, NaN/Inf) with :class:`Checkpoint`."""
+    from transformers import AutoModelForCausalLM
+
+    _require_dir(path)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False,
+                                                use_safetensors=True, local_files_only=True)
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer, local files only, no remote code (see :func:`load_causal_lm`)."""
+    from transformers import AutoTokenizer
+
+    _require_dir(path)
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
 
 
 def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
