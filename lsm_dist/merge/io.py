@@ -18,7 +18,7 @@ from lsm_dist.checkpoint import (
     read_safetensors_header,
     write_safetensors,
 )
-from lsm_dist.utils import atomic_open, fsync_dir
+from lsm_dist.utils import atomic_open, fsync_dir, named_os_error
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
@@ -130,9 +130,11 @@ def write_streaming(path: str | Path, infos: list[TensorInfo], fetch: Callable[[
         if atomic:
             os.replace(dst, path)
             fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         if atomic:
             with suppress(FileNotFoundError):
                 os.unlink(dst)
+        if isinstance(e, OSError):
+            raise named_os_error(e, path) from None
         raise
     return off
