@@ -575,3 +575,29 @@ def test_bench_reader_never_hands_dir_to_a_shell(tmp_path):
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     assert "cat:" in res.stdout and not (tmp_path / "PWNED").exists()
+
+
+def test_symlink_loops_are_one_line_errors(models, tmp_path, capsys):
+    from lsm_dist.cli import main
+
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert main(["stats", f"checkpoints=[{loop}]", f"out_dir={tmp_path / 'st'}"]) == 1
+    assert "symbolic link" in capsys.readouterr().err
+    y = tmp_path / "plan.yaml"
+    y.write_text(json.dumps({"models": {"base": str(models["base"]), "a": str(models["a"])},
+                             "space": "weight", "out_dir": str(loop)}))  # fmt: skip
+    assert main(["merge", "-c", str(y)]) == 2
+    assert f"out_dir: {loop} is a dangling symbolic link or a symlink loop" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_reexport_keeps_the_vae_digest(trained, tmp_path):
+    from lsm_dist.model import vae_digest
+    from lsm_dist.train import export_vae
+
+    run = _copy_run(trained, tmp_path / "run")
+    digests = {vae_digest(export_vae(run, out=tmp_path / f"vae{i}")) for i in range(8)}
+    assert len(digests) == 1
+    meta = read_safetensors_header(tmp_path / "vae0" / "model.safetensors")[0]["__metadata__"]
+    assert list(meta) == sorted(meta)
