@@ -20,12 +20,17 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from lsm_dist.utils import sha256_json
 
 INDEX_NAME = "model.safetensors.index.json"
+# the files of a Hugging Face checkpoint beside its weights (config, generation, tokenizer)
+AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+             "added_tokens.json", "chat_template.jinja", "chat_template.json")  # fmt: skip
 
 DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
@@ -56,7 +61,10 @@ ROLE_BLOCK = {
     "pre_feedforward_layernorm": "other", "post_feedforward_layernorm": "other",
     "q_norm": "other", "k_norm": "other", "ln_1": "other", "ln_2": "other",
     "attention_norm": "other", "ffn_norm": "other", "layernorm": "other",
+    "rotary_emb": "other",
 }
+# module names used inside both attention and MLP blocks (GPT-2's c_proj): the parent decides
+SHARED_ROLES = {"c_proj"}
 PARENT_BLOCK = {
     "self_attn": "attn", "attn": "attn", "attention": "attn", "self_attention": "attn",
     "mlp": "mlp", "feed_forward": "mlp", "ffn": "mlp",
@@ -112,8 +120,11 @@ def classify(name: str) -> tuple[int | None, str | None, str | None, str]:
         role = mods[-1] if mods else None
         block = ROLE_BLOCK.get(role) if role else None
         parents = [PARENT_BLOCK[m] for m in mods[:-1] if m in PARENT_BLOCK]
-        if parents and block != "other":
-            # c_proj / dense exist in both attn and mlp: the owning module decides
+        if parents and (block in ("attn", "mlp") or role in SHARED_ROLES):
+            # c_proj / dense exist in both attn and mlp: the owning module decides. A module
+            # the tables do not know (self_attn.lora_A, self_attn.q_proj.base_layer) stays
+            # unclassified (block None) even under self_attn / mlp: guessing would merge it
+            # as attention or MLP weights; ``select`` names it instead
             block = parents[-1]
         return layer, block, role, param
     for mod in reversed(parts[:-1]):
@@ -122,10 +133,58 @@ def classify(name: str) -> tuple[int | None, str | None, str | None, str]:
     return None, None, None, param
 
 
+# bits per element of every dtype the safetensors format defines (sizes are checked for all of
+# them; tensors are *read* only in the dtypes of ``DTYPES``)
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16,
+              "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "F64": 64,
+              "I64": 64, "U64": 64, "F4": 4}  # fmt: skip
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _naturals(xs: object) -> bool:
+    return isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs)
+
+
+def _entry_span(path: Path, name: str, h: object) -> tuple[int, int]:
+    """(begin, end) data offsets of one header entry after checking dtype, shape and size."""
+    if not isinstance(h, dict) or set(h) != {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"{path}: malformed header entry for tensor {name!r} (needs exactly "
+                              f"dtype, shape, data_offsets; got {h!r:.200})")
+    dtype, shape, offs = h["dtype"], h["shape"], h["data_offsets"]
+    if dtype not in DTYPE_BITS:
+        raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r} "
+                              f"(safetensors dtypes: {', '.join(DTYPE_BITS)})")
+    if not _naturals(shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
+    if not _naturals(offs) or len(offs) != 2 or offs[0] > offs[1]:
+        raise CheckpointError(f"{path}: tensor {name!r} has bad data_offsets {offs!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    bits = numel * DTYPE_BITS[dtype]
+    if bits % 8 or bits // 8 != offs[1] - offs[0]:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} is {dtype} {shape} = {bits / 8:g} bytes, but its data_offsets "
+            f"{offs} span {offs[1] - offs[0]} bytes")
+    return offs[0], offs[1]
+
+
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
     """Parse and validate a safetensors header without reading tensor data.
 
-    Returns (header, byte offset where the data section starts).
+    Every entry is checked: a known dtype, a shape of non-negative ints, data offsets whose span
+    is exactly numel × itemsize, and together the entries tile the data section with no gap,
+    overlap or trailing bytes (the file ends where the last tensor ends). A ``CheckpointError``
+    names the file and the tensor. Returns (header, byte offset where the data section starts).
     """
     if not path.is_file():
         raise CheckpointError(f"{path}: safetensors file does not exist")
@@ -135,25 +194,86 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         if len(head) < 8:
             raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100 * 2**20:
+        if n < 2 or n > size - 8 or n > MAX_HEADER_BYTES:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors header (length {n}, file {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
-    end = 0
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        try:
-            end = max(end, int(v["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError):
-            raise CheckpointError(f"{path}: malformed header entry for {k!r}") from None
-    if 8 + n + end > size:
+        raw = f.read(n)
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, duplicate keys
+        raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: header __metadata__ must map strings to strings")
+    spans = sorted((*_entry_span(path, k, v), k) for k, v in header.items() if k != "__metadata__")
+    data = size - 8 - n
+    pos, prev = 0, None
+    for begin, end, name in spans:
+        if begin != pos:
+            what = (f"overlaps {prev!r}" if begin < pos else f"leaves {begin - pos} unused bytes after "
+                    + (repr(prev) if prev else "the header"))  # fmt: skip
+            raise CheckpointError(f"{path}: tensor {name!r} (data_offsets [{begin}, {end}]) {what}: "
+                                  "offsets must be contiguous")
+        pos, prev = end, name
+    if pos > data:
         raise CheckpointError(
-            f"{path}: truncated safetensors file: header needs {8 + n + end} bytes, file has {size}"
-        )
+            f"{path}: truncated safetensors file: header needs {8 + n + pos} bytes, file has {size}"
+            + (f" (tensor {prev!r} ends past the end)" if prev else ""))
+    if pos < data:
+        raise CheckpointError(f"{path}: {data - pos} bytes after the last tensor's data "
+                              "(corrupt file or a header that does not describe it)")
     return header, 8 + n
+
+
+def _require_dir(path: str | Path) -> None:
+    p = Path(path)
+    if not p.is_dir():  # else transformers takes the path for a hub repo id
+        why = "a symlink loop" if p.is_symlink() and not p.exists() else "no such directory"
+        raise CheckpointError(f"{p} is not a checkpoint directory ({why})")
+
+
+def load_causal_lm(path: str | Path, dtype: str | torch.dtype | None = "auto"):
+    """``AutoModelForCausalLM`` from a local checkpoint directory with nothing of it executed or
+    unpickled: ``trust_remote_code=False`` (code named by a config's ``auto_map`` is never
+    imported), safetensors weights only (``use_safetensors``: never ``pytorch_model.bin``) and
+    local files only (a path is never taken for a hub id). Check the directory first
+    (headers, NaN/Inf) with :class:`Checkpoint`."""
+    from transformers import AutoModelForCausalLM
+
+    _require_dir(path)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False,
+                                                use_safetensors=True, local_files_only=True)
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer, local files only, no remote code (see :func:`load_causal_lm`)."""
+    from transformers import AutoTokenizer
+
+    _require_dir(path)
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+
+
+def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` as safetensors to the open file ``f``, byte-deterministically.
+
+    ``safetensors.torch.save`` serializes ``__metadata__`` from a hash map, so its key order
+    (and the file's sha256) changes from call to call; here the metadata keys are sorted (tensor
+    entries and data are already in a fixed order), so the same tensors and metadata always give
+    the same bytes."""
+    from safetensors.torch import save
+
+    blob = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    if meta is not None:
+        header = {"__metadata__": dict(sorted(meta.items())), **header}
+    hb = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    hb += b" " * (-len(hb) % 8)
+    f.write(struct.pack("<Q", len(hb)))
+    f.write(hb)
+    f.write(memoryview(blob)[8 + n:])
 
 
 class Checkpoint:
@@ -280,9 +400,12 @@ class Checkpoint:
             if t.block in blocks and t.param in params and t.dtype in FLOAT_DTYPES:
                 out.append(t)
         if unknown and strict:
+            lora = any(".lora_" in n for n in unknown)
             raise UnknownTensorError(
                 f"{self.path}: cannot classify {len(unknown)} tensor name(s) into attn/mlp/other: "
                 f"{unknown[:5]}; exclude them with a regex (exclude=...) or name them with include=..."
+                + (" (lora_A / lora_B are adapter factors, not model weights: merge the adapter "
+                   "into its base model first)" if lora else "")
             )
         return out
 
@@ -321,6 +444,17 @@ class Checkpoint:
         for a in range(0, rows, step):
             b = min(a + step, rows)
             yield self._read(info, a * row_bytes, (b - a) * row_bytes).reshape(b - a, *info.shape[1:])
+
+    def check_finite(self, names: Iterable[str] | None = None, max_elems: int = 1 << 22) -> None:
+        """``CheckpointError`` naming the file and tensor when a floating tensor among ``names``
+        (default: all) holds NaN/Inf; read by row blocks, so memory stays bounded."""
+        for name in self.tensors if names is None else names:
+            info = self.tensors[name]
+            if info.dtype not in FLOAT_DTYPES:
+                continue
+            bad = sum(int((~torch.isfinite(b)).sum()) for b in self.iter_rows(name, max_elems))
+            if bad:
+                raise CheckpointError(f"{info.file}: tensor {name!r} holds {bad} NaN/Inf value(s)")
 
     def close(self) -> None:
         """Nothing stays open between reads; kept for the context-manager protocol."""

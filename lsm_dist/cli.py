@@ -277,6 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"lsm {args.command}: error: {msg}", file=sys.stderr)
         return 1
+    except (OSError, RuntimeError) as e:  # disk full, symlink loops, permissions: no traceback
+        from lsm_dist.utils import os_error_message
+
+        msg = os_error_message(e)
+        if msg is None:
+            raise
+        print(f"lsm {args.command}: error: {msg}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

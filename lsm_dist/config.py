@@ -47,6 +47,14 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def _same_kind(tp: Any, value: Any) -> bool:
+    if isinstance(value, dict):
+        return _is_dataclass_type(tp) or typing.get_origin(tp) is dict
+    if isinstance(value, (list, tuple)):
+        return typing.get_origin(tp) in (list, tuple)
+    return False
+
+
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     """Convert a YAML value to the annotated type ``tp`` (recursively for dataclasses)."""
     origin = typing.get_origin(tp)
@@ -54,13 +62,18 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        errors = []
+        errors: list[ConfigError] = []
         for a in args:
             try:
                 return _coerce(a, value, path)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{path}: {value!r} does not match {tp}")
+                errors.append(e)
+        # the alternative of the value's own kind (a mapping for a dataclass, a list for a list)
+        # explains the problem best: `model.d_model: must be > 0`, not "does not match X | None"
+        kind = [e for a, e in zip(args, errors) if _same_kind(a, value)]
+        if len(kind) == 1 or len(errors) == 1:
+            raise (kind or errors)[0]
+        raise ConfigError(f"{path}: {value!r} does not match {tp}: " + "; ".join(map(str, errors)))
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
@@ -110,6 +123,10 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{path or cls.__name__}: {e}") from None
+    except ConfigError as e:  # __post_init__ names the field within ``cls``: add where it sits
+        if not path or str(e).startswith(f"{path}."):
+            raise
+        raise ConfigError(f"{path}.{e}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -30,6 +31,63 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def named_os_error(e: OSError, path: str | Path) -> OSError:
+    """``e`` naming ``path`` when it names no file: a failed ``write()`` (disk full, quota)
+    reports only its errno. Other errors are returned unchanged."""
+    if e.filename is not None or e.errno is None:
+        return e
+    return OSError(e.errno, e.strerror or str(e), str(path))
+
+
+def os_error_message(e: BaseException) -> str | None:
+    """One line for a user about an OS-level failure (None when ``e`` is not one)."""
+    if isinstance(e, RuntimeError) and str(e).startswith("Symlink loop"):  # Path.resolve < 3.13
+        return f"{e}: a symbolic link points back at itself"
+    if not isinstance(e, OSError):
+        return None
+    if e.errno is None and e.filename is None:
+        return str(e)
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else "(no file named)"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"cannot write {where}: {e.strerror} (disk full, quota or file-size limit): free space and rerun"
+    if e.errno == errno.ELOOP:
+        return f"{where}: too many levels of symbolic links (a symlink loop)"
+    return f"{where}: {e.strerror or e}"
+
+
+def pid_alive(pid: int) -> bool:
+    """A process with this id runs on this host (and is not this process)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_dead_temps(paths: Iterator[Path] | list[Path]) -> list[Path]:
+    """Remove the project's temp files / dirs named ``...-<pid>`` whose process is gone (a
+    killed run's leftovers; this process's own too). Callers pass only names of their own
+    pattern in their own directory. Returns what was removed."""
+    import shutil
+
+    gone = []
+    for p in paths:
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or pid_alive(int(pid)):  # not our name pattern, or still running
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with suppress(FileNotFoundError):
+                p.unlink()
+        gone.append(p)
+    return gone
+
+
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Write to a temp file beside ``path``, fsync, then rename over it.
@@ -48,6 +106,10 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as e:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise named_os_error(e, path) from None
     except BaseException:
         with suppress(FileNotFoundError):
             os.unlink(tmp)

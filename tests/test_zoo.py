@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -235,9 +236,13 @@ def test_parent_change_rebuilds_children(tmp_path):
     paths = build_zoo(_micro(tmp_path, base_steps=5), progress=False)
     h1 = {n: read_card(p)["hash"] for n, p in paths.items()}
     assert h0["b"] != h1["b"] and h0["e"] != h1["e"]
-    # a half-built leftover of a dead process is cleaned; a model without a card is rebuilt
+    # a half-built leftover of a dead process is cleaned; a directory without a card is not the
+    # zoo's (the card goes in before the move into place): refused, never replaced
     (tmp_path / ".e.tmp-999999999").mkdir()
     (paths["e"] / B.CARD_NAME).unlink()
+    with pytest.raises(ConfigError, match="is not a model this zoo built"):
+        build_zoo(_micro(tmp_path, base_steps=5), progress=False)
+    shutil.rmtree(paths["e"])
     paths = build_zoo(_micro(tmp_path, base_steps=5), progress=False)
     assert read_card(paths["e"])["hash"] == h1["e"]
     assert sorted(os.listdir(tmp_path)) == ["b", "e"]

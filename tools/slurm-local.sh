@@ -8,18 +8,23 @@
 #
 # Debian 12 ships Slurm 22.05 (built with multiple-slurmd support, so one host can run several
 # slurmd processes, one per emulated node, each on its own port). No systemd is needed: every daemon
-# is started directly and its PID file lives under $LSM_SLURM_DIR (default /tmp/lsm-slurm).
+# is started directly and its PID file lives under $LSM_SLURM_DIR (default /run/lsm-slurm).
+# That state directory is private: root's, mode 0700, created with a plain `mkdir` (which fails
+# rather than reuse what someone else created) and refused if it is a symlink or owned by another
+# user; nothing in it is group- or world-writable. Nothing is written to predictable names in /tmp.
 #
 # There is no accounting database (accounting_storage/none), so the real `sacct` fails. submitit
 # polls job states with `sacct -o JobID,State,NodeList --parsable2 -j ID ...`, so a stand-in is
 # installed at /usr/local/bin/sacct that answers from `squeue --states=all` (+ `scontrol show job`
-# for exit codes) and keeps a small cache so finished jobs stay answerable after squeue forgets them.
+# for exit codes) and keeps a small cache (root's, 0600, in the state directory) so finished jobs
+# stay answerable after squeue forgets them; other users' calls answer from squeue alone.
 #
 # Idempotent: `start` on a running cluster only checks it (and restarts it if slurm.conf changed).
 # Needs root (re-executes itself through sudo when available).
 set -euo pipefail
 
-STATE_DIR=${LSM_SLURM_DIR:-/tmp/lsm-slurm}
+STATE_DIR=${LSM_SLURM_DIR:-/run/lsm-slurm}
+LEGACY_STATE_DIR=/tmp/lsm-slurm  # where older versions kept their state (stopped by `stop`)
 SLURM_CONF_FILE=/etc/slurm/slurm.conf
 MUNGE_KEY=/etc/munge/munge.key
 SACCT_STANDIN=/usr/local/bin/sacct
@@ -30,6 +35,19 @@ PACKAGES=(slurmctld slurmd slurm-client munge)
 
 log() { printf '[slurm-local] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+
+make_private_dir() {  # make_private_dir DIR: root's, 0700, never a symlink or someone else's
+  local d=$1
+  [[ $d =~ ^/[A-Za-z0-9._/-]+$ ]] || die "state directory '$d' must be an absolute path of letters, digits, . _ - /"
+  [[ -L $d ]] && die "$d is a symbolic link; refusing to use it as Slurm's state directory"
+  if [[ ! -e $d ]]; then
+    mkdir -p -- "$(dirname -- "$d")"
+    mkdir -m 0700 -- "$d" || die "cannot create $d (did someone else create it meanwhile?)"
+  fi
+  [[ -d $d && ! -L $d ]] || die "$d is not a directory"
+  [[ $(stat -c %u -- "$d") == 0 ]] || die "$d is not owned by root; refusing to use it (remove it or set LSM_SLURM_DIR)"
+  chmod 0700 -- "$d"
+}
 
 need_root() {
   if [[ $EUID -ne 0 ]]; then
@@ -224,11 +242,12 @@ write_sacct_standin() {
 # accounting database (AccountingStorageType=accounting_storage/none), so the real sacct fails.
 # Answers sacct-style queries (e.g. submitit's `sacct -o JobID,State,NodeList --parsable2 -j ID`)
 # from `squeue -h --states=all` and `scontrol show job -o` (exit codes). Finished jobs are cached
-# in $LSM_SACCT_CACHE so they stay answerable after slurmctld forgets them (MinJobAge).
+# (root's calls update the cache; others read squeue only) so they stay answerable after
+# slurmctld forgets them (MinJobAge).
 # Supported: -j/--jobs, -o/--format, -p/--parsable, -P/--parsable2, -n/--noheader,
 # -s/--state, --delimiter; other sacct options are accepted and ignored (-X, -a, -S, -E, -u, ...).
 set -uo pipefail
-CACHE=${LSM_SACCT_CACHE:-/tmp/lsm-slurm/sacct-cache}
+CACHE=@SACCT_CACHE@  # root's, 0600, in slurm-local's private state directory
 SQUEUE=${LSM_SACCT_SQUEUE:-squeue}
 SCONTROL=${LSM_SACCT_SCONTROL:-scontrol}
 
@@ -305,8 +324,8 @@ awk -F'|' -v OFS='|' '
     print $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, ec, name
   }' "$tmpd/scontrol" "$tmpd/squeue" >"$tmpd/live"
 
-# merge with the cache of finished jobs (under a lock; the cache file is shared by all users)
-[[ -e $CACHE ]] || { mkdir -p "$(dirname "$CACHE")" 2>/dev/null; (umask 0; : >>"$CACHE") 2>/dev/null; }
+# merge with the cache of finished jobs (under a lock); only its owner (root) can write it
+if [[ ! -e $CACHE && -d $(dirname "$CACHE") && -w $(dirname "$CACHE") ]]; then (umask 077; : >>"$CACHE") 2>/dev/null; fi
 merge() {
   awk -F'|' -v OFS='|' -v cachenew="$tmpd/cache.new" '
     BEGIN { n = split("COMPLETED FAILED CANCELLED TIMEOUT NODE_FAIL PREEMPTED OUT_OF_MEMORY BOOT_FAIL DEADLINE", t, " ")
@@ -332,7 +351,7 @@ if [[ -w $CACHE ]] && exec 9<>"$CACHE" && flock -w 10 9; then
   flock -u 9
 else
   : >"$tmpd/cache.new"
-  merge "${CACHE:-/dev/null}" >"$tmpd/all" 2>/dev/null || merge /dev/null >"$tmpd/all"
+  { [[ -r $CACHE ]] && merge "$CACHE" >"$tmpd/all" 2>/dev/null; } || merge /dev/null >"$tmpd/all"
 fi
 
 # select + format
@@ -423,13 +442,15 @@ ensure_sacct() {
   fi
   local tmp
   tmp=$(mktemp "$SACCT_STANDIN.XXXXXX")
-  write_sacct_standin >"$tmp"
+  write_sacct_standin | sed "s|@SACCT_CACHE@|$SACCT_CACHE|" >"$tmp"
   chmod 0755 "$tmp"
   mv -f "$tmp" "$SACCT_STANDIN"
+  if [[ -L $SACCT_CACHE ]]; then rm -f "$SACCT_CACHE"; fi
   if [[ ! -e $SACCT_CACHE ]]; then
-    (umask 0 && : >"$SACCT_CACHE")
+    (umask 077 && : >"$SACCT_CACHE")
   fi
-  chmod 0666 "$SACCT_CACHE"
+  chown root:root "$SACCT_CACHE"
+  chmod 0600 "$SACCT_CACHE"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -475,16 +496,25 @@ wait_idle() {
 }
 
 stop_slurm_daemons() {
-  local n
-  local -a files=()
-  for n in "${NODES[@]}"; do files+=("$STATE_DIR/slurmd-$n.pid"); done
-  stop_pidfiles slurmd "${files[@]}"
-  stop_pidfiles slurmctld "$STATE_DIR/slurmctld.pid"
+  local n d
+  local -a dirs=("$STATE_DIR") files
+  # daemons started by an older version of this script keep their PID files in /tmp: read them
+  # only from a root-owned directory (pid_alive also checks the process name)
+  if [[ -d $LEGACY_STATE_DIR && ! -L $LEGACY_STATE_DIR && $(stat -c %u -- "$LEGACY_STATE_DIR") == 0 ]]; then
+    dirs+=("$LEGACY_STATE_DIR")
+  fi
+  for d in "${dirs[@]}"; do
+    files=()
+    for n in "${NODES[@]}"; do files+=("$d/slurmd-$n.pid"); done
+    stop_pidfiles slurmd "${files[@]}"
+    stop_pidfiles slurmctld "$d/slurmctld.pid"
+  done
 }
 
 cmd_start() {
   local t0=$SECONDS changed=0 n
-  install -d -m 0755 "$STATE_DIR" "$STATE_DIR/state"
+  make_private_dir "$STATE_DIR"
+  install -d -m 0700 "$STATE_DIR/state"
   install_packages
   ensure_hosts
   start_munge
@@ -514,7 +544,7 @@ cmd_start() {
     if pid_alive "$STATE_DIR/slurmd-$n.pid" slurmd >/dev/null; then
       log "slurmd $n already running"
     else
-      install -d -m 0755 "$STATE_DIR/spool-$n"
+      install -d -m 0700 "$STATE_DIR/spool-$n"
       log "starting slurmd -N $n"
       slurmd -N "$n" -f "$SLURM_CONF_FILE" || { show_diagnostics; die "slurmd -N $n failed to start"; }
     fi
@@ -528,11 +558,17 @@ cmd_start() {
 cmd_stop() {
   stop_slurm_daemons
   stop_pidfiles munged "$STATE_DIR/munged.pid"
+  if [[ -d $LEGACY_STATE_DIR && ! -L $LEGACY_STATE_DIR && $(stat -c %u -- "$LEGACY_STATE_DIR") == 0 ]]; then
+    stop_pidfiles munged "$LEGACY_STATE_DIR/munged.pid"
+  fi
   log "stopped (packages left installed)"
 }
 
 cmd_status() {
   local n pid rc=0
+  if [[ ! -r $STATE_DIR ]]; then
+    echo "($STATE_DIR is root's: run as root to see the daemons' PIDs)"
+  fi
   if pid=$(pid_alive "$STATE_DIR/slurmctld.pid" slurmctld); then
     echo "slurmctld: running (pid $pid)"
   else

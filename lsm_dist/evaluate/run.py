@@ -8,14 +8,19 @@
    ``include_path``) only, which needs no scan of lm-eval's ~15k bundled YAML files; any
    other name (mmlu, arc_easy, hellaswag, winogrande, gsm8k, ...) passes through unchanged to
    lm-eval's registry (its datasets need the hub, or a populated HF cache);
-2. per checkpoint: checks the files (config.json, every safetensors shard named by the index,
-   headers whose sizes match the files), then scores it with
-   ``lm_eval.simple_evaluate(model="hf", model_args="pretrained=...,dtype=...,device=...")``
-   and writes ``<out>/results/<name>-<digest>.json`` atomically right away. The digest covers
+2. per checkpoint: resolves the path once (symlinks followed: the directory fingerprinted is
+   the one loaded and recorded), checks the files (config.json, every safetensors shard named
+   by the index, every header entry; pickle weights such as ``pytorch_model.bin`` are refused),
+   and, unless cached, refuses weights holding NaN/Inf (naming file and tensor), loads the
+   model itself (``checkpoint.load_causal_lm``: ``trust_remote_code=False``, safetensors only)
+   and scores the *object* through lm-eval's ``HFLM`` -- no path is ever pasted into an
+   lm-eval ``model_args`` string, where a comma would inject arguments. A checkpoint whose
+   files change while it is loaded is refused. Results go to
+   ``<out>/results/<name>-<digest>.json`` atomically right away. The digest covers
    the checkpoint (config.json, index, safetensors headers and file size + mtime, or with
-   ``fingerprint=content`` the sha256 of every weight file) and what is scored (tasks and
-   their generated content, limit, few-shot, dtype, seed), so a re-run skips finished
-   checkpoints;
+   ``fingerprint=content`` the sha256 of every weight file; the tokenizer / generation files'
+   sha256) and what is scored (tasks and their generated content, limit, few-shot, dtype,
+   seed), so a re-run skips finished checkpoints;
 3. a checkpoint that fails (missing dir, corrupt weights, bad config, error while scoring) is
    logged naming it, the others are still scored, and ``EvalError`` listing the failures is
    raised at the end -- after ``<out>/results.{md,csv,png}`` and ``<out>/tb/`` are written for
@@ -41,7 +46,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from lsm_dist.checkpoint import CheckpointError, read_safetensors_header
+from lsm_dist.checkpoint import (
+    AUX_FILES,
+    Checkpoint,
+    CheckpointError,
+    load_causal_lm,
+    load_tokenizer,
+    read_safetensors_header,
+)
 from lsm_dist.config import ConfigError, check, check_choice, doc
 from lsm_dist.evaluate import report
 from lsm_dist.evaluate.tasks import GROUP, PREFIX, tasks_digest, write_tasks
@@ -50,7 +62,7 @@ from lsm_dist.utils import atomic_write_json, get_logger, read_json, sha256_file
 log = get_logger("lsm.eval")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 FINGERPRINTS = ("stat", "content")
-EVAL_VERSION = 1  # bump when scoring changes results (enters the digests)
+EVAL_VERSION = 2  # bump when scoring changes results (enters the digests)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -126,11 +138,40 @@ def parse_checkpoints(specs: Sequence[str]) -> list[tuple[str, Path]]:
 
 
 # --------------------------------------------------------------------------- checkpoints
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The real path of a checkpoint directory (symlinks followed, once): what is
+    fingerprinted, loaded and recorded. ``CheckpointError`` for a missing path or a loop."""
+    try:
+        real = Path(path).resolve(strict=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a directory (it does not exist)") from None
+    except (OSError, RuntimeError) as e:  # ELOOP; RuntimeError("Symlink loop") before 3.13
+        raise CheckpointError(f"{path}: cannot resolve it (symlink loop?): {e}") from None
+    if not real.is_dir():
+        raise CheckpointError(f"{path} is not a directory")
+    return real
+
+
+def file_identity(path: Path) -> dict[str, list[int]]:
+    """(device, inode, size, mtime) of every file in the directory: compared before and
+    after loading, so a checkpoint swapped or rewritten meanwhile is never scored."""
+    out = {}
+    for p in sorted(path.iterdir()):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if not p.is_dir():
+            out[p.name] = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+    return out
+
+
 def checkpoint_fingerprint(path: str | Path, mode: str = "stat") -> dict[str, Any]:
     """Check a HF checkpoint dir and describe it (what its digest is made of).
 
     Raises ``CheckpointError`` naming the problem: no directory, no / bad ``config.json``,
-    an index naming missing shards, no weights, or a truncated / corrupt safetensors file.
+    an index naming missing shards, no safetensors weights (pickle files are never loaded), or
+    a truncated / corrupt safetensors file (every header entry is checked).
     """
     path = Path(path)
     if not path.is_dir():
@@ -157,21 +198,25 @@ def checkpoint_fingerprint(path: str | Path, mode: str = "stat") -> dict[str, An
             raise CheckpointError(f"{path}: shard(s) {missing} named by the index are missing")
         fp["index"] = sha256_json(weight_map)
     else:
-        files = sorted(p.name for p in path.glob("*.safetensors")) or sorted(
-            p.name for p in path.glob("pytorch_model*.bin"))  # fmt: skip
+        files = sorted(p.name for p in path.glob("*.safetensors"))
         if not files:
-            raise CheckpointError(f"{path} has no *.safetensors (or pytorch_model*.bin) weights")
+            pickles = sorted(p.name for p in (*path.glob("*.bin"), *path.glob("*.pt")))
+            hint = (f" ({pickles[0]} is a pickle file, never loaded: convert it to safetensors)"
+                    if pickles else "")  # fmt: skip
+            raise CheckpointError(f"{path} has no *.safetensors weights{hint}")
+    bad = [f for f in files if not f.endswith(".safetensors")]
+    if bad:
+        raise CheckpointError(f"{index}: names {bad[:3]}: only .safetensors weights are loaded")
     for f in files:
         p = path / f
         st = p.stat()
-        entry: dict[str, Any] = {"size": st.st_size}
-        if f.endswith(".safetensors"):
-            entry["header"] = sha256_json(read_safetensors_header(p)[0])
+        entry: dict[str, Any] = {"size": st.st_size, "header": sha256_json(read_safetensors_header(p)[0])}
         if mode == "content":
             entry["sha256"] = sha256_file(p)
         else:
             entry["mtime_ns"] = st.st_mtime_ns
         fp["files"][f] = entry
+    fp["aux"] = {n: sha256_file(path / n) for n in AUX_FILES if n != "config.json" and (path / n).is_file()}
     return fp
 
 
@@ -225,13 +270,13 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=handle_non_serializable))
 
 
-def _simple_evaluate(model: Any, model_args: str | None, tasks: Sequence[str], tm, *,
+def _simple_evaluate(model: Any, tasks: Sequence[str], tm, *,
                      num_fewshot, limit, batch_size, device, seed, bootstrap_iters,
                      log_samples) -> dict:  # fmt: skip
     import lm_eval
 
     res = lm_eval.simple_evaluate(
-        model=model, model_args=model_args, tasks=list(tasks), task_manager=tm,
+        model=model, tasks=list(tasks), task_manager=tm,  # an LM object: no model_args string
         num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device,
         bootstrap_iters=bootstrap_iters, log_samples=log_samples, random_seed=seed,
         numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
@@ -241,12 +286,37 @@ def _simple_evaluate(model: Any, model_args: str | None, tasks: Sequence[str], t
     return _jsonable(dict(res))
 
 
-def score_checkpoint(path: Path, cfg: EvalConfig, tm, tasks: Sequence[str]) -> dict:
-    """lm-eval results (JSON-safe) of one checkpoint dir with the HF backend."""
-    args = f"pretrained={Path(path).resolve()},dtype={cfg.dtype}"  # device: simple_evaluate's
-    return _simple_evaluate("hf", args, tasks, tm, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-                            batch_size=cfg.batch_size, device=cfg.device, seed=cfg.seed,
-                            bootstrap_iters=cfg.bootstrap_iters, log_samples=cfg.log_samples)  # fmt: skip
+def score_checkpoint(path: Path, cfg: EvalConfig, tm, tasks: Sequence[str],
+                     identity: dict | None = None) -> dict:  # fmt: skip
+    """lm-eval results (JSON-safe) of one checkpoint dir, scored as an in-memory ``HFLM``.
+
+    Refuses (``CheckpointError`` naming file and tensor) weights holding NaN/Inf, and a
+    directory whose files differ from ``identity`` (:func:`file_identity` taken when it was
+    fingerprinted) once the model is loaded."""
+    with Checkpoint(path) as ck:
+        ck.check_finite()
+    model = load_causal_lm(path, _torch_dtype(cfg.dtype)).to(cfg.device).eval()
+    tok = load_tokenizer(path)
+    if identity is not None and file_identity(Path(path)) != identity:
+        raise CheckpointError(f"{path}: files changed while it was being loaded; not scored")
+    return _score_lm(model, tok, tasks, tm, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                     batch_size=cfg.batch_size, seed=cfg.seed, bootstrap_iters=cfg.bootstrap_iters,
+                     log_samples=cfg.log_samples)  # fmt: skip
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return name if name == "auto" else getattr(torch, name)
+
+
+def _score_lm(model, tokenizer, tasks: Sequence[str], tm, *, max_length: int | None = None,
+              batch_size: int | str, **kw) -> dict:  # fmt: skip
+    """Score an in-memory model through lm-eval's ``HFLM`` (an object, never a path string)."""
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    return _simple_evaluate(lm, tasks, tm, batch_size=batch_size, device=None, **kw)
 
 
 def default_task_root() -> Path:
@@ -263,18 +333,14 @@ def evaluate_model(model, tokenizer, tasks: Sequence[str] = (GROUP,), *,
     interface, e.g. ``MergedCausalLM``) with lm-eval's ``HFLM``; returns the JSON-safe
     lm-eval results (``report.flatten_results`` gives ``{"task/metric": value}``).
     Generated tasks go to ``task_root/tasks`` (default: ``$TMPDIR/lsm_eval``)."""
-    from lm_eval.models.huggingface import HFLM
-
     tasks_dir = write_tasks(task_root or default_task_root(), n, seed, max_gen_toks=max_gen_toks)
     tm = resolve_tasks(tasks, tasks_dir, include_path, include_defaults)
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                  max_length=max_length)  # fmt: skip
-        return _simple_evaluate(lm, None, tasks, tm, num_fewshot=num_fewshot, limit=limit,
-                                batch_size=batch_size, device=None, seed=seed,
-                                bootstrap_iters=bootstrap_iters, log_samples=log_samples)  # fmt: skip
+        return _score_lm(model, tokenizer, tasks, tm, max_length=max_length, num_fewshot=num_fewshot,
+                         limit=limit, batch_size=batch_size, seed=seed,
+                         bootstrap_iters=bootstrap_iters, log_samples=log_samples)  # fmt: skip
     finally:
         model.train(was_training)
 
@@ -312,6 +378,8 @@ def run_eval(cfg: EvalConfig) -> Path:
     for name, path in bar:
         bar.set_postfix_str(name)
         try:
+            path = resolve_checkpoint(path)
+            identity = file_identity(path)
             fp = checkpoint_fingerprint(path, cfg.fingerprint)
         except (CheckpointError, OSError) as e:
             failures[name] = f"cannot load checkpoint: {e}"
@@ -325,7 +393,11 @@ def run_eval(cfg: EvalConfig) -> Path:
         else:
             t0 = time.perf_counter()
             try:
-                res = score_checkpoint(path, cfg, tm, cfg.tasks)
+                res = score_checkpoint(path, cfg, tm, cfg.tasks, identity=identity)
+            except CheckpointError as e:  # NaN/Inf weights, files changed while loading
+                failures[name] = f"not scored: {e}"
+                log.error("eval: %s: %s", name, failures[name])
+                continue
             except Exception as e:  # noqa: BLE001 -- report it, score the others
                 failures[name] = f"scoring {path} failed: {type(e).__name__}: {e}"
                 log.error("eval: %s: %s", name, failures[name])
@@ -334,7 +406,7 @@ def run_eval(cfg: EvalConfig) -> Path:
                 gc.collect()
                 _empty_cuda_cache(cfg.device)
             rec = {
-                "name": name, "path": str(Path(path).resolve()), "digest": digest,
+                "name": name, "path": str(path), "digest": digest,
                 "seconds": round(time.perf_counter() - t0, 2), "scoring": scoring,
                 "fingerprint": fp, "metrics": report.flatten_results(res), "lm_eval": res,
             }  # fmt: skip

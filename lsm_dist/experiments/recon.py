@@ -120,12 +120,12 @@ def pca_model(src: str, tensors: list[dict], corpus, mean: np.ndarray, comps: np
     done = out / "PCA_DONE.json"
     if done.is_file() and read_json(done).get("digest") == digest:
         return str(out)
-    from transformers import AutoModelForCausalLM
+    from lsm_dist.checkpoint import load_causal_lm
 
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json", "zoo_card.json"))
     with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+        model = load_causal_lm(src, "auto")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for t in tensors:

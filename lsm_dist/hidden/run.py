@@ -99,20 +99,20 @@ class HiddenMergeConfig:
 
 # --------------------------------------------------------------------------- helpers
 def load_models(paths: Sequence[str], dtype: str = "float32", device: str = "cpu"):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from lsm_dist.checkpoint import load_causal_lm, load_tokenizer
 
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        models = [AutoModelForCausalLM.from_pretrained(str(p), dtype=DTYPES[dtype]).to(device).eval()
-                  for p in paths]  # fmt: skip
+        models = [load_causal_lm(p, DTYPES[dtype]).to(device).eval() for p in paths]
     finally:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
-    return models, AutoTokenizer.from_pretrained(str(paths[0]))
+    return models, load_tokenizer(paths[0])
 
 
 def calibration_texts(calib_file: str | None, n: int) -> list[str]:

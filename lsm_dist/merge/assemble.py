@@ -10,8 +10,11 @@ Hugging Face checkpoint ``out_dir/model/``.
 - Everything is written into ``out_dir/.model.tmp-<pid>/`` and checked before it counts:
   every tensor is finite (checked as it is written; an error names the tensor), and the
   written headers hold every target tensor with the target's shape and dtype. Only then is
-  the directory renamed to ``model/`` and ``MERGE_COMPLETE.json`` written into it.
+  ``MERGE_COMPLETE.json`` written into it and the directory renamed to ``model/``.
   :func:`is_complete` is the one test for a finished merge: no marker, not finished.
+- The marker is also the proof that lsm merge wrote a ``model/``: one without it (a user's
+  directory) is never replaced, and :func:`foreign_outputs` names it before any work. Temp
+  directories of killed assemblies (``.model.tmp-<pid>`` whose process is gone) are removed.
 """
 
 from __future__ import annotations
@@ -24,15 +27,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lsm_dist.checkpoint import INDEX_NAME, Checkpoint, TensorInfo
-from lsm_dist.merge.decode import META_KEY
+from lsm_dist.checkpoint import AUX_FILES, INDEX_NAME, Checkpoint, TensorInfo
+from lsm_dist.merge.decode import META_KEY, is_own_layer_entry
 from lsm_dist.merge.io import read_meta, release_memory, write_streaming
-from lsm_dist.utils import atomic_write_json, fsync_dir, get_logger, read_json
+from lsm_dist.utils import atomic_write_json, fsync_dir, get_logger, read_json, remove_dead_temps
 
 MARKER = "MERGE_COMPLETE.json"
-COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
-              "added_tokens.json", "chat_template.jinja", "chat_template.json")  # fmt: skip
+COPY_FILES = AUX_FILES
 log = get_logger("lsm.merge")
 
 
@@ -50,6 +51,40 @@ def is_complete(model_dir: str | Path, digest: str | None = None) -> bool:
     except ValueError:
         return False
     return digest is None or rec.get("plan_digest") == digest
+
+
+def _is_empty_dir(p: Path) -> bool:
+    return p.is_dir() and not p.is_symlink() and not any(p.iterdir())
+
+
+def foreign_outputs(layers_dir: Path, model_dir: Path) -> list[Path]:
+    """What ``layers/`` and ``model/`` hold that lsm merge cannot prove it wrote: a ``model/``
+    without ``MERGE_COMPLETE.json``, files in ``layers/`` that are neither our layer files
+    (our safetensors metadata) nor their temp files. Empty directories count as nothing."""
+    out: list[Path] = []
+    if layers_dir.is_symlink() or (layers_dir.exists() and not layers_dir.is_dir()):
+        out.append(layers_dir)
+    elif layers_dir.is_dir():
+        out += [p for p in sorted(layers_dir.iterdir()) if not is_own_layer_entry(p)]
+    if model_dir.is_symlink() or (model_dir.exists() and not _is_empty_dir(model_dir)
+                                  and not (model_dir / MARKER).is_file()):  # fmt: skip
+        out.append(model_dir)
+    return out
+
+
+def remove_own_outputs(layers_dir: Path, model_dir: Path) -> None:
+    """Delete what an earlier merge wrote into ``layers/`` and ``model/``, nothing else
+    (``overwrite: true``; call :func:`foreign_outputs` first)."""
+    if layers_dir.is_dir() and not layers_dir.is_symlink():
+        for p in layers_dir.iterdir():
+            if is_own_layer_entry(p):
+                p.unlink()
+        if _is_empty_dir(layers_dir):
+            layers_dir.rmdir()
+    if not model_dir.is_symlink() and (model_dir / MARKER).is_file():
+        shutil.rmtree(model_dir)
+    elif _is_empty_dir(model_dir):
+        model_dir.rmdir()
 
 
 def plan_shards(infos: list[TensorInfo], max_shard_size: int) -> list[list[TensorInfo]]:
@@ -86,6 +121,12 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
     """Build the HF checkpoint ``model_dir`` (see module doc) and mark it complete."""
     model_dir, layers_dir = Path(model_dir), Path(layers_dir)
     merged = merged_files(layers_dir, digest, groups)
+    if model_dir in foreign_outputs(layers_dir, model_dir):
+        raise AssemblyError(f"{model_dir} exists and was not written by lsm merge (no {MARKER}): "
+                            "refusing to replace it; move it away or choose another out_dir")
+    for p in remove_dead_temps([*model_dir.parent.glob(f".{model_dir.name}.tmp-*"),
+                                *model_dir.parent.glob(f".{model_dir.name}.old-*")]):  # fmt: skip
+        log.info("assemble: removed %s (left by a killed assembly)", p)
     tmp = model_dir.parent / f".{model_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -124,20 +165,23 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
             atomic_write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
             _verify(tmp, tck)
             num = len(infos)
+        # the marker goes in before the rename: model/ appears complete (and provably ours) at once
+        atomic_write_json(tmp / MARKER, {
+            "plan_digest": digest, "tensors": num, "merged_tensors": len(merged), "shards": n,
+            "total_size": total, "target": str(tck.path), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **(extra or {}),
+        })  # fmt: skip
         fsync_dir(tmp)
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
+        trash = model_dir.parent / f".{model_dir.name}.old-{os.getpid()}"
+        if model_dir.exists():  # our own (checked above): out of the way, then replaced
+            os.replace(model_dir, trash)
         os.replace(tmp, model_dir)
         fsync_dir(model_dir.parent)
+        shutil.rmtree(trash, ignore_errors=True)
     except BaseException:
         handles.clear()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_json(model_dir / MARKER, {
-        "plan_digest": digest, "tensors": num, "merged_tensors": len(merged), "shards": n,
-        "total_size": total, "target": str(tck.path), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **(extra or {}),
-    })  # fmt: skip
     log.info("assemble: %s (%d tensors, %d merged, %d shard(s))", model_dir, num, len(merged), n)
     return model_dir
 

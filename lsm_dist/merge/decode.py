@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,30 @@ log = get_logger("lsm.merge")
 
 def group_file(rp, group: str) -> Path:
     return rp.layers_dir / f"{group}.safetensors"
+
+
+# temp name of a layer file being written (merge.io.write_streaming: mkstemp beside it)
+_LAYER_TMP = re.compile(r"^\.[A-Za-z0-9_.-]+\.safetensors\.[A-Za-z0-9_]+\.tmp$")
+
+
+def is_own_layer_entry(p: Path) -> bool:
+    """A file of ``layers/`` this stage wrote: a layer file carrying our metadata, or the temp
+    file of one (a run killed while writing)."""
+    if p.is_symlink() or not p.is_file():
+        return False
+    return bool(_LAYER_TMP.match(p.name)) or (p.suffix == ".safetensors" and read_meta(p, META_KEY) is not None)
+
+
+def clean_group_temps(rp, groups) -> int:
+    """Remove the temp files a killed run left for ``groups`` (this worker's own layer files:
+    no other worker writes them). Returns how many."""
+    n = 0
+    for g in groups:
+        for p in rp.layers_dir.glob(f".{g}.safetensors.*.tmp"):
+            if _LAYER_TMP.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                n += 1
+    return n
 
 
 def group_done(rp, group: str) -> bool:
@@ -165,6 +190,8 @@ def run_decode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None) -
     idx, count = worker
     plan = rp.plan
     mine = list(rp.groups)[idx::count]
+    if rp.layers_dir.is_dir() and (n := clean_group_temps(rp, mine)):
+        log.info("merge: removed %d temp file(s) of killed runs from %s", n, rp.layers_dir)
     todo = [g for g in mine if not group_done(rp, g)]
     stats = {"written": 0, "skipped": len(mine) - len(todo)}
     if not todo:

@@ -10,17 +10,22 @@ from contextlib import suppress
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
 
-from lsm_dist.checkpoint import DTYPES, CheckpointError, TensorInfo, read_safetensors_header
-from lsm_dist.utils import atomic_open, fsync_dir
+from lsm_dist.checkpoint import (
+    DTYPES,
+    CheckpointError,
+    TensorInfo,
+    read_safetensors_header,
+    write_safetensors,
+)
+from lsm_dist.utils import atomic_open, fsync_dir, named_os_error
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """Safetensors written through ``utils.atomic_open``: readers never see half a file."""
-    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    """Safetensors written through ``utils.atomic_open``: readers never see half a file (and
+    the same tensors always give the same bytes)."""
     with atomic_open(path, "wb") as f:
-        f.write(data)
+        write_safetensors(f, tensors, metadata)
 
 
 def read_header(path: str | Path) -> dict | None:
@@ -125,9 +130,11 @@ def write_streaming(path: str | Path, infos: list[TensorInfo], fetch: Callable[[
         if atomic:
             os.replace(dst, path)
             fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         if atomic:
             with suppress(FileNotFoundError):
                 os.unlink(dst)
+        if isinstance(e, OSError):
+            raise named_os_error(e, path) from None
         raise
     return off

@@ -298,6 +298,7 @@ def _shape_desc(shape) -> str:
 
 def resolve_plan(plan: MergePlan) -> ResolvedPlan:
     """All checks before heavy work (see module doc); raises ConfigError / ValueError."""
+    check_out_dir(plan)
     checkpoints: dict[str, Checkpoint] = {}
     for mid in plan.operands:
         path, lora = plan.model_ref(mid)
@@ -351,6 +352,7 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
         if get_operator(plan.method).needs_logvar:
             check(plan.inputs == [tid], "inputs", "self_merge of a heterogeneous model: use the target")
     infos = _model_infos(plan, checkpoints, maps, jobs)
+    check_untouched_finite(plan, tck, {j.name for j in jobs}, infos[tid].digest)
     digest = sha256_json({
         "version": PLAN_VERSION,
         "plan": {k: v for k, v in plan_to_dict(plan).items()
@@ -402,7 +404,14 @@ def _check_fit(plan: MergePlan, mid: str, ck: Checkpoint, vpath: Path, vcfg: VAE
 
 
 def write_plan_record(rp: ResolvedPlan) -> None:
-    """Claim ``out_dir`` for this merge: refuse one holding another merge unless overwrite."""
+    """Claim ``out_dir`` for this merge: refuse one holding another merge unless overwrite, and
+    one whose layers/ or model/ hold anything lsm merge did not write (never deleted)."""
+    from lsm_dist.merge.assemble import foreign_outputs, remove_own_outputs
+
+    for p in foreign_outputs(rp.layers_dir, rp.model_dir):
+        raise ConfigError(f"out_dir: {p} was not written by lsm merge (a model/ without "
+                          "MERGE_COMPLETE.json, or a layers/ entry without lsm merge metadata) and "
+                          "would be overwritten: move it away or choose another out_dir")
     rec = rp.out_dir / PLAN_RECORD
     if rec.is_file():
         try:
@@ -413,10 +422,7 @@ def write_plan_record(rp: ResolvedPlan) -> None:
             check(rp.plan.overwrite, "out_dir",
                   f"{rp.out_dir} holds another merge (plan digest {old}, this plan {rp.digest}); "
                   "choose another out_dir or set overwrite: true")
-            import shutil
-
-            for sub in (rp.layers_dir, rp.model_dir):
-                shutil.rmtree(sub, ignore_errors=True)
+            remove_own_outputs(rp.layers_dir, rp.model_dir)
     atomic_write_json(rec, {
         "digest": rp.digest,
         "heterogeneous": rp.heterogeneous,
@@ -426,3 +432,46 @@ def write_plan_record(rp: ResolvedPlan) -> None:
         "tensors": len(rp.jobs),
         "groups": list(rp.groups),
     })
+
+
+def _real(p: Path, field_name: str) -> Path:
+    if p.is_symlink() and not p.exists():
+        raise ConfigError(f"{field_name}: {p} is a dangling symbolic link or a symlink loop")
+    return Path(os.path.realpath(p))
+
+
+def check_out_dir(plan: MergePlan) -> None:
+    """``out_dir`` apart from every input: not equal to, inside, or holding a model or VAE
+    path (the merge writes and replaces ``out_dir/layers`` and ``out_dir/model``)."""
+    out = _real(Path(plan.out_dir), "out_dir")
+    for mid in plan.models:
+        for what, p in ((f"models.{mid}", plan.model_path(mid)), (f"vae of {mid}", plan.vae_path(mid))):
+            if p is None:
+                continue
+            src = _real(p, what)
+            rel = ("is" if src == out else "is inside" if src in out.parents
+                   else "holds" if out in src.parents else None)  # fmt: skip
+            check(rel is None, "out_dir",
+                  f"{plan.out_dir} {rel} the input {what} ({p}): the merge writes into out_dir, so "
+                  "it must be apart from every model and VAE; choose another out_dir")  # fmt: skip
+
+
+def check_untouched_finite(plan: MergePlan, tck: Checkpoint, merged: set[str], digest: str) -> None:
+    """The target tensors copied unchanged into the merge hold no NaN/Inf (named with their
+    file now, not at assembly). Memoized per target content digest in ``cache_dir``."""
+    names = sorted(n for n in tck.tensors if n not in merged)
+    key = sha256_json([digest, names])[:16]
+    memo = Path(plan.cache_dir) / "finite.json"
+    try:
+        done = read_json(memo) if memo.is_file() else {}
+    except ValueError:
+        done = {}
+    if done.get(key):
+        return
+    try:
+        tck.check_finite(names)
+    except ValueError as e:
+        raise ConfigError(f"models.{plan.target}: {e}; the tensor is not merged, so it would be copied "
+                          "unchanged into the merged checkpoint: repair the target (or merge it: "
+                          "blocks / include)") from None  # fmt: skip
+    atomic_write_json(memo, {**done, key: True})

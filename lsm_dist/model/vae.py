@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import nn
 
-from lsm_dist.checkpoint import BLOCKS, read_safetensors_header
+from lsm_dist.checkpoint import BLOCKS, read_safetensors_header, write_safetensors
 from lsm_dist.config import ConfigError, check, check_choice, doc, from_dict, to_dict
 from lsm_dist.utils import atomic_open, atomic_write_json
 
@@ -398,9 +398,8 @@ def save_vae(model: TransformerVAE, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     cfg = _config_dict(model.cfg)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    blob = save(tensors, metadata={"format": FORMAT, "config": json.dumps(cfg, sort_keys=True)})
-    with atomic_open(directory / WEIGHTS_NAME, "wb") as f:
-        f.write(blob)
+    with atomic_open(directory / WEIGHTS_NAME, "wb") as f:  # same model, same bytes (digest)
+        write_safetensors(f, tensors, {"format": FORMAT, "config": json.dumps(cfg, sort_keys=True)})
     atomic_write_json(directory / CONFIG_NAME, {"format": FORMAT, **to_dict(model.cfg)})
     return directory
 

@@ -14,6 +14,7 @@ from lsm_dist.model import VAECheckpointError
 from lsm_dist.train.checkpointing import CheckpointError, export_vae
 from lsm_dist.train.config import TrainConfig, load_train_config
 from lsm_dist.train.loop import TrainingDiverged, run_train
+from lsm_dist.utils import os_error_message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
             print(export_vae(a.run_dir, a.checkpoint, a.out))
         except (CheckpointError, VAECheckpointError, FileNotFoundError) as e:
             print(f"lsm train export: error: {e}", file=sys.stderr)
+            return 1
+        except (OSError, RuntimeError) as e:
+            if (msg := os_error_message(e)) is None:
+                raise
+            print(f"lsm train export: error: {msg}", file=sys.stderr)
             return 1
         return 0
     p = argparse.ArgumentParser(prog="python -m lsm_dist.train")
@@ -46,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (CorpusError, CheckpointError, TrainingDiverged, FileNotFoundError) as e:
         print(f"lsm train: error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError) as e:  # disk full, symlink loops: a line, not a traceback
+        if (msg := os_error_message(e)) is None:
+            raise
+        print(f"lsm train: error: {msg}", file=sys.stderr)
         return 1
     if read_env().rank == 0:
         print(json.dumps({k: v for k, v in result.items() if not k.startswith("perf/")}, default=str))

@@ -13,21 +13,32 @@ Layout under ``run_dir/checkpoints/``::
 A save writes everything into ``step-N.tmp/``; after a barrier (every rank finished its
 shards) rank 0 writes ``trainer_state.json`` and ``COMPLETE``, fsyncs and renames the
 directory to ``step-N/``. ``resume=auto`` takes the newest directory with ``COMPLETE``;
-``keep_last_k`` removes older complete ones (rank 0).
+``keep_last_k`` removes older complete ones (rank 0); a run removes the ``step-N.tmp/`` left by
+killed saves (only that name, only under ``checkpoints/``).
+
+Training state is unpickled weights-only: DeepSpeed and ``zero_to_fp32`` call ``torch.load``
+with ``weights_only=False``, which would run any code a replaced ``*.pt`` / ``*.pkl`` carries.
+:func:`weights_only_loads` forces torch's restricted unpickler for every load (resume and
+export) and allows only the few DeepSpeed / NumPy types these files hold; every pickle of a
+checkpoint is first checked with it, so a file that needs anything else is refused by name.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from lsm_dist.config import ConfigError, from_dict
 from lsm_dist.model import TransformerVAE, VAEConfig, load_vae, save_vae
-from lsm_dist.utils import atomic_write_json, atomic_write_text, fsync_dir, read_json
+from lsm_dist.utils import atomic_write_json, atomic_write_text, fsync_dir, human_bytes, read_json
 
 CKPT_DIR = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -35,6 +46,8 @@ STATE = "trainer_state.json"
 STATE_FORMAT = "lsm_dist.train.v1"
 DS_TAG = "pytorch_model"  # accelerate's DeepSpeed checkpoint tag for the first model
 _STEP_RE = re.compile(r"^step-(\d{8})$")
+_PARTIAL_RE = re.compile(r"^step-\d{8}\.tmp$")  # a save killed before its rename
+PICKLE_SUFFIXES = (".pt", ".pkl", ".bin", ".pth")  # what DeepSpeed / accelerate torch.load
 
 
 class CheckpointError(ValueError):
@@ -102,6 +115,96 @@ def check_compatible(state: dict, path: Path, model_digest: str, world_size: int
             f"same world size")
 
 
+def safe_globals() -> list:
+    """The non-tensor types DeepSpeed (ZeRO 1-3, fp32 / bf16 / fp16) and accelerate's RNG state
+    pickle into a checkpoint: plain records (an enum, a loss-scale holder, a fragment address)
+    and NumPy arrays; none runs code when rebuilt."""
+    import numpy as np
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS  # numpy arrays / dtypes, codecs.encode
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [*TORCH_SAFE_GLOBALS, np.dtype, ZeroStageEnum, LossScaler, DynamicLossScaler,
+            fragment_address]  # fmt: skip
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Within: every ``torch.load`` is weights-only, whatever its caller asks
+    (``TORCH_FORCE_WEIGHTS_ONLY_LOAD``), with :func:`safe_globals` allowed."""
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
+def check_pickles(ckpt: str | Path) -> None:
+    """Open every pickle of a step directory with the restricted unpickler (memory-mapped: the
+    tensors are not read); ``CheckpointError`` naming the file that needs anything else."""
+    files = sorted(p for p in Path(ckpt).rglob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    with weights_only_loads():
+        for f in files:
+            try:
+                torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, EOFError) as e:
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+                why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[-1] if lines else "")
+                raise CheckpointError(
+                    f"{f}: refused to unpickle training state ({why[:300]}); only tensors, numbers "
+                    "and DeepSpeed's own state records are loaded, never code. The file was "
+                    "replaced or is not from `lsm train`: use another checkpoint (resume=PATH) or "
+                    "remove this one") from None
+
+
+def clean_partial(run_dir: str | Path) -> list[Path]:
+    """Remove ``checkpoints/step-N.tmp/`` directories left by killed saves (rank 0, before
+    training: no save of this run is under way). Returns what was removed."""
+    root = Path(run_dir) / CKPT_DIR
+    gone = [p for p in root.iterdir() if _PARTIAL_RE.match(p.name) and p.is_dir()] if root.is_dir() else []
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+def _write_failure(tmp: Path, step: int, err: BaseException) -> CheckpointError:
+    """A readable error for a save that failed (disk full shows as torch's 'unexpected pos')."""
+    files = [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []
+    last = max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+    try:
+        free = human_bytes(shutil.disk_usage(tmp if tmp.exists() else tmp.parent).free)
+    except OSError:
+        free = "unknown"
+    text = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    short = ("unexpected pos" in text or "iostream error" in text
+             or getattr(err, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT))
+    hint = (" -- the disk is full (or a quota / file-size limit was hit): torch reports such a "
+            "short write as 'unexpected pos' or 'iostream error'" if short else "")
+    return CheckpointError(
+        f"could not write the step-{step} training checkpoint into {tmp}"
+        + (f" (while writing {last})" if last else "") + f": {text}{hint}. Free space there: {free}. "
+        "The partial directory is never resumed from; free space and rerun (resume=auto)")
+
+
+def check_same_corpus(state: dict, path: Path, corpus: str | Path, corpus_digest: str) -> None:
+    """Refuse to resume a run on another corpus (the checkpoint's data position, held-out set
+    and normalization belong to the corpus it was trained on)."""
+    data = state.get("data", {})
+    old = data.get("corpus_digest")
+    if old is not None and old != corpus_digest:
+        raise CheckpointError(
+            f"resume: checkpoint {path} was trained on corpus {data.get('corpus')} (digest {old}), "
+            f"this run's corpus is {corpus} (digest {corpus_digest}): its data position and "
+            f"held-out set belong to the other corpus. Set corpus={data.get('corpus')} to continue "
+            "it, or use another run_dir (or resume=none) to train on this one")
+
+
 def _barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -117,11 +220,17 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict,
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of a killed save
         tmp.mkdir(parents=True)
     _barrier()
-    accelerator.save_state(str(tmp))  # DeepSpeed shards + per-rank RNG; every rank
+    try:
+        accelerator.save_state(str(tmp))  # DeepSpeed shards + per-rank RNG; every rank
+    except (RuntimeError, OSError) as e:
+        raise _write_failure(tmp, step, e) from None
     _barrier()
     if main:
-        atomic_write_json(tmp / STATE, state)
-        atomic_write_text(tmp / COMPLETE, f"step {step}\n")
+        try:
+            atomic_write_json(tmp / STATE, state)
+            atomic_write_text(tmp / COMPLETE, f"step {step}\n")
+        except OSError as e:
+            raise _write_failure(tmp, step, e) from None
         fsync_dir(tmp)
         if final.exists():  # a re-run reached the same step: replace
             shutil.rmtree(final)
@@ -135,8 +244,11 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict,
 
 
 def load_checkpoint(accelerator, path: str | Path) -> dict:
-    """Collective: restore engine (model, optimizer, scheduler) and RNG; return trainer state."""
-    accelerator.load_state(str(path))
+    """Collective: restore engine (model, optimizer, scheduler) and RNG; return trainer state.
+    Pickles are loaded weights-only (see the module doc)."""
+    check_pickles(path)
+    with weights_only_loads():
+        accelerator.load_state(str(path))
     return read_state(path)
 
 
@@ -147,10 +259,12 @@ def gather_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils import logger as ds_logger
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    check_pickles(ckpt)
     level = ds_logger.level
     ds_logger.setLevel(logging.WARNING)
     try:
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+        with weights_only_loads():
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
     finally:
         ds_logger.setLevel(level)
     return {k.removeprefix("module."): v.float().contiguous() for k, v in sd.items()}

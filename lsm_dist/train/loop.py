@@ -98,8 +98,12 @@ class Progress:
         return start2 + cfg.stage2_steps
 
 
+def corpus_digest(corpus: Corpus) -> str:
+    return corpus.manifest["plan_digest"]
+
+
 def data_digest(cfg: TrainConfig, corpus: Corpus) -> str:
-    return sha256_json([corpus.manifest["plan_digest"], cfg.batch_size, cfg.grad_accum, cfg.seed,
+    return sha256_json([corpus_digest(corpus), cfg.batch_size, cfg.grad_accum, cfg.seed,
                         cfg.shuffle_buffer, cfg.val_fraction])[:16]
 
 
@@ -111,7 +115,8 @@ def trainer_state(cfg: TrainConfig, prog: Progress, world: int, corpus: Corpus) 
         "stage2_start": prog.stage2_start,
         "plateau": {"best": prog.best, "bad": prog.bad},
         "data": {"batches_consumed": prog.step * cfg.grad_accum, "batch_size": cfg.batch_size,
-                 "grad_accum": cfg.grad_accum, "seed": cfg.seed, "digest": data_digest(cfg, corpus)},
+                 "grad_accum": cfg.grad_accum, "seed": cfg.seed, "digest": data_digest(cfg, corpus),
+                 "corpus": str(Path(corpus.path).resolve()), "corpus_digest": corpus_digest(corpus)},
         "rng": "random_states_<rank>.pkl (python, numpy, torch; written by accelerate.save_state)",
         "world_size": world,
         "model_digest": cfg.model_digest(),
@@ -199,7 +204,10 @@ def run_train(cfg: TrainConfig) -> dict:
         raise ConfigError("stage1_plateau.patience: needs validation samples (val_fraction > 0)")
     resume_from = ck.find_resume(run_dir, cfg.resume)
     if resume_from is not None:
-        ck.check_compatible(ck.read_state(resume_from), resume_from, cfg.model_digest(), env.world_size)
+        saved = ck.read_state(resume_from)
+        ck.check_compatible(saved, resume_from, cfg.model_digest(), env.world_size)
+        ck.check_same_corpus(saved, resume_from, Path(corpus.path).resolve(), corpus_digest(corpus))
+        ck.check_pickles(resume_from)  # before any process group: a refused file fails fast
 
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
     export_torch_env(env, single_process=True)
@@ -210,6 +218,8 @@ def run_train(cfg: TrainConfig) -> dict:
     if main:
         save_resolved(cfg, run_dir / "config.yaml")
         (run_dir / PREEMPTED).unlink(missing_ok=True)
+        for p in ck.clean_partial(run_dir):
+            log.info("removed %s (a checkpoint save killed before it completed)", p)
     log.info("rank %d/%d on %s, ZeRO-%s (%s), %s, corpus %s: %d samples", rank, world, device,
              ds["zero_optimization"]["stage"], ds_path, "bf16" if bf16 else "fp32", corpus.path,
              corpus.num_samples)
@@ -243,8 +253,9 @@ def run_train(cfg: TrainConfig) -> dict:
                         metrics=state.get("metrics", {}))
         schedule.stage2_start = prog.stage2_start
         if state["data"]["digest"] != data_digest(cfg, corpus):
-            log.warning("resume: corpus / batch / seed settings changed since the checkpoint: the "
-                        "data stream will not continue exactly")
+            log.warning("resume: batch / seed / shuffle / val_fraction settings (or, for a checkpoint "
+                        "from before corpus digests were recorded, the corpus) changed since the "
+                        "checkpoint: the data stream will not continue exactly")
         log.info("resumed from %s at step %d (stage %d)", resume_from, prog.step, prog.stage())
 
     val = load_eval_set(corpus, sorted(holdout), cfg.val_max_samples, cfg.seed).shard(rank, world)

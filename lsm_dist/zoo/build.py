@@ -23,7 +23,9 @@ safetensors (``max_shard_size``) with ``model.safetensors.index.json``, the toke
 ``zoo_card.json`` (spec, hash, source, training losses, greedy exact-match accuracy per task on
 ``eval_samples`` test queries, measured on the model as saved). A model is built in a
 temporary sibling dir and moved into place with ``os.replace``; a dir whose card hash
-matches the spec (which includes the parent's hash) is reused without training.
+matches the spec (which includes the parent's hash) is reused without training. Only the zoo's
+own models (a directory with ``zoo_card.json``) are ever replaced: a same-named directory
+without a card is refused, before anything is trained.
 """
 
 from __future__ import annotations
@@ -41,7 +43,14 @@ import torch
 from tqdm.auto import tqdm
 
 from lsm_dist.config import check, check_choice, doc, load_config, to_dict
-from lsm_dist.utils import atomic_write_json, get_logger, read_json, sha256_file, sha256_json
+from lsm_dist.utils import (
+    atomic_write_json,
+    get_logger,
+    read_json,
+    remove_dead_temps,
+    sha256_file,
+    sha256_json,
+)
 from lsm_dist.zoo import tasks as T
 from lsm_dist.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer
 
@@ -263,10 +272,10 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32):
-    from transformers import AutoModelForCausalLM
+    from lsm_dist.checkpoint import load_causal_lm
 
     with quiet_transformers():
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        return load_causal_lm(path, dtype)
 
 
 # --------------------------------------------------------------------------- training
@@ -388,17 +397,26 @@ def read_card(model_dir: str | Path) -> dict | None:
 
 def _clean_stale(out: Path, name: str) -> None:
     """Remove temp / trash dirs of ``name`` left by dead processes (or by this one)."""
-    for d in [*out.glob(f".{name}.tmp-*"), *out.glob(f".{name}.old-*")]:
-        pid = d.name.rsplit("-", 1)[-1]
-        try:
-            alive = pid.isdigit() and int(pid) != os.getpid() and os.kill(int(pid), 0) is None
-        except (ProcessLookupError, PermissionError):
-            alive = False
-        if not alive:
-            shutil.rmtree(d, ignore_errors=True)
+    remove_dead_temps([*out.glob(f".{name}.tmp-*"), *out.glob(f".{name}.old-*")])
+
+
+def _owned_or_absent(d: Path) -> bool:
+    """``d`` may be replaced: absent, an empty directory, or a model this zoo built (its card)."""
+    if not (d.exists() or d.is_symlink()):
+        return True
+    if d.is_dir() and not d.is_symlink() and not any(d.iterdir()):
+        return True
+    return d.is_dir() and read_card(d) is not None
+
+
+def _refuse_foreign(d: Path) -> None:
+    check(_owned_or_absent(d), "out_dir",
+          f"{d} exists and is not a model this zoo built (no readable {CARD_NAME}): lsm zoo only "
+          "replaces its own models; move it away or choose another out_dir")  # fmt: skip
 
 
 def _move_into_place(tmp: Path, dst: Path) -> None:
+    _refuse_foreign(dst)
     trash = None
     if dst.exists():
         trash = dst.with_name(f".{dst.name}.old-{os.getpid()}")
@@ -496,6 +514,8 @@ def build_zoo(cfg: ZooConfig, progress: bool = True, force: bool = False) -> dic
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {m.name: out / m.name for m in cfg.models}
+    for p in paths.values():  # before any training: a same-named directory of the user's stays
+        _refuse_foreign(p)
     hashes: dict[str, str] = {}
     todo: list[ZooModelSpec] = []
     for spec in cfg.models:  # already in dependency order
