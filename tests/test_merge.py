@@ -153,7 +153,7 @@ def test_dare_seeded():
     p0 = apply_operator("dare", [x], MergeParams(drop_p=0.0), base=base, key="w")
     assert torch.allclose(p0, x)
     out = apply_operator("dare", [x], MergeParams(drop_p=0.5, seed=3), base=base, key="w")
-    keep = torch.rand(1000, generator=make_generator(3, "w")) >= 0.5  # the documented mask
+    keep = torch.rand(1000, generator=make_generator(3, "w")) < 0.5  # the documented mask: kept where u < 1-p
     assert torch.allclose(out, torch.where(keep, 2 * x, torch.zeros_like(x)))
     again = apply_operator("dare", [x], MergeParams(drop_p=0.5, seed=3), base=base, key="w")
     other = apply_operator("dare", [x], MergeParams(drop_p=0.5, seed=4), base=base, key="w")

@@ -51,7 +51,8 @@ def run_assemble(rp: ResolvedPlan) -> Path:
     groups = {g: [j.name for j in jobs] for g, jobs in rp.groups.items()}
     return assemble(rp.models[rp.plan.target].path, rp.layers_dir, rp.model_dir, rp.digest,
                     parse_size(rp.plan.max_shard_size), groups,
-                    extra={"method": rp.plan.method, "space": rp.plan.space})
+                    extra={"method": rp.plan.method, "space": rp.plan.space},
+                    outputs=rp.outputs, config_patch=rp.config_patch)
 
 
 def run_merge(plan: MergePlan | str | Path, overrides: Sequence[str] = ()) -> Path:
