@@ -21,7 +21,7 @@ if [ ! -f "$stamp" ]; then
   fi
   echo "setup: installing lsm_dist and its dependencies" >&2
   "$VENV/bin/python" -m pip install -q -e ".[dev]" 2>&1 | grep -vE "^WARNING: Location|is ignored" || true
-  "$VENV/bin/python" -c "import torch, deepspeed, accelerate, transformers, safetensors, ot, webdataset, submitit, tensorboard, lm_eval, lsm_dist" \
+  "$VENV/bin/python" -c "import torch, deepspeed, accelerate, transformers, safetensors, ot, webdataset, submitit, tensorboard, lm_eval, mergekit, lsm_dist" \
     || { echo "setup: import check failed" >&2; exit 1; }
   rm -f "$VENV"/.lsm-setup-*
   touch "$stamp"

@@ -58,7 +58,7 @@ def check_setting(value: Any, where: str) -> None:
         extra = sorted(set(cond) - {"filter", "value"})
         check(not extra, f"{where}[{i}]", f"unknown key(s) {extra}; a condition has `filter` and `value`")
         check(cond.get("filter") is None or isinstance(cond["filter"], str), f"{where}[{i}].filter",
-              f"must be a string, got {cond['filter']!r}")
+              f"must be a string, got {cond.get('filter')!r}")
         check(_scalar(cond["value"]) or (isinstance(cond["value"], list) and bool(cond["value"])
                                          and all(_scalar(v) for v in cond["value"])),
               f"{where}[{i}].value", f"must be a value or a gradient list, got {cond['value']!r}")
