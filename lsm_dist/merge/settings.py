@@ -136,6 +136,10 @@ def resolve_params(defaults: MergeParams, default_inputs: Sequence[str], inputs:
                 else:
                     v = base_val
             vals.append(v)
+        if found and None in vals:
+            missing = [m for m, v in zip(inputs, vals) if v is None]
+            raise ConfigError(f"params.{field}: no {key} for input(s) {missing} of tensor {out_name} "
+                              f"while others have one (set models.<id>.params.{key})")
         if found or isinstance(base_val, list):
             d[field] = vals
     d["lambda_"] = d.pop("lambda")
