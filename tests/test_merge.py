@@ -505,6 +505,9 @@ def test_cli_stages_split_across_array_tasks(zoo, tmp_path, monkeypatch):
     assert main(["assemble", "-c", str(y)]) == 0
     assert is_complete(tmp_path / "out" / "model")
     assert main(["merge", "-c", str(y), "params.lambda=1.5"]) == 2
+    assert main(["merge", str(y), "params.lambda=1.5"]) == 2  # the positional plan, as the README says
+    assert main(["merge", str(y), "-c", str(y)]) == 2  # not both
+    assert main(["merge", str(y)]) == 0  # done: a no-op
 
 
 def test_native_plan_per_model_params_filters_and_slices(zoo, tmp_path):

@@ -422,3 +422,17 @@ def test_agrees_with_mergekit(name, mk_zoo, peer_outputs, tmp_path):
         assert abs(float(da.norm() / db.norm()) - 1) < 0.03
         assert abs(float(da.abs().mean() / db.abs().mean()) - 1) < 0.03
         assert float(torch.corrcoef(torch.stack([da, db]))[0, 1]) > 0.3
+
+
+def test_cli_runs_a_mergekit_config_unchanged(mk_zoo, tmp_path, capsys):
+    from lsm_dist.cli import main
+
+    cfg = write_cfg(tmp_path, EXAMPLES["linear"][1], mk_zoo)
+    assert main(["merge", str(cfg), f"out_dir={tmp_path / 'o'}"]) == 0
+    out = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    ck, base, a, b = (Checkpoint(p) for p in (out, mk_zoo["base"], mk_zoo["a"], mk_zoo["b"]))
+    n = "model.layers.1.mlp.down_proj.weight"
+    assert torch.allclose(ck.read(n), (base.read(n) + 0.3 * a.read(n) + 0.5 * b.read(n)) / 1.8, atol=1e-6)
+    cfg.write_text(cfg.read_text().replace("merge_method: linear", "merge_method: sce"))
+    assert main(["merge", str(cfg), f"out_dir={tmp_path / 'o2'}"]) == 2
+    assert "merge_method: 'sce' is not supported" in capsys.readouterr().err
