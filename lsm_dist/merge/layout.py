@@ -70,10 +70,18 @@ def renumber(name: str, layer: int) -> str:
     return name if m is None else f"{name[:m.start(1)]}{layer}{name[m.end(1):]}"
 
 
+def default_inputs(op, models: list[str], target: str, base: str | None) -> list[str]:
+    """Operator inputs when a plan (or slice) does not name them."""
+    if op.needs_base or (op.base == "optional" and base is not None):
+        return [m for m in models if m != base]
+    if op.max_inputs == 1:
+        return [target if target in models else models[0]]
+    first = [target] if target in models else []
+    return first + [m for m in models if m not in (target, base)]
+
+
 def layer_specs(plan, checkpoints: dict[str, Checkpoint], maps: dict[str, list[int] | None]):
     """(per-layer specs, pre spec, post spec) of a plan."""
-    from lsm_dist.merge.plan import default_inputs
-
     op = get_operator(plan.method)
     tid = plan.target
     if plan.slices is None:

@@ -23,9 +23,8 @@ What maps where (details and the semantic choices in docs/mergekit.md):
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +66,10 @@ RUN_KEYS = ("space", "vae", "out_dir", "cache_dir", "zoo_dir", "device", "batch_
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def plan_data(raw: Mapping[str, Any], path: str | Path | None = None) -> dict[str, Any]:
-    """The merge-plan mapping of a mergekit config ``raw`` (read from ``path``)."""
+def plan_data(raw: Mapping[str, Any], path: str | Path | None = None,
+              model_keys: Collection[str] = ("path", "vae", "params")) -> dict[str, Any]:
+    """The merge-plan mapping of a mergekit config ``raw`` (read from ``path``); ``model_keys``:
+    the keys a plan's model entry has (``lora`` once LoRA inputs exist)."""
     where = f"mergekit config {path}" if path else "mergekit config"
     unknown = sorted(set(raw) - set(MERGEKIT_KEYS) - set(RUN_KEYS))
     check(not unknown, where, f"unknown key(s) {unknown}; mergekit keys: {list(MERGEKIT_KEYS)}, "
@@ -125,7 +126,7 @@ def plan_data(raw: Mapping[str, Any], path: str | Path | None = None) -> dict[st
         data["slices"] = slices
         order = list(ids.ids)
         inputs = None
-    if "lora" in {f.name for f in dataclasses.fields(_model_entry())}:
+    if "lora" in model_keys:
         data["models"] = {m: {"path": ids.path(m), **({"lora": ids.lora[m]} if m in ids.lora else {}),
                               "params": ids.params.get(m, {})} for m in ids.ids}
     else:
@@ -158,12 +159,6 @@ def plan_data(raw: Mapping[str, Any], path: str | Path | None = None) -> dict[st
             data[key] = v
     _check_required(method, seen, where)
     return data
-
-
-def _model_entry():
-    from lsm_dist.merge.plan import ModelEntry
-
-    return ModelEntry
 
 
 def _inputs(method: str, order: list[str], base: str | None) -> list[str]:

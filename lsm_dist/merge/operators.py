@@ -18,6 +18,10 @@ SLERP granularity (``params.granularity``):
 A pair whose normalized dot product exceeds ``0.9995`` in absolute value (angle near 0 or π),
 or where a vector is (near) zero, falls back to LERP, where SLERP is numerically unstable.
 
+The other families live in ``lsm_dist.merge.task_vectors`` (task arithmetic, TIES, DARE,
+Breadcrumbs, DELLA) and ``lsm_dist.merge.spherical`` (slerp, nuslerp, multislerp, karcher,
+model_stock); they register here when ``lsm_dist.merge`` is imported (its ``__init__``).
+
 Randomness (DARE masks, self-merge posterior samples) comes from :func:`make_generator`
 seeded by ``(params.seed, key)`` where the caller passes the tensor name as ``key``, so a
 result does not depend on which rank merges which tensor or in what order.
@@ -78,6 +82,7 @@ class MergeParams:
     granularity: str = doc(
         "slerp / nuslerp / model_stock: 'tensor' (one flattened vector), 'vector' (per vector along "
         "the last axis: per latent token / weight row) or 'column' (nuslerp: along the first axis)", "tensor")
+    eps: float = doc("slerp_norm: LERP where the angle is within eps radians of 0 or π", 1e-4)
     max_iter: int = doc("karcher: iterations of the Karcher-mean fixed point", 10)
     tol: float = doc("karcher: stop when the tangent step norm is below this", 1e-5)
 
@@ -106,6 +111,7 @@ class MergeParams:
         check(math.isfinite(self.scale), "params.scale", f"must be finite, got {self.scale!r}")
         check(isinstance(self.max_iter, int) and self.max_iter >= 1, "params.max_iter", "must be >= 1")
         check(self.tol > 0, "params.tol", f"must be > 0, got {self.tol!r}")
+        check(self.eps >= 0, "params.eps", f"must be >= 0, got {self.eps!r}")
         if self.weights is not None:
             check(len(self.weights) > 0, "params.weights", "must not be empty")
             check(all(math.isfinite(w) for w in self.weights), "params.weights",
@@ -282,6 +288,3 @@ def self_merge(xs, p: MergeParams, logvars, gen: torch.Generator, **_) -> torch.
         acc.add_(torch.randn(mu.shape, generator=gen))
     return mu + torch.exp(0.5 * logvar) * (acc / p.samples)
 
-
-# The other operator families register themselves on import (they use the registry above).
-from lsm_dist.merge import spherical, task_vectors  # noqa: E402,F401

@@ -31,7 +31,7 @@ from lsm_dist.config import (
     to_dict,
 )
 from lsm_dist.merge.hetero import AlignConfig, resolve_layer_map
-from lsm_dist.merge.layout import TensorJob, build_layout
+from lsm_dist.merge.layout import TensorJob, build_layout, default_inputs
 from lsm_dist.merge.operators import OPERATORS, MergeParams, get_operator
 from lsm_dist.merge.settings import PER_INPUT, check_settings
 from lsm_dist.model import VAEConfig, read_vae_config, vae_digest
@@ -229,16 +229,6 @@ class MergePlan:
         return out
 
 
-def default_inputs(op, models: list[str], target: str, base: str | None) -> list[str]:
-    """Operator inputs when a plan (or slice) does not name them."""
-    if op.needs_base or (op.base == "optional" and base is not None):
-        return [m for m in models if m != base]
-    if op.max_inputs == 1:
-        return [target if target in models else models[0]]
-    first = [target] if target in models else []
-    return first + [m for m in models if m not in (target, base)]
-
-
 def load_plan(path: str | Path | None = None, overrides=()) -> MergePlan:
     """Defaults ← YAML ← dotted overrides (``params.lambda=0.3`` works: key ``lambda``).
 
@@ -248,7 +238,7 @@ def load_plan(path: str | Path | None = None, overrides=()) -> MergePlan:
     if "merge_method" in data:
         from lsm_dist.merge.mergekit import plan_data
 
-        data = plan_data(data, path)
+        data = plan_data(data, path, {f.name for f in dataclasses.fields(ModelEntry)})
     data = config_data(MergePlan, path, overrides, what="merge plan",
                        aliases={"params.lambda": "params.lambda_"}, data=data)
     return from_dict(MergePlan, data)

@@ -97,7 +97,7 @@ def slerp_norm(xs, p: MergeParams, **_) -> torch.Tensor:
     """Hidden-state paper's SLERP: great-circle direction, linearly interpolated norm."""
     a, b = xs
     g = "tensor" if p.granularity == "column" else p.granularity
-    return from_vectors(slerp_norm_vectors(as_vectors(a, g), as_vectors(b, g), p.lambda_), a, g)
+    return from_vectors(slerp_norm_vectors(as_vectors(a, g), as_vectors(b, g), p.lambda_, p.eps), a, g)
 
 
 @register_operator("nuslerp", min_inputs=2, max_inputs=2, base="optional", weights="scale")
