@@ -26,15 +26,20 @@ from tests.merge_helpers import build_model, perturbed_expert
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: 2 threads only add overhead on small VMs
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def mk_zoo(tmp_path_factory):
     d = tmp_path_factory.mktemp("mk_zoo")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     z = {"base": build_model("llama", d / "base", 64, 4, 128, seed=0)}
     for i, name in enumerate(("a", "b", "c"), start=1):
         z[name] = perturbed_expert(z["base"], d / name, seed=i)
-    torch.set_num_threads(n)
     return z
 
 
@@ -263,6 +268,17 @@ dtype: float32
 }
 
 
+# the deterministic ones also in bfloat16 (mergekit computes the task-vector methods in `dtype`)
+BF16 = ["linear", "gradient-slerp", "task_arithmetic", "ties", "breadcrumbs_ties", "karcher", "model_stock"]
+CASES = list(EXAMPLES) + [f"{n}@bf16" for n in BF16]
+
+
+def example_text(case: str) -> tuple[str, str]:
+    name, _, dt = case.partition("@")
+    kind, text = EXAMPLES[name]
+    return kind, (text.replace("dtype: float32", "dtype: bfloat16") if dt else text)
+
+
 # ------------------------------------------------------------------------ the reader
 def test_every_example_reads_onto_a_plan(mk_zoo, tmp_path):
     for name, (_, text) in EXAMPLES.items():
@@ -375,10 +391,12 @@ def peer_outputs(mk_zoo, tmp_path_factory):
         pytest.skip(msg)
     d = tmp_path_factory.mktemp("peer")
     argv, outs = [], {}
-    for name, (_, text) in EXAMPLES.items():
-        argv += [str(write_cfg(d, text, mk_zoo, f"{name}.yml")), str(d / f"mk-{name}")]
-        outs[name] = (d / f"{name}.yml", d / f"mk-{name}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHONPATH")}
+    for case in CASES:
+        argv += [str(write_cfg(d, example_text(case)[1], mk_zoo, f"{case}.yml")), str(d / f"mk-{case}")]
+        outs[case] = (d / f"{case}.yml", d / f"mk-{case}")
+    # the same thread count as our merges: parallel reductions (norms, dots) round by it
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTHONPATH")},
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     r = subprocess.run([py, "-c", RUNNER, *argv], capture_output=True, text=True, env=env,
                        cwd=d, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -390,9 +408,9 @@ def _deltas(ck: Checkpoint, base: Checkpoint, names) -> torch.Tensor:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(EXAMPLES))
+@pytest.mark.parametrize("name", CASES)
 def test_agrees_with_mergekit(name, mk_zoo, peer_outputs, tmp_path):
-    kind = EXAMPLES[name][0]
+    kind = example_text(name)[0]
     cfg, mk_dir = peer_outputs[name]
     ours = Checkpoint(run_merge(load_plan(cfg, [f"out_dir={tmp_path / 'o'}"])))
     theirs = Checkpoint(mk_dir)

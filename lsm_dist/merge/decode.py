@@ -128,7 +128,8 @@ def merge_weight_tensor(rp, job, checkpoints: dict[str, Checkpoint]) -> torch.Te
 
     xs = [read(m) for m in job.inputs]
     base = read(job.base) if job.base is not None else None
-    out = apply_operator(plan.method, xs, job.params, base=base, key=job.name)
+    work = cast if plan.arithmetic == "dtype" else None
+    out = apply_operator(plan.method, xs, job.params, base=base, key=job.name, dtype=work)
     return out.to(DTYPES[job.dtype])
 
 

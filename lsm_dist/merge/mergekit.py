@@ -87,6 +87,7 @@ def plan_data(raw: Mapping[str, Any], path: str | Path | None = None,
     base = ids.add(raw["base_model"], "base_model") if raw.get("base_model") is not None else None
     keymap = METHODS[method]
     data: dict[str, Any] = {"method": method, "space": raw.get("space", "weight"), "rest": "weight",
+                            "arithmetic": "dtype",
                             "origin": f"mergekit:{path}" if path else "mergekit"}
     data |= {k: raw[k] for k in RUN_KEYS if k in raw}
     seen: set[str] = set()

@@ -130,6 +130,7 @@ class Operator:
     min_inputs: int = 1
     max_inputs: int | None = None
     latent_only: bool = False
+    native_dtype: bool = False  # computes in the inputs' dtype when asked (mergekit's arithmetic)
     weights: str = "none"  # none | sum_to_one | scale | normalize
     per_input: tuple[str, ...] = ()  # per-input parameters besides weights (density, gamma, ...)
     doc: str = ""
@@ -220,8 +221,12 @@ def apply_operator(
     base: torch.Tensor | None = None,
     logvars: Sequence[torch.Tensor] | None = None,
     key: str = "",
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Validate and run operator ``name``; inputs are cast to float32, output is float32."""
+    """Validate and run operator ``name``; inputs are cast to float32 and so is the output,
+    except with ``dtype`` for operators with ``native_dtype`` (the task-vector methods,
+    nuslerp, multislerp, model_stock, passthrough), which then compute in ``dtype`` as
+    mergekit does in its ``dtype``; the others (linear, slerp, ...) compute in float32 there too."""
     params = params or MergeParams()
     op = get_operator(name)
     op.validate(params, len(xs), base is not None)
@@ -233,8 +238,9 @@ def apply_operator(
         raise ValueError(f"{name}: base has shape {tuple(base.shape)}, inputs have {shape} ({key})")
     if op.needs_logvar and (logvars is None or len(logvars) != len(xs)):
         raise ValueError(f"{name}: needs the log-variances of its inputs (latent space only) ({key})")
-    xs = [x.float() for x in xs]
-    base = base.float() if base is not None and op.base != "none" else None
+    work = dtype if (dtype is not None and op.native_dtype) else torch.float32
+    xs = [x.to(work) for x in xs]
+    base = base.to(work) if base is not None and op.base != "none" else None
     lv = [v.float() for v in logvars] if logvars is not None else None
     return op.fn(xs, params, base=base, logvars=lv, gen=make_generator(params.seed, key))
 
@@ -273,7 +279,7 @@ def linear(xs, p: MergeParams, **_) -> torch.Tensor:
     return weighted_sum(xs, w, normalize=p.normalize is not False)
 
 
-@register_operator("passthrough", min_inputs=1, max_inputs=1)
+@register_operator("passthrough", min_inputs=1, max_inputs=1, native_dtype=True)
 def passthrough(xs, p: MergeParams, **_) -> torch.Tensor:
     """The single input unchanged (times ``scale`` when it is not 1): layer stacking with slices."""
     return xs[0].clone() if p.scale == 1.0 else xs[0] * p.scale

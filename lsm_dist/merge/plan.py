@@ -128,7 +128,10 @@ class MergePlan:
     alignment: AlignConfig | str = doc("OT alignment (none | gaussian | emd | sinkhorn, reg, "
                                        "max_samples); a string is the method", factory=AlignConfig)
     dtype: str | None = doc("weight space: round the inputs to this dtype before merging (mergekit "
-                            "`dtype`; arithmetic stays float32): float32 | bfloat16 | float16", None)
+                            "`dtype`; see `arithmetic`): float32 | bfloat16 | float16", None)
+    arithmetic: str = doc("float32: every operator computes in float32 | dtype: with `dtype` set, the "
+                          "task-vector methods, nuslerp, multislerp, model_stock and passthrough compute "
+                          "in that dtype (mergekit's arithmetic; set when reading a mergekit config)", "float32")
     out_dtype: str | None = doc("dtype of the merged tensors (default: `dtype` if set, else the "
                                 "target tensor's)", None)
     origin: str | None = doc("where the plan came from (e.g. the mergekit config read), for the model card", None)
@@ -158,6 +161,7 @@ class MergePlan:
         op = get_operator(self.method)
         check_choice(self.space, "space", SPACES)
         check_choice(self.rest, "rest", RESTS)
+        check_choice(self.arithmetic, "arithmetic", ("float32", "dtype"))
         if isinstance(self.blocks, str):
             check_choice(self.blocks, "blocks", list(BLOCK_CHOICES))
             self.blocks = BLOCK_CHOICES[self.blocks]

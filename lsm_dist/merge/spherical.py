@@ -100,7 +100,7 @@ def slerp_norm(xs, p: MergeParams, **_) -> torch.Tensor:
     return from_vectors(slerp_norm_vectors(as_vectors(a, g), as_vectors(b, g), p.lambda_, p.eps), a, g)
 
 
-@register_operator("nuslerp", min_inputs=2, max_inputs=2, base="optional", weights="scale")
+@register_operator("nuslerp", min_inputs=2, max_inputs=2, base="optional", weights="scale", native_dtype=True)
 def nuslerp(xs, p: MergeParams, base: torch.Tensor | None = None, **_) -> torch.Tensor:
     """SLERP at λ = w_1/(w_0+w_1), of the task vectors when a base is given (mergekit's nuslerp)."""
     w = resolve_weights(OPERATORS["nuslerp"], p, 2)
@@ -119,7 +119,7 @@ def nuslerp(xs, p: MergeParams, base: torch.Tensor | None = None, **_) -> torch.
     return out + base if base is not None else out
 
 
-@register_operator("multislerp", min_inputs=1, base="optional", weights="scale")
+@register_operator("multislerp", min_inputs=1, base="optional", weights="scale", native_dtype=True)
 def multislerp(xs, p: MergeParams, base: torch.Tensor | None = None, **_) -> torch.Tensor:
     """Barycentric interpolation on the hypersphere (tangent space at the weighted mean direction)."""
     if len(xs) == 1:
@@ -151,25 +151,27 @@ def multislerp(xs, p: MergeParams, base: torch.Tensor | None = None, **_) -> tor
     return out + base if base is not None else out
 
 
-@register_operator("karcher", min_inputs=1, weights="scale")
+@register_operator("karcher", min_inputs=1, weights="scale", native_dtype=True)
 def karcher(xs, p: MergeParams, **_) -> torch.Tensor:
-    """Karcher mean of the directions on the unit sphere, scaled by the weighted mean norm."""
+    """Karcher mean of the directions on the unit sphere, scaled by the weighted mean norm
+    (norms in float32, directions in the inputs' dtype, as mergekit)."""
     if len(xs) == 1:
         return xs[0].clone()
+    f32 = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
     w = resolve_weights(OPERATORS["karcher"], p, len(xs)) if p.weights is not None else [1.0 / len(xs)] * len(xs)
-    norms = [torch.linalg.vector_norm(x) for x in xs]
+    norms = [torch.linalg.vector_norm(x.to(f32)) for x in xs]
     valid = [i for i, n in enumerate(norms) if float(n) > p.tol]
     if not valid:
         return torch.zeros_like(xs[0])
     total = sum(w[i] for i in valid)
     check(abs(total) > 1e-12, "params.weights", "the weights of the non-zero inputs sum to 0")
     alphas = [w[i] / total for i in valid]
-    units = [xs[i] / norms[i] for i in valid]
+    units = [(xs[i] / norms[i]).to(xs[i].dtype) for i in valid]
     mean = torch.zeros_like(units[0])
     for a, u in zip(alphas, units):
         mean += a * u
-    mn = torch.linalg.vector_norm(mean)
-    mean = units[0].clone() if float(mn) < p.tol else mean / mn
+    mn = torch.linalg.vector_norm(mean.to(f32))
+    mean = units[0].clone() if float(mn) < p.tol else (mean / mn).to(mean.dtype)
     for _ in range(p.max_iter):
         tangent = torch.zeros_like(mean)
         for a, u in zip(alphas, units):
@@ -178,17 +180,17 @@ def karcher(xs, p: MergeParams, **_) -> torch.Tensor:
             if float(theta) < p.tol:
                 continue
             tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
-        tn = torch.linalg.vector_norm(tangent)
+        tn = torch.linalg.vector_norm(tangent.to(f32))
         if float(tn) < p.tol:
             break
-        mean = torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)
-        un = torch.linalg.vector_norm(mean)
+        mean = (torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)).to(mean.dtype)
+        un = torch.linalg.vector_norm(mean.to(f32))
         if float(un) > p.tol:
-            mean = mean / un
+            mean = (mean / un).to(mean.dtype)
     return sum(wi * n for wi, n in zip(w, norms)) * mean
 
 
-@register_operator("model_stock", min_inputs=2, needs_base=True)
+@register_operator("model_stock", min_inputs=2, needs_base=True, native_dtype=True)
 def model_stock(xs, p: MergeParams, base: torch.Tensor, **_) -> torch.Tensor:
     """Model Stock: interpolate between the inputs' mean and the base by their offsets' mean cosine."""
     g = "vector" if p.granularity != "tensor" else "tensor"

@@ -53,7 +53,7 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     flat = delta.reshape(-1)
     k = max(1, int(density * flat.numel()))
     mask = torch.zeros_like(flat)
-    mask[torch.argsort(flat.abs(), descending=True, stable=True)[:k]] = 1
+    mask[torch.argsort(flat.abs().float(), descending=True)[:k]] = 1  # mergekit's order at ties
     return mask.reshape(delta.shape)
 
 
@@ -64,7 +64,7 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     keep, top = int(density * n), int(gamma * n)
     bottom = max(0, n - keep - top)
     mask = torch.zeros_like(flat)
-    mask[torch.argsort(flat.abs(), stable=True)[bottom:bottom + keep]] = 1
+    mask[torch.sort(flat.abs().float()).indices[bottom:bottom + keep]] = 1
     return mask.reshape(delta.shape)
 
 
@@ -170,7 +170,8 @@ def _register(name: str) -> None:
         return merge_deltas(name, xs, p, base, gen, how, consensus, norm, density=dens)
 
     fn.__doc__ = DOCS[name]
-    register_operator(name, min_inputs=1, needs_base=True, weights="scale", per_input=extra)(fn)
+    register_operator(name, min_inputs=1, needs_base=True, weights="scale", per_input=extra,
+                      native_dtype=True)(fn)
 
 
 for _name in FAMILY:
