@@ -99,7 +99,6 @@ slices:
 merge_method: passthrough
 dtype: float32
 """),
-    # README: task arithmetic
     "task_arithmetic": ("exact", """
 models:
   - model: {a}
@@ -154,7 +153,6 @@ parameters:
   int8_mask: true
 dtype: float32
 """),
-    # README: DARE TIES
     "dare_ties": ("random", """
 models:
   - model: {base}
