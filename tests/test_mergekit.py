@@ -356,6 +356,8 @@ def test_space_latent_is_the_one_new_key(mk_zoo, tmp_path):
     out = run_merge(plan)
     ck = Checkpoint(out)
     assert len(ck.names) == 39 and all(torch.isfinite(ck.read(n)).all() for n in ck.names)
+    card = (out / "README.md").read_text()
+    assert "in latent space" in card and rp.models["base"].vae_digest in card and "mergekit:" in card
 
 
 # ------------------------------------------------------------------------ the peer test

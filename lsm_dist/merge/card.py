@@ -25,11 +25,12 @@ from typing import Any
 
 import yaml
 
-from lsm_dist.utils import atomic_write_text
+from lsm_dist.utils import atomic_write_text, get_logger
 
 CARD = "README.md"
 PLAN_FILE = "lsm_merge_plan.yaml"
 MARK = "<!-- written by lsm_dist: lsm_dist.merge.card -->"
+log = get_logger("lsm.merge")
 EVAL_START, EVAL_END = "<!-- lsm eval results: start -->", "<!-- lsm eval results: end -->"
 
 
@@ -147,6 +148,10 @@ def record_scores(rows: Sequence[Mapping[str, Any]]) -> list[Path]:
             text = head + block + rest.split(EVAL_END, 1)[1].lstrip("\n")
         else:
             text = text.rstrip("\n") + "\n\n" + block
-        atomic_write_text(card, text)
+        try:
+            atomic_write_text(card, text)
+        except OSError as e:  # a read-only checkpoint: the scores are still in results/
+            log.warning("model card %s not updated: %s", card, e)
+            continue
         done.append(card)
     return done

@@ -28,8 +28,8 @@ from lsm_dist.chunking import STAT_BLOCK, denormalize
 from lsm_dist.merge.encode import caches_for, make_cond, role_ids
 from lsm_dist.merge.hetero import align_latents
 from lsm_dist.merge.io import autocast, pick_device, read_meta, release_memory, write_streaming
+from lsm_dist.merge.layout import SAFETENSORS_DTYPES
 from lsm_dist.merge.operators import apply_operator, get_operator, make_generator
-from lsm_dist.merge.plan import SAFETENSORS_DTYPES
 from lsm_dist.model import TransformerVAE, load_vae
 from lsm_dist.utils import get_logger
 

@@ -24,6 +24,7 @@ from lsm_dist.config import ConfigError, check
 from lsm_dist.merge.operators import MergeParams, get_operator
 
 EMBED_ROLES = ("embed", "pos_embed")  # global tensors merged with the first slice's models
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 @dataclass
@@ -137,7 +138,7 @@ def build_layout(plan, checkpoints: dict[str, Checkpoint], maps: dict[str, list[
     specs, pre, post = layer_specs(plan, checkpoints, maps)
     index = {m: {_key(t.name, t.layer): t for t in ck.tensors.values()} for m, ck in checkpoints.items()}
     selected: dict[str, set[str]] = {}
-    out_dtype = SAFE.get(plan.out_dtype or plan.dtype or "")
+    out_dtype = SAFETENSORS_DTYPES.get(plan.out_dtype or plan.dtype or "")
 
     def is_selected(m: str, name: str) -> bool:
         if m not in selected:
@@ -176,7 +177,6 @@ def build_layout(plan, checkpoints: dict[str, Checkpoint], maps: dict[str, list[
     return jobs, outputs, _config_patch(plan, checkpoints, specs, out_dtype)
 
 
-SAFE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 def _source(index, checkpoints, m: str, spec: LayerSpec, t: TensorInfo, out_name: str) -> str:
@@ -240,7 +240,7 @@ def _config_patch(plan, checkpoints, specs, out_dtype) -> dict:
                 types.append(lt[s.src[s.template]] if s.src[s.template] < len(lt) else "full_attention")
             patch["layer_types"] = types
     if out_dtype:
-        name = next(k for k, v in SAFE.items() if v == out_dtype)
+        name = next(k for k, v in SAFETENSORS_DTYPES.items() if v == out_dtype)
         keys = [k for k in ("dtype", "torch_dtype") if k in tcfg] or ["dtype"]
         patch |= dict.fromkeys(keys, name)
     return patch

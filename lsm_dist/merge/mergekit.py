@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lsm_dist.config import ConfigError, check
+from lsm_dist.merge.layout import SAFETENSORS_DTYPES
 from lsm_dist.merge.settings import check_setting
 
 # project method: (mergekit parameters -> project setting key, per-input keys, required keys)
@@ -63,7 +64,7 @@ MERGEKIT_KEYS = ("merge_method", "base_model", "models", "slices", "parameters",
                  "tokenizer_source", "tokenizer", "chat_template", "modules")
 RUN_KEYS = ("space", "vae", "out_dir", "cache_dir", "zoo_dir", "device", "batch_size", "latent_dtype",
             "max_shard_size", "overwrite", "alignment", "blocks", "max_padding_fraction")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(SAFETENSORS_DTYPES)
 
 
 def plan_data(raw: Mapping[str, Any], path: str | Path | None = None,

@@ -31,7 +31,7 @@ from lsm_dist.config import (
     to_dict,
 )
 from lsm_dist.merge.hetero import AlignConfig, resolve_layer_map
-from lsm_dist.merge.layout import TensorJob, build_layout, default_inputs
+from lsm_dist.merge.layout import SAFETENSORS_DTYPES, TensorJob, build_layout, default_inputs
 from lsm_dist.merge.operators import OPERATORS, MergeParams, get_operator
 from lsm_dist.merge.settings import PER_INPUT, check_settings
 from lsm_dist.model import VAEConfig, read_vae_config, vae_digest
@@ -42,7 +42,6 @@ SPACES = ("latent", "weight")
 BLOCK_CHOICES = {"attn": ["attn"], "mlp": ["mlp"], "both": ["attn", "mlp"]}
 LATENT_DTYPES = ("float32", "bfloat16")
 RESTS = ("target", "weight")
-SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 PLAN_VERSION = 2
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
