@@ -2,9 +2,10 @@
 (paths adapted to tiny models built here, ``dtype: float32``) through both ``mergekit-yaml`` and
 ``lsm merge``, outputs compared tensor by tensor.
 
-mergekit runs from the project's venv (dev extra) or ``.venv-mergekit`` (``tools/setup.sh``),
-or ``LSM_MERGEKIT_PYTHON``; without it the peer tests skip, except under
-``LSM_REQUIRE_PEERS=1`` (CI), where they fail."""
+mergekit runs from ``LSM_MERGEKIT_PYTHON``, else a ``.venv-mergekit`` in the repository (a
+separate venv, if one was made), else the project's venv, where the dev extra installs it
+(``tools/setup.sh``); without it the peer tests skip, except under ``LSM_REQUIRE_PEERS=1`` (CI),
+where they fail."""
 
 from __future__ import annotations
 
@@ -385,7 +386,7 @@ def peer_outputs(mk_zoo, tmp_path_factory):
     """Every example merged by mergekit (one process, `mergekit-yaml`'s own entry point)."""
     py = peer_python()
     if py is None:
-        msg = "mergekit is not installed (pip install -e .[dev], or tools/setup.sh for .venv-mergekit)"
+        msg = "mergekit is not installed (pip install -e .[dev], or set LSM_MERGEKIT_PYTHON)"
         if os.environ.get("LSM_REQUIRE_PEERS") == "1":
             pytest.fail(f"LSM_REQUIRE_PEERS=1 but {msg}")
         pytest.skip(msg)

@@ -1,15 +1,17 @@
 """Assembly (contract 5): per-layer merged tensors + the target's untouched tensors → a
 Hugging Face checkpoint ``out_dir/model/``.
 
-- The target's config.json, generation_config.json and tokenizer files are copied.
-- Tensors keep the target's names and order; merged ones come from ``layers/*.safetensors``,
-  the others from the target. Shards (``model-0000i-of-0000n.safetensors``, at most
+- The target's config.json (with the plan's changes: layer count of a layer-stacking merge,
+  dtype), generation_config.json and tokenizer files are copied; the model card (README.md +
+  lsm_merge_plan.yaml, ``lsm_dist.merge.card``) is written beside them.
+- Tensors keep the output layout's names and order (the target's unless slices renumber
+  layers); merged ones come from ``layers/*.safetensors``, the others from the target. Shards (``model-0000i-of-0000n.safetensors``, at most
   ``max_shard_size`` bytes each unless one tensor is larger) are written by a *streaming*
   safetensors writer: the header is computed from shapes and dtypes first, then tensor bytes
   are appended one tensor at a time, so memory is one tensor, never one shard.
 - Everything is written into ``out_dir/.model.tmp-<pid>/`` and checked before it counts:
   every tensor is finite (checked as it is written; an error names the tensor), and the
-  written headers hold every target tensor with the target's shape and dtype. Only then is
+  written headers hold every expected tensor with its shape and dtype. Only then is
   the directory renamed to ``model/`` and ``MERGE_COMPLETE.json`` written into it.
   :func:`is_complete` is the one test for a finished merge: no marker, not finished.
 """

@@ -17,9 +17,10 @@ target's).
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 
-from lsm_dist.checkpoint import FLOAT_DTYPES, LAYER_RE, Checkpoint, TensorInfo
+from lsm_dist.checkpoint import FLOAT_DTYPES, LAYER_RE, Checkpoint, TensorInfo, UnknownTensorError
 from lsm_dist.config import ConfigError, check
 from lsm_dist.merge.operators import MergeParams, get_operator
 
@@ -142,7 +143,14 @@ def build_layout(plan, checkpoints: dict[str, Checkpoint], maps: dict[str, list[
 
     def is_selected(m: str, name: str) -> bool:
         if m not in selected:
-            selected[m] = {t.name for t in checkpoints[m].select(plan.blocks, plan.include, plan.exclude)}
+            ck = checkpoints[m]
+            try:
+                sel = ck.select(plan.blocks, plan.include, plan.exclude)
+            except UnknownTensorError:
+                if plan.rest != "weight":
+                    raise
+                sel = ck.select(plan.blocks, plan.include, plan.exclude, strict=False)  # rest: merged anyway
+            selected[m] = {t.name for t in sel}
         return name in selected[m]
 
     jobs, outputs = [], []
@@ -171,12 +179,9 @@ def build_layout(plan, checkpoints: dict[str, Checkpoint], maps: dict[str, list[
             job.params = _params(plan, spec, job)
         outputs.append(TensorInfo(out_name, "", dtype, t.shape, spec.out, t.block, t.role, t.param))
         jobs.append(job)
-    names = [o.name for o in outputs]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    dup = sorted(n for n, c in Counter(o.name for o in outputs).items() if c > 1)
     check(not dup, "slices", f"output tensor names repeat: {dup[:3]}")
     return jobs, outputs, _config_patch(plan, checkpoints, specs, out_dtype)
-
-
 
 
 def _source(index, checkpoints, m: str, spec: LayerSpec, t: TensorInfo, out_name: str) -> str:

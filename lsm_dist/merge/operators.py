@@ -225,7 +225,7 @@ def apply_operator(
 ) -> torch.Tensor:
     """Validate and run operator ``name``; inputs are cast to float32 and so is the output,
     except with ``dtype`` for operators with ``native_dtype`` (the task-vector methods,
-    nuslerp, multislerp, model_stock, passthrough), which then compute in ``dtype`` as
+    nuslerp, multislerp, karcher, model_stock, passthrough), which then compute in ``dtype`` as
     mergekit does in its ``dtype``; the others (linear, slerp, ...) compute in float32 there too."""
     params = params or MergeParams()
     op = get_operator(name)

@@ -4,8 +4,14 @@
 tensor the plan selects exists in every model (layer-mapped for other depths), the VAE's
 chunking fits each model, the method's parameters suit its inputs, a heterogeneous pair has an
 alignment, and ``out_dir`` holds no other merge. It returns the :class:`ResolvedPlan` with one
-:class:`TensorJob` per merged target tensor, grouped by layer, and the plan digest that names
-this merge (the content digests of models and VAEs included, so a changed model is a new merge).
+:class:`TensorJob` per merged output tensor (``lsm_dist.merge.layout``: slices, ``rest``, and
+each tensor's parameters resolved for its name and depth by ``lsm_dist.merge.settings``),
+grouped by layer, and the plan digest that names this merge (the content digests of models and
+VAEs and every job's resolved parameters included, so a changed model is a new merge).
+
+A mergekit config (``merge_method`` at top level) is read onto the same plan by
+``lsm_dist.merge.mergekit`` (:func:`load_plan`). ``PLAN_VERSION`` enters the digest: bump it
+when an operator's arithmetic changes, so finished merges are not reused.
 """
 
 from __future__ import annotations
@@ -129,7 +135,7 @@ class MergePlan:
     dtype: str | None = doc("weight space: round the inputs to this dtype before merging (mergekit "
                             "`dtype`; see `arithmetic`): float32 | bfloat16 | float16", None)
     arithmetic: str = doc("float32: every operator computes in float32 | dtype: with `dtype` set, the "
-                          "task-vector methods, nuslerp, multislerp, model_stock and passthrough compute "
+                          "task-vector methods, nuslerp, multislerp, karcher, model_stock and passthrough compute "
                           "in that dtype (mergekit's arithmetic; set when reading a mergekit config)", "float32")
     out_dtype: str | None = doc("dtype of the merged tensors (default: `dtype` if set, else the "
                                 "target tensor's)", None)
