@@ -455,3 +455,30 @@ def test_cli_runs_a_mergekit_config_unchanged(mk_zoo, tmp_path, capsys):
     cfg.write_text(cfg.read_text().replace("merge_method: linear", "merge_method: sce"))
     assert main(["merge", str(cfg), f"out_dir={tmp_path / 'o2'}"]) == 2
     assert "merge_method: 'sce' is not supported" in capsys.readouterr().err
+
+
+def test_unclassified_tensors_are_merged_like_mergekit(tmp_path):
+    from tests.helpers import llama_tensors, write_checkpoint
+
+    paths = []
+    for seed in (0, 1):
+        t = llama_tensors(layers=2, seed=seed, dtype=torch.float32)
+        t["model.extra_scale.weight"] = torch.full((4,), float(seed + 1))  # no attn/mlp/other role
+        paths.append(write_checkpoint(tmp_path / f"m{seed}", t, shards=1))
+    raw = {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in paths],
+           "dtype": "float32"}
+    from lsm_dist.config import from_dict
+    from lsm_dist.merge.plan import MergePlan
+
+    plan = from_dict(MergePlan, {**plan_data(raw), "out_dir": str(tmp_path / "o")})
+    out = Checkpoint(run_merge(plan))
+    assert torch.equal(out.read("model.extra_scale.weight"), torch.full((4,), 1.5))
+    native = dataclasses_replace(plan, rest="target", out_dir=str(tmp_path / "o2"))
+    with pytest.raises(ValueError, match="cannot classify"):
+        prepare(native)
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)

@@ -347,9 +347,9 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
             raise ConfigError(f"models.{mid}: cannot open {path}: {e}") from None
     tid = plan.target
     tck = checkpoints[tid]
-    selected = tck.select(plan.blocks, plan.include, plan.exclude)
-    check(bool(selected) or plan.rest == "weight" or plan.slices is not None, "blocks",
-          f"no {plan.blocks} tensors of target {tid} match include={plan.include!r} exclude={plan.exclude!r}")
+    if plan.rest == "target" and plan.slices is None:  # else every tensor is merged anyway
+        check(bool(tck.select(plan.blocks, plan.include, plan.exclude)), "blocks",
+              f"no {plan.blocks} tensors of target {tid} match include={plan.include!r} exclude={plan.exclude!r}")
     maps: dict[str, list[int] | None] = {}
     for mid, ck in checkpoints.items():
         if mid == tid or plan.slices is not None:
