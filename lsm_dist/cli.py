@@ -108,9 +108,16 @@ def _load_plan(args):
     if args.help_config:
         print("\n".join(describe(MergePlan)))
         sys.exit(0)
-    if not args.config:
-        raise ConfigError("a merge plan is required: --config configs/merge/<method>.yaml")
-    return load_plan(args.config, args.overrides)
+    overrides = list(args.overrides)
+    path = args.config
+    if overrides and "=" not in overrides[0]:  # `lsm merge PLAN.yaml [k=v ...]`
+        if path:
+            raise ConfigError(f"give the plan once: --config {path} or {overrides[0]}, not both")
+        path, overrides = overrides[0], overrides[1:]
+    if not path:
+        raise ConfigError("a merge plan is required: lsm merge PLAN.yaml (a plan or a mergekit config) "
+                          "or --config PLAN.yaml")
+    return load_plan(path, overrides)
 
 
 def cmd_encode(args) -> int:
@@ -232,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finalize", action="store_true", help="check every tensor is encoded, write manifests")
     s.set_defaults(func=cmd_encode)
 
-    s = sub.add_parser("merge", help="run a merge plan: encode -> merge -> decode -> assemble")
+    s = sub.add_parser("merge", help="run a merge plan or mergekit config (lsm merge PLAN.yaml [k=v ...]): "
+                       "encode -> merge -> decode -> assemble")
     _add_common(s)
     s.add_argument("--worker", action="store_true",
                    help="only this rank's / array task's layer files (after `lsm encode --finalize`)")

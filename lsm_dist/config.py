@@ -182,13 +182,16 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
 def config_data(
     cls: type, path: str | Path | None = None, overrides: typing.Sequence[str] = (), *,
     what: str = "config file", aliases: typing.Mapping[str, str] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The raw mapping ``load_config`` validates: YAML file ← dotted overrides.
+    """The raw mapping ``load_config`` validates: YAML file (or ``data``, already read) ← dotted
+    overrides.
 
     ``aliases`` maps dotted user-facing keys to field names (``params.lambda`` →
     ``params.lambda_``: a keyword cannot be a field name); they apply to the file and overrides.
     """
-    data = read_yaml_mapping(path, what) if path is not None else {}
+    if data is None:
+        data = read_yaml_mapping(path, what) if path is not None else {}
     for alias, name in (aliases or {}).items():
         *parents, leaf = alias.split(".")
         node: Any = data

@@ -267,3 +267,53 @@ def test_cli_eval_reuses_results_and_fails_on_broken(scored, monkeypatch, tmp_pa
     assert main(["eval", "-m", f"gone={tmp_path / 'gone'}", *common]) == 1
     assert "gone" in capsys.readouterr().err
     assert main(["eval", "-m", cfg.checkpoints[0], "tasks=[lsm_arith_mcc]", *common]) == 2
+
+
+def test_reports_are_cumulative_over_the_out_dir(zoo, scored, monkeypatch):
+    cfg, out = scored
+    calls: list[str] = []
+    monkeypatch.setattr(R, "score_checkpoint", lambda path, *a, **kw: calls.append(path) or {})
+    run_eval(dataclasses.replace(cfg, checkpoints=[f"base={zoo[BASE]}"]))  # cached: nothing scored
+    assert calls == []
+    md = (out / "results.md").read_text()
+    assert "| base |" in md and "| expert |" in md  # expert: scored by an earlier call
+    assert "1 from this call, 1 scored earlier" in md
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["scored"]) == ["base"]
+    assert {n: r["from"] for n, r in summary["table"].items()} == {"base": "this call", "expert": "cached"}
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["checkpoint"] for r in rows] == ["base", "expert"]
+    # other scoring settings are other numbers: not mixed into this table
+    other = report.cumulative_rows(out, [], {**json.loads((out / "results" / sorted(
+        p.name for p in (out / "results").glob("base-*.json"))[0]).read_text())["scoring"], "limit": 3})
+    assert other == []
+
+
+def test_merged_checkpoint_card_gets_the_results(zoo, tmp_path, monkeypatch):
+    import yaml
+
+    from lsm_dist.merge import MergeParams, MergePlan, load_plan, prepare, run_merge
+    from lsm_dist.merge.card import EVAL_START, PLAN_FILE
+
+    plan = MergePlan(models={"base": str(zoo[BASE]), "expert": str(zoo[EXPERT])}, method="lerp",
+                     space="weight", params=MergeParams(lambda_=0.5), out_dir=str(tmp_path / "m"),
+                     cache_dir=str(tmp_path / "c"))
+    model = run_merge(plan)
+    card = (model / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["tags"] == ["merge", "lsm_dist"] and front["library_name"] == "transformers"
+    assert front["base_model"] == [str(zoo[BASE]), str(zoo[EXPERT])]
+    rp = prepare(plan)
+    assert "`lerp` in weight space" in card and rp.digest in card
+    assert all(i.digest in card for i in rp.models.values())
+    # the resolved plan next to the card is a plan: it resolves to the same merge
+    again = load_plan(model / PLAN_FILE)
+    assert prepare(again).digest == rp.digest
+    cfg = _cfg(zoo, tmp_path / "eval", checkpoints=[f"merged={model}"], limit=4)
+    run_eval(cfg)
+    card = (model / "README.md").read_text()
+    assert card.count(EVAL_START) == 1 and "| lsm_arith_mc/acc |" in card and "Scored as `merged`" in card
+    calls: list[str] = []
+    monkeypatch.setattr(R, "score_checkpoint", lambda path, *a, **kw: calls.append(path) or {})
+    run_eval(cfg)  # the card changed, the checkpoint did not: nothing is re-scored
+    assert calls == [] and (model / "README.md").read_text().count(EVAL_START) == 1

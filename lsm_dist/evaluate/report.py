@@ -142,15 +142,47 @@ def write_tensorboard(rows: Sequence[Mapping[str, Any]], tb_dir: str | Path, ste
             w.close()
 
 
+def cumulative_rows(out_dir: str | Path, rows: Sequence[Mapping[str, Any]],
+                    scoring: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """``rows`` (this call's checkpoints, in order) followed by every other checkpoint whose
+    result is cached in ``out_dir/results/`` *with the same scoring* (tasks, limit, few-shot,
+    dtype, seed: comparable numbers), by name; of several cached results for one name (the
+    checkpoint changed), the newest file. Each row gets ``"from": "this call" | "cached"``."""
+    from lsm_dist.utils import read_json
+
+    names = {r["name"] for r in rows}
+    out = [{**r, "from": "this call"} for r in rows]
+    newest: dict[str, tuple[int, dict]] = {}
+    for f in sorted((Path(out_dir) / "results").glob("*.json")):
+        try:
+            rec = read_json(f)
+        except ValueError:
+            continue
+        if not isinstance(rec, dict) or rec.get("scoring") != dict(scoring) or rec.get("name") in names:
+            continue
+        stamp = f.stat().st_mtime_ns
+        if rec.get("name") and (rec["name"] not in newest or stamp > newest[rec["name"]][0]):
+            newest[rec["name"]] = (stamp, rec)
+    out += [{**newest[n][1], "from": "cached"} for n in sorted(newest)]
+    return out
+
+
+def table_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    here = sum(r.get("from") == "this call" for r in rows)
+    return (f"{len(rows)} checkpoint(s): {here} from this call, {len(rows) - here} scored earlier into "
+            "this out_dir with the same tasks and settings (cached in results/).\n\n")
+
+
 def write_reports(rows: Sequence[Mapping[str, Any]], out_dir: str | Path) -> dict[str, Path]:
     """``results.md``, ``results.csv``, ``results.png`` and ``tb/`` under ``out_dir``."""
     out = Path(out_dir)
     paths = {"md": out / "results.md", "csv": out / "results.csv", "png": out / "results.png"}
-    atomic_write_text(paths["md"], markdown_table(rows))
+    note = table_note(rows) if rows and any("from" in r for r in rows) else ""
+    atomic_write_text(paths["md"], note + markdown_table(rows))
     atomic_write_text(paths["csv"], csv_text(rows))
     if rows:
         bar_plot(rows, paths["png"])
-        write_tensorboard(rows, out / "tb")
+        write_tensorboard([r for r in rows if r.get("from", "this call") == "this call"], out / "tb")
     return paths
 
 

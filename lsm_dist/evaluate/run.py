@@ -24,7 +24,11 @@
 3. a checkpoint that fails (missing dir, corrupt weights, bad config, error while scoring) is
    logged naming it, the others are still scored, and ``EvalError`` listing the failures is
    raised at the end -- after ``<out>/results.{md,csv,png}`` and ``<out>/tb/`` are written for
-   the checkpoints that were scored.
+   the checkpoints that were scored;
+4. the reports are cumulative: this call's checkpoints, then every other checkpoint cached in
+   ``<out>/results/`` with the same scoring settings (``report.cumulative_rows``; results.md says
+   how many came from this call; ``summary.json``: ``scored`` = this call, ``table`` = all rows);
+   each scored checkpoint with an lsm_dist model card gets its results table in its README.md.
 
 ``evaluate_model(model, tokenizer, tasks)`` scores an in-memory module (e.g. a hidden-state
 merger behind ``MergedCausalLM``) through lm-eval's ``HFLM``.
@@ -57,6 +61,7 @@ from lsm_dist.checkpoint import (
 from lsm_dist.config import ConfigError, check, check_choice, doc
 from lsm_dist.evaluate import report
 from lsm_dist.evaluate.tasks import GROUP, PREFIX, tasks_digest, write_tasks
+from lsm_dist.merge.card import record_scores
 from lsm_dist.utils import atomic_write_json, get_logger, read_json, sha256_file, sha256_json
 
 log = get_logger("lsm.eval")
@@ -413,9 +418,13 @@ def run_eval(cfg: EvalConfig) -> Path:
             atomic_write_json(rpath, rec)
             log.info("eval: %s scored in %.1fs -> %s", name, rec["seconds"], rpath)
         rows.append(rec)
-    report.write_reports(rows, out)
+    table = report.cumulative_rows(out, rows, scoring)  # cumulative over out_dir/results/
+    report.write_reports(table, out)
+    record_scores(table)  # results into the model cards lsm_dist wrote
     atomic_write_json(out / "summary.json", {
         "scored": {r["name"]: str(result_path(out, r["name"], r["digest"])) for r in rows},
+        "table": {r["name"]: {"result": str(result_path(out, r["name"], r["digest"])), "from": r["from"]}
+                  for r in table},
         "failures": failures,
     })  # fmt: skip
     if failures:

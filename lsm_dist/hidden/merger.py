@@ -29,15 +29,12 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from lsm_dist.hidden.ops import OPS, GramStats, RegMean, lerp, mix_weights, slerp
-
-if TYPE_CHECKING:
-    from lsm_dist.hidden.module import MergedCausalLM
 
 HEADS = ("mix", "first")
 _CHECKED_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
@@ -361,11 +358,6 @@ class HiddenStateMerger:
             if done.all():
                 break
         return ids
-
-    def as_module(self) -> MergedCausalLM:
-        from lsm_dist.hidden.module import MergedCausalLM
-
-        return MergedCausalLM(self)
 
 
 @torch.no_grad()

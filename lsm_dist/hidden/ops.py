@@ -20,10 +20,12 @@ models returns ``h_1``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
+
+from lsm_dist.merge.operators import weighted_sum
+from lsm_dist.merge.spherical import slerp_norm_vectors
 
 OPS = ("lerp", "slerp", "regmean")
 
@@ -36,27 +38,14 @@ def mix_weights(n: int, alpha: float) -> list[float]:
 
 
 def lerp(hs: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
-    w = mix_weights(len(hs), alpha)
-    out = hs[0].float() * w[0]
-    for wi, h in zip(w[1:], hs[1:]):
-        out = out + wi * h.float()
-    return out
+    """``Σ_i w_i h_i`` (float32), by the merge operators' weighted sum."""
+    return weighted_sum([h.float() for h in hs], mix_weights(len(hs), alpha))
 
 
 def slerp(h_a: torch.Tensor, h_b: torch.Tensor, alpha: float, eps: float = 1e-4) -> torch.Tensor:
-    """Per-vector SLERP of direction with linear interpolation of norm (float32 result)."""
-    a, b = h_a.float(), h_b.float()
-    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
-    tiny = torch.finfo(torch.float32).tiny
-    ua, ub = a / na.clamp_min(tiny), b / nb.clamp_min(tiny)
-    cos = (ua * ub).sum(-1, keepdim=True).clamp(-1.0, 1.0)
-    theta = torch.arccos(cos)
-    sin = torch.sin(theta)
-    flat = (theta < eps) | (math.pi - theta < eps) | (na <= tiny) | (nb <= tiny)
-    safe_sin = torch.where(flat, torch.ones_like(sin), sin)
-    direction = (torch.sin((1 - alpha) * theta) * ua + torch.sin(alpha * theta) * ub) / safe_sin
-    out = ((1 - alpha) * na + alpha * nb) * direction
-    return torch.where(flat, (1 - alpha) * a + alpha * b, out)
+    """Per-vector SLERP of direction with linear interpolation of norm (float32 result): the
+    ``slerp_norm`` merge operator's formula (``lsm_dist.merge.spherical``)."""
+    return slerp_norm_vectors(h_a.float(), h_b.float(), alpha, eps)
 
 
 class GramStats:

@@ -27,6 +27,7 @@ import torch
 from lsm_dist.config import check, check_choice, doc, save_resolved, to_dict
 from lsm_dist.hidden.merger import HEADS, HiddenStateMerger
 from lsm_dist.hidden.metrics import compare_merges, summarize
+from lsm_dist.hidden.module import MergedCausalLM
 from lsm_dist.hidden.ops import OPS
 from lsm_dist.hidden.report import (
     markdown_table,
@@ -217,7 +218,7 @@ def run_hidden_merge(cfg: HiddenMergeConfig, models=None, tokenizer=None) -> dic
                               slerp_eps=cfg.slerp_eps, regmean_shrink=cfg.regmean_shrink,
                               regmean_ridge=cfg.regmean_ridge)  # fmt: skip
     report = compare_merges(merger, batches, weight)
-    module = merger.as_module()
+    module = MergedCausalLM(merger)
     samples = []
     for p in cfg.prompts:
         ids = tokenizer(p, return_tensors="pt")["input_ids"]
@@ -320,7 +321,7 @@ def sweep_hidden_vs_weight(models, ops: Sequence[str] = OPS, layer_ranges: Seque
                 wm = weight_merge(models, op, a, layers=None if len(layers) == n_layers else layers,
                                   calib=batches)  # fmt: skip
                 rep = compare_merges(merger, batches, wm)
-                for method, model in (("hidden", merger.as_module()), ("weight", wm)):
+                for method, model in (("hidden", MergedCausalLM(merger)), ("weight", wm)):
                     row = {"op": op, "layers": _label(layers), "alpha": a, "method": method,
                            **summarize(rep[method], layers)}  # fmt: skip
                     rows.append(scored(row, model))

@@ -4,10 +4,10 @@
 of model 0 with merged parameters), with the mixing weights ``w = mix_weights(N, α)`` of
 ``lsm_dist.hidden.ops``:
 
-* ``lerp``    ``θ = Σ_i w_i θ_i`` per tensor.
+* ``lerp``    ``θ = Σ_i w_i θ_i`` per tensor (the ``soup`` merge operator).
 * ``slerp``   two models, per tensor flattened: SLERP of the direction with the norm
-  interpolated linearly (the same formula as on hidden states), ``lerp`` where the two
-  tensors are (anti)parallel within ``eps`` radians.
+  interpolated linearly (the same formula as on hidden states: the ``slerp_norm`` merge
+  operator), ``lerp`` where the two tensors are (anti)parallel within ``eps`` radians.
 * ``regmean`` RegMean (Jin et al., 2023) for every ``nn.Linear`` of the merged decoder
   layers: ``Wᵀ = (Σ_i w_i Ĝ_i)⁻¹ Σ_i w_i Ĝ_i W_iᵀ`` with ``G_i = X_iᵀX_i / n`` the Gram of
   that linear's inputs in model i on ``calib`` batches, ``Ĝ = γG + (1−γ)Diag(G) + λ·tr(G)/d·I``;
@@ -27,7 +27,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from lsm_dist.hidden.ops import OPS, mix_weights, slerp
+from lsm_dist.hidden.ops import OPS, mix_weights
+from lsm_dist.merge.operators import MergeParams, apply_operator
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -42,11 +43,6 @@ def _selected(name: str, layers: set[int] | None) -> bool:
         return True
     i = _layer_of(name)
     return i is not None and i in layers
-
-
-def tensor_slerp(a: torch.Tensor, b: torch.Tensor, alpha: float, eps: float = 1e-4) -> torch.Tensor:
-    """SLERP of two whole tensors (flattened), norm interpolated linearly."""
-    return slerp(a.reshape(1, -1), b.reshape(1, -1), alpha, eps).reshape(a.shape)
 
 
 @torch.no_grad()
@@ -132,9 +128,10 @@ def weight_merge(models: Sequence[nn.Module], op: str = "lerp", alpha: float = 0
         if op == "regmean" and name.endswith(".weight") and mod in grams[0]:
             merged_sd[name] = _regmean_linear(ts, [g[mod] for g in grams], w, regmean_shrink, regmean_ridge)
         elif op == "slerp" and alpha not in (0.0, 1.0):
-            merged_sd[name] = tensor_slerp(ts[0], ts[1], alpha, slerp_eps).to(t0.dtype)
+            p = MergeParams(lambda_=alpha, eps=slerp_eps)
+            merged_sd[name] = apply_operator("slerp_norm", ts, p, key=name).to(t0.dtype)
         else:
-            merged_sd[name] = sum(wi * t.float() for wi, t in zip(w, ts)).to(t0.dtype)
+            merged_sd[name] = apply_operator("soup", ts, MergeParams(weights=w), key=name).to(t0.dtype)
     out = copy.deepcopy(models[0])
     missing = out.load_state_dict(merged_sd, strict=False)
     if missing.unexpected_keys:

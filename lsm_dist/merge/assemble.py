@@ -1,15 +1,17 @@
 """Assembly (contract 5): per-layer merged tensors + the target's untouched tensors → a
 Hugging Face checkpoint ``out_dir/model/``.
 
-- The target's config.json, generation_config.json and tokenizer files are copied.
-- Tensors keep the target's names and order; merged ones come from ``layers/*.safetensors``,
-  the others from the target. Shards (``model-0000i-of-0000n.safetensors``, at most
+- The target's config.json (with the plan's changes: layer count of a layer-stacking merge,
+  dtype), generation_config.json and tokenizer files are copied; the model card (README.md +
+  lsm_merge_plan.yaml, ``lsm_dist.merge.card``) is written beside them.
+- Tensors keep the output layout's names and order (the target's unless slices renumber
+  layers); merged ones come from ``layers/*.safetensors``, the others from the target. Shards (``model-0000i-of-0000n.safetensors``, at most
   ``max_shard_size`` bytes each unless one tensor is larger) are written by a *streaming*
   safetensors writer: the header is computed from shapes and dtypes first, then tensor bytes
   are appended one tensor at a time, so memory is one tensor, never one shard.
 - Everything is written into ``out_dir/.model.tmp-<pid>/`` and checked before it counts:
   every tensor is finite (checked as it is written; an error names the tensor), and the
-  written headers hold every target tensor with the target's shape and dtype. Only then is
+  written headers hold every expected tensor with its shape and dtype. Only then is
   ``MERGE_COMPLETE.json`` written into it and the directory renamed to ``model/``.
   :func:`is_complete` is the one test for a finished merge: no marker, not finished.
 - The marker is also the proof that lsm merge wrote a ``model/``: one without it (a user's
@@ -117,8 +119,14 @@ def merged_files(layers_dir: Path, digest: str, groups: dict[str, list[str]] | N
 
 def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir: str | Path, digest: str,
              max_shard_size: int = 2 * 10**9, groups: dict[str, list[str]] | None = None,
-             extra: dict | None = None) -> Path:
-    """Build the HF checkpoint ``model_dir`` (see module doc) and mark it complete."""
+             extra: dict | None = None, outputs: list[TensorInfo] | None = None,
+             config_patch: dict | None = None, write_extra=None) -> Path:
+    """Build the HF checkpoint ``model_dir`` (see module doc) and mark it complete.
+
+    ``outputs``: the checkpoint's tensors in order (default: the target's); names not in the
+    layer files are copied from the target. ``config_patch``: keys set in the copied
+    config.json (e.g. ``num_hidden_layers`` of a layer-stacking merge, ``dtype``).
+    ``write_extra(tmp_dir)``: writes further files (the model card) before the rename."""
     model_dir, layers_dir = Path(model_dir), Path(layers_dir)
     merged = merged_files(layers_dir, digest, groups)
     if model_dir in foreign_outputs(layers_dir, model_dir):
@@ -133,13 +141,21 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
     handles: dict[Path, object] = {}
     try:
         with (target if isinstance(target, Checkpoint) else Checkpoint(target)) as tck:
-            unknown = sorted(set(merged) - set(tck.tensors))
+            infos = list(outputs) if outputs is not None else list(tck.tensors.values())
+            expected = {t.name: t for t in infos}
+            unknown = sorted(set(merged) - set(expected))
             if unknown:
-                raise AssemblyError(f"layer files hold tensors the target lacks: {unknown[:5]}")
+                raise AssemblyError(f"layer files hold tensors the output lacks: {unknown[:5]}")
+            copied = sorted(n for n in expected if n not in merged and n not in tck.tensors)
+            if copied:
+                raise AssemblyError(f"output tensors neither merged nor in the target: {copied[:5]}")
             src = tck.path if tck.path.is_dir() else tck.path.parent
             for name in COPY_FILES:
                 if (src / name).is_file():
                     shutil.copy2(src / name, tmp / name)
+            if config_patch and (tmp / "config.json").is_file():
+                cfg = read_json(tmp / "config.json")
+                atomic_write_json(tmp / "config.json", {**cfg, **config_patch})
 
             def fetch(name: str) -> torch.Tensor:
                 release_memory()
@@ -153,7 +169,6 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
                     handles[f] = safe_open(str(f), framework="pt")
                 return handles[f].get_tensor(name)
 
-            infos = list(tck.tensors.values())
             shards = plan_shards(infos, max_shard_size)
             n = len(shards)
             weight_map, total = {}, 0
@@ -163,8 +178,10 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
                 weight_map |= {t.name: fname for t in part}
             handles.clear()
             atomic_write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-            _verify(tmp, tck)
+            _verify(tmp, tck, expected)
             num = len(infos)
+            if write_extra is not None:
+                write_extra(tmp)
         # the marker goes in before the rename: model/ appears complete (and provably ours) at once
         atomic_write_json(tmp / MARKER, {
             "plan_digest": digest, "tensors": num, "merged_tensors": len(merged), "shards": n,
@@ -186,15 +203,15 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
     return model_dir
 
 
-def _verify(tmp: Path, tck: Checkpoint) -> None:
-    """Headers of the written checkpoint: every target tensor with its shape and dtype."""
+def _verify(tmp: Path, tck: Checkpoint, expected: dict[str, TensorInfo]) -> None:
+    """Headers of the written checkpoint: every expected tensor with its shape and dtype."""
     out = Checkpoint(tmp)
-    missing = sorted(set(tck.tensors) - set(out.tensors))
+    missing = sorted(set(expected) - set(out.tensors))
     if missing:
         raise AssemblyError(f"assembled checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
-    for name, t in tck.tensors.items():
+    for name, t in expected.items():
         o = out.tensors[name]
         if o.shape != t.shape or o.dtype != t.dtype:
-            raise AssemblyError(f"tensor {name!r}: written {o.shape} {o.dtype}, target {t.shape} {t.dtype}")
+            raise AssemblyError(f"tensor {name!r}: written {o.shape} {o.dtype}, expected {t.shape} {t.dtype}")
     if not (tmp / "config.json").is_file():
         raise AssemblyError(f"{tck.path} has no config.json to copy: not a Hugging Face checkpoint")

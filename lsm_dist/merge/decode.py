@@ -38,6 +38,7 @@ from lsm_dist.chunking import STAT_BLOCK, denormalize
 from lsm_dist.merge.encode import caches_for, make_cond, role_ids
 from lsm_dist.merge.hetero import align_latents
 from lsm_dist.merge.io import autocast, pick_device, read_meta, release_memory, write_streaming
+from lsm_dist.merge.layout import SAFETENSORS_DTYPES
 from lsm_dist.merge.operators import apply_operator, get_operator, make_generator
 from lsm_dist.model import TransformerVAE, load_vae
 from lsm_dist.utils import get_logger
@@ -119,9 +120,9 @@ def merge_latent_tensor(rp, job, caches, vae: TransformerVAE, device: torch.devi
             mu = align_latents(mu, z_t, plan.alignment, gen, what=f"{mid}->{tid} {job.name}")
         return mu, lv
 
-    pairs = [operand(m) for m in plan.inputs]
-    base = operand(plan.base)[0] if op.needs_base else None
-    z = apply_operator(plan.method, [p[0] for p in pairs], plan.params, base=base,
+    pairs = [operand(m) for m in job.inputs]
+    base = operand(job.base)[0] if job.base is not None else None
+    z = apply_operator(plan.method, [p[0] for p in pairs], job.params, base=base,
                        logvars=[p[1] for p in pairs] if op.needs_logvar else None, key=job.name)
     del pairs, base, z_t
     entry = caches[tid].manifest["tensors"].get(job.sources[tid])
@@ -176,12 +177,22 @@ def unchunk_blocks(samples: np.ndarray, shape: tuple[int, ...], dtype: torch.dty
 
 
 def merge_weight_tensor(rp, job, checkpoints: dict[str, Checkpoint]) -> torch.Tensor:
-    """The weight-space baseline: the same operator on the weights themselves."""
+    """The weight-space baseline: the same operator on the weights themselves (inputs rounded
+    to ``plan.dtype`` first when set, as mergekit's ``dtype``); a ``copy`` job reads its source."""
     plan = rp.plan
-    op = get_operator(plan.method)
-    xs = [checkpoints[m].read(job.sources[m]) for m in plan.inputs]
-    base = checkpoints[plan.base].read(job.sources[plan.base]) if op.needs_base else None
-    out = apply_operator(plan.method, xs, plan.params, base=base, key=job.name)
+    if job.space == "copy":
+        (m,) = job.inputs
+        return checkpoints[m].read(job.sources[m]).to(DTYPES[job.dtype])
+    cast = DTYPES[SAFETENSORS_DTYPES[plan.dtype]] if plan.dtype else None
+
+    def read(m: str) -> torch.Tensor:
+        x = checkpoints[m].read(job.sources[m])
+        return x.to(cast) if cast is not None else x
+
+    xs = [read(m) for m in job.inputs]
+    base = read(job.base) if job.base is not None else None
+    work = cast if plan.arithmetic == "dtype" else None
+    out = apply_operator(plan.method, xs, job.params, base=base, key=job.name, dtype=work)
     return out.to(DTYPES[job.dtype])
 
 
@@ -197,18 +208,15 @@ def run_decode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None) -
     if not todo:
         return stats
     device = pick_device(plan.device)
-    vae, caches, checkpoints = None, None, {}
-    if plan.space == "latent":
+    vae, caches = None, None
+    checkpoints = {m: i.open() for m, i in rp.models.items()}
+    if any(j.space == "latent" for g in todo for j in rp.groups[g]):
         caches = caches_for(rp)
         tvae = str(rp.models[plan.target].vae)
         vaes = {} if vaes is None else vaes
         if tvae not in vaes:
             vaes[tvae] = load_vae(tvae, map_location=device)
         vae = vaes[tvae]
-        if plan.decode == "delta":
-            checkpoints = {plan.target: rp.models[plan.target].open()}
-    else:
-        checkpoints = {m: i.open() for m, i in rp.models.items()}
     try:
         for g in todo:
             jobs = {j.name: j for j in rp.groups[g]}
@@ -218,8 +226,8 @@ def run_decode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None) -
             def fetch(name: str, jobs=jobs) -> torch.Tensor:
                 job = jobs[name]
                 release_memory()  # the previous tensor's buffers are gone by now
-                if plan.space == "latent":
-                    return merge_latent_tensor(rp, job, caches, vae, device, checkpoints.get(plan.target))
+                if job.space == "latent":
+                    return merge_latent_tensor(rp, job, caches, vae, device, checkpoints[plan.target])
                 return merge_weight_tensor(rp, job, checkpoints)
 
             meta = {"plan_digest": rp.digest, "group": g, "tensors": sorted(jobs)}

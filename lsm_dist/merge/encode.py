@@ -192,8 +192,9 @@ def caches_for(rp) -> dict[str, LatentCache]:
 
 
 def encode_work(rp) -> list[tuple[str, str]]:
-    """(model id, tensor name) pairs a plan needs, in a stable order."""
-    return [(m, j.sources[m]) for m in rp.models for j in rp.jobs]
+    """(model id, tensor name) pairs a plan's latent-space jobs need, in a stable order."""
+    return list(dict.fromkeys((m, j.sources[m]) for m in rp.models for j in rp.jobs
+                              if j.space == "latent" and m in j.sources))
 
 
 def run_encode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None,

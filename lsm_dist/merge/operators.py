@@ -18,6 +18,10 @@ SLERP granularity (``params.granularity``):
 A pair whose normalized dot product exceeds ``0.9995`` in absolute value (angle near 0 or π),
 or where a vector is (near) zero, falls back to LERP, where SLERP is numerically unstable.
 
+The other families live in ``lsm_dist.merge.task_vectors`` (task arithmetic, TIES, DARE,
+Breadcrumbs, DELLA) and ``lsm_dist.merge.spherical`` (slerp, nuslerp, multislerp, karcher,
+model_stock); they register here when ``lsm_dist.merge`` is imported (its ``__init__``).
+
 Randomness (DARE masks, self-merge posterior samples) comes from :func:`make_generator`
 seeded by ``(params.seed, key)`` where the caller passes the tensor name as ``key``, so a
 result does not depend on which rank merges which tensor or in what order.
@@ -35,25 +39,52 @@ import torch
 from lsm_dist.config import ConfigError, check, check_choice, doc
 
 DOT_THRESHOLD = 0.9995
-GRANULARITIES = ("tensor", "vector")
+GRANULARITIES = ("tensor", "vector", "column")
+RESCALES = ("inverse", "l1", "none")
+SIGN_TIES = ("zero", "positive")
 
 
 @dataclass
 class MergeParams:
-    """Parameters of the merge operators (YAML key ``lambda`` is field ``lambda_``)."""
+    """Parameters of the merge operators (YAML key ``lambda`` is field ``lambda_``).
+
+    Per-input values (``weights``, ``density``, ``gamma``, ``epsilon``) are one number for
+    every input or a list in the order of ``inputs``; a plan's ``models.<id>.params`` and
+    ``tensor_params`` resolve into these per tensor (``lsm_dist.merge.settings``)."""
 
     lambda_: float = doc(
         "λ (YAML / override key `lambda`) ∈ [0, 1]: lerp/slerp z = (1-λ)·z_0 + λ·z_1 (λ=0 gives the first input, by default "
-        "the target); heterogeneous merges: z = z_t + λ(T(z_s) - z_t)", 0.5)
+        "the target; mergekit's slerp `t`); heterogeneous merges: z = z_t + λ(T(z_s) - z_t)", 0.5)
     weights: list[float] | None = doc(
-        "per-input weights, in the order of `inputs`: soup (must sum to 1 unless normalize), "
-        "task_arithmetic / ties / dare (scale of each delta; default 1.0 each)", None)
-    normalize: bool = doc("divide the weights by their sum instead of requiring them to sum to 1", False)
-    density: float = doc("TIES: fraction of each delta kept (largest |delta|), in (0, 1]", 0.5)
-    drop_p: float = doc("DARE: drop probability p ∈ [0, 1); kept entries are scaled by 1/(1-p)", 0.5)
+        "per-input weights, in the order of `inputs`: soup (must sum to 1 unless normalize), linear, "
+        "task-vector methods (scale of each delta; default 1.0 each), nuslerp / multislerp / karcher", None)
+    normalize: bool | None = doc(
+        "divide by the sum of the weights (task-vector methods with sign consensus: by the weights "
+        "of the agreeing inputs, per entry); null = the method's default (mergekit's): true for "
+        "linear, ties, della, multislerp; false for the others (soup then needs weights summing to 1)", None)
+    density: float | list[float] = doc(
+        "fraction of each delta kept, in (0, 1], per input or one for all: ties / breadcrumbs (by "
+        "magnitude), dare_ties / dare_linear / della (expected fraction kept at random)", 0.5)
+    drop_p: float = doc("dare: drop probability p ∈ [0, 1) (density = 1 - p)", 0.5)
+    gamma: float | list[float] = doc("breadcrumbs: fraction of the largest-magnitude delta entries removed", 0.01)
+    epsilon: float | list[float] = doc("della: keep probabilities range over density ± epsilon by magnitude rank", 0.15)
+    rescale: str | None = doc(
+        "after random dropping: inverse (kept entries × 1/keep-probability, as the DARE/DELLA "
+        "papers) | l1 (match the delta's L1 norm, mergekit's `rescale: true`) | none; null = inverse "
+        "for the random methods (dare*, della*), none for the others", None)
+    sign_tie: str = doc(
+        "sign-consensus methods, entries whose weighted delta sum is exactly 0: zero (no sign is "
+        "elected, the entry keeps the base) | positive (+ wins, as mergekit)", "zero")
+    scale: float = doc("task-vector methods: factor on the merged delta (mergekit `lambda`); "
+                       "passthrough: factor on the tensor (mergekit `scale`)", 1.0)
     samples: int = doc("self_merge: number K of posterior samples z = mu + sigma·eps averaged", 8)
-    seed: int = doc("seed for DARE masks, self_merge samples and OT subsampling", 0)
-    granularity: str = doc("slerp: 'tensor' (one flattened vector) or 'vector' (per latent token / row)", "tensor")
+    seed: int = doc("seed for random masks, self_merge samples and OT subsampling", 0)
+    granularity: str = doc(
+        "slerp / nuslerp / model_stock: 'tensor' (one flattened vector), 'vector' (per vector along "
+        "the last axis: per latent token / weight row) or 'column' (nuslerp: along the first axis)", "tensor")
+    eps: float = doc("slerp_norm: LERP where the angle is within eps radians of 0 or π", 1e-4)
+    max_iter: int = doc("karcher: iterations of the Karcher-mean fixed point", 10)
+    tol: float = doc("karcher: stop when the tangent step norm is below this", 1e-5)
     noise: float = doc("noise: relative MSE of the Gaussian noise added (noise std = sqrt(noise) · the "
                        "tensor's std)", 0.01)
 
@@ -61,11 +92,28 @@ class MergeParams:
         lam = self.lambda_
         check(isinstance(lam, (int, float)) and math.isfinite(lam) and 0.0 <= lam <= 1.0,
               "params.lambda", f"must be in [0, 1], got {lam!r}")
-        check(0.0 < self.density <= 1.0, "params.density", f"must be in (0, 1], got {self.density!r}")
+        for name, lo, lo_open, hi, hi_open in (("density", 0.0, True, 1.0, False),
+                                               ("gamma", 0.0, False, 1.0, True),
+                                               ("epsilon", 0.0, False, 1.0, True)):
+            vals = getattr(self, name)
+            vals = vals if isinstance(vals, list) else [vals]
+            check(bool(vals), f"params.{name}", "must not be an empty list")
+            for v in vals:
+                ok = isinstance(v, (int, float)) and math.isfinite(v) and (v > lo if lo_open else v >= lo) \
+                    and (v < hi if hi_open else v <= hi)
+                check(ok, f"params.{name}", f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}"
+                      f"{')' if hi_open else ']'}, got {getattr(self, name)!r}")
         check(0.0 <= self.drop_p < 1.0, "params.drop_p", f"must be in [0, 1), got {self.drop_p!r}")
         check(isinstance(self.samples, int) and self.samples >= 1, "params.samples",
               f"must be a positive integer, got {self.samples!r}")
         check_choice(self.granularity, "params.granularity", GRANULARITIES)
+        check(self.rescale is None or self.rescale in RESCALES, "params.rescale",
+              f"{self.rescale!r} is not one of {list(RESCALES)}")
+        check_choice(self.sign_tie, "params.sign_tie", SIGN_TIES)
+        check(math.isfinite(self.scale), "params.scale", f"must be finite, got {self.scale!r}")
+        check(isinstance(self.max_iter, int) and self.max_iter >= 1, "params.max_iter", "must be >= 1")
+        check(self.tol > 0, "params.tol", f"must be > 0, got {self.tol!r}")
+        check(self.eps >= 0, "params.eps", f"must be >= 0, got {self.eps!r}")
         check(isinstance(self.noise, (int, float)) and math.isfinite(self.noise) and self.noise >= 0,
               "params.noise", f"must be a finite number >= 0, got {self.noise!r}")
         if self.weights is not None:
@@ -81,16 +129,26 @@ OpFn = Callable[..., torch.Tensor]
 class Operator:
     name: str
     fn: OpFn
-    needs_base: bool = False
+    base: str = "none"  # none | optional | required
     needs_logvar: bool = False
     min_inputs: int = 1
     max_inputs: int | None = None
     latent_only: bool = False
-    weights: str = "none"  # none | sum_to_one | scale
+    native_dtype: bool = False  # computes in the inputs' dtype when asked (mergekit's arithmetic)
+    weights: str = "none"  # none | sum_to_one | scale | normalize
+    per_input: tuple[str, ...] = ()  # per-input parameters besides weights (density, gamma, ...)
     doc: str = ""
 
+    @property
+    def needs_base(self) -> bool:
+        return self.base == "required"
+
+    def takes_base(self, has_base: bool) -> bool:
+        """Whether the operator is given a base tensor (required, or optional and set)."""
+        return self.base == "required" or (self.base == "optional" and has_base)
+
     def validate(self, params: MergeParams, n_inputs: int, has_base: bool) -> None:
-        """Check arity, base and weights for ``n_inputs`` inputs (messages name the field)."""
+        """Check arity, base and per-input parameters for ``n_inputs`` inputs (messages name the field)."""
         lo, hi = self.min_inputs, self.max_inputs
         want = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo}..{hi}")
         check(n_inputs >= lo and (hi is None or n_inputs <= hi), "inputs",
@@ -98,6 +156,8 @@ class Operator:
         if self.needs_base:
             check(has_base, "base", f"method {self.name!r} merges deltas from a base model: set `base`")
         resolve_weights(self, params, n_inputs)
+        for name in self.per_input:
+            per_input(params, name, n_inputs)
 
 
 OPERATORS: dict[str, Operator] = {}
@@ -109,6 +169,8 @@ def register_operator(name: str, **props) -> Callable[[OpFn], OpFn]:
     def deco(fn: OpFn) -> OpFn:
         if name in OPERATORS:
             raise ValueError(f"merge operator {name!r} is already registered")
+        if props.pop("needs_base", False):
+            props["base"] = "required"
         OPERATORS[name] = Operator(name, fn, doc=(fn.__doc__ or "").strip().split("\n")[0], **props)
         return fn
 
@@ -123,7 +185,8 @@ def get_operator(name: str) -> Operator:
 
 
 def resolve_weights(op: Operator, params: MergeParams, n: int) -> list[float]:
-    """The per-input weights an operator uses (validated; normalized if asked)."""
+    """The per-input weights an operator uses (validated; normalized if asked, except for
+    ``normalize`` operators, which divide after summing)."""
     if op.weights == "none":
         return []
     w = params.weights
@@ -131,13 +194,22 @@ def resolve_weights(op: Operator, params: MergeParams, n: int) -> list[float]:
         return [1.0 / n] * n if op.weights == "sum_to_one" else [1.0] * n
     check(len(w) == n, "params.weights", f"has {len(w)} value(s) but method {op.name!r} has {n} input(s)")
     total = float(sum(w))
-    if params.normalize:
+    if op.weights == "sum_to_one" and params.normalize:
         check(abs(total) > 1e-12, "params.weights", f"sum to {total}; cannot normalize by a zero sum")
         return [float(x) / total for x in w]
     if op.weights == "sum_to_one":
         check(abs(total - 1.0) <= 1e-6, "params.weights",
               f"{list(w)} sum to {total:g}, must sum to 1 (or set params.normalize: true)")
     return [float(x) for x in w]
+
+
+def per_input(params: MergeParams, name: str, n: int) -> list[float]:
+    """A per-input parameter (``density``, ``gamma``, ``epsilon``) as ``n`` numbers."""
+    v = getattr(params, name)
+    if not isinstance(v, list):
+        return [float(v)] * n
+    check(len(v) == n, f"params.{name}", f"has {len(v)} value(s) for {n} input(s)")
+    return [float(x) for x in v]
 
 
 def make_generator(seed: int, key: str = "") -> torch.Generator:
@@ -153,8 +225,12 @@ def apply_operator(
     base: torch.Tensor | None = None,
     logvars: Sequence[torch.Tensor] | None = None,
     key: str = "",
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Validate and run operator ``name``; inputs are cast to float32, output is float32."""
+    """Validate and run operator ``name``; inputs are cast to float32 and so is the output,
+    except with ``dtype`` for operators with ``native_dtype`` (the task-vector methods,
+    nuslerp, multislerp, karcher, model_stock, passthrough), which then compute in ``dtype`` as
+    mergekit does in its ``dtype``; the others (linear, slerp, ...) compute in float32 there too."""
     params = params or MergeParams()
     op = get_operator(name)
     op.validate(params, len(xs), base is not None)
@@ -166,8 +242,9 @@ def apply_operator(
         raise ValueError(f"{name}: base has shape {tuple(base.shape)}, inputs have {shape} ({key})")
     if op.needs_logvar and (logvars is None or len(logvars) != len(xs)):
         raise ValueError(f"{name}: needs the log-variances of its inputs (latent space only) ({key})")
-    xs = [x.float() for x in xs]
-    base = base.float() if base is not None else None
+    work = dtype if (dtype is not None and op.native_dtype) else torch.float32
+    xs = [x.to(work) for x in xs]
+    base = base.to(work) if base is not None and op.base != "none" else None
     lv = [v.float() for v in logvars] if logvars is not None else None
     return op.fn(xs, params, base=base, logvars=lv, gen=make_generator(params.seed, key))
 
@@ -179,86 +256,37 @@ def lerp(xs, p: MergeParams, **_) -> torch.Tensor:
     return torch.lerp(xs[0], xs[1], p.lambda_)
 
 
-def slerp_vectors(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torch.Tensor:
-    """SLERP row by row of (n, d) matrices; LERP fallback for near-(anti)parallel or zero rows."""
-    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
-    dot = ((a / na.clamp_min(eps)) * (b / nb.clamp_min(eps))).sum(-1, keepdim=True).clamp(-1.0, 1.0)
-    fallback = (dot.abs() > DOT_THRESHOLD) | (na < eps) | (nb < eps)
-    theta = torch.acos(dot)
-    sin = torch.sin(theta).masked_fill(fallback, 1.0)
-    s0, s1 = torch.sin((1 - t) * theta) / sin, torch.sin(t * theta) / sin
-    return torch.where(fallback, torch.lerp(a, b, t), s0 * a + s1 * b)
-
-
-@register_operator("slerp", min_inputs=2, max_inputs=2)
-def slerp(xs, p: MergeParams, **_) -> torch.Tensor:
-    """Spherical interpolation per tensor or per vector (see module doc)."""
-    a, b = xs
-    shape = a.shape
-    if p.granularity == "tensor" or a.dim() == 0:
-        a2, b2 = a.reshape(1, -1), b.reshape(1, -1)
-    else:
-        a2, b2 = a.reshape(-1, shape[-1]), b.reshape(-1, shape[-1])
-    return slerp_vectors(a2, b2, p.lambda_).reshape(shape)
+def weighted_sum(xs: Sequence[torch.Tensor], w: Sequence[float], normalize: bool = False) -> torch.Tensor:
+    """Σ w_i x_i accumulated in input order (float32 coefficients), then ÷ Σ w_i if
+    ``normalize`` (a zero sum is refused): the arithmetic order of mergekit's linear merge."""
+    coef = torch.tensor(list(w), dtype=xs[0].dtype)
+    out = torch.zeros_like(xs[0])
+    for c, x in zip(coef, xs):
+        out.addcmul_(x, c)
+    if normalize:
+        total = coef.sum()
+        check(float(total.abs()) > 1e-12, "params.weights", f"sum to {float(total)}; cannot normalize by a zero sum")
+        out.div_(total)
+    return out
 
 
 @register_operator("soup", min_inputs=1, weights="sum_to_one")
 def soup(xs, p: MergeParams, **_) -> torch.Tensor:
-    """Weighted mean Σ w_i z_i (uniform weights by default)."""
-    w = resolve_weights(OPERATORS["soup"], p, len(xs))
-    out = torch.zeros_like(xs[0])
-    for wi, x in zip(w, xs):
-        out.add_(x, alpha=wi)
-    return out
+    """Weighted mean Σ w_i z_i (uniform weights by default; they must sum to 1 unless normalize)."""
+    return weighted_sum(xs, resolve_weights(OPERATORS["soup"], p, len(xs)))
 
 
-@register_operator("task_arithmetic", min_inputs=1, needs_base=True, weights="scale")
-def task_arithmetic(xs, p: MergeParams, base: torch.Tensor, **_) -> torch.Tensor:
-    """base + Σ w_i (z_i - base)."""
-    w = resolve_weights(OPERATORS["task_arithmetic"], p, len(xs))
-    out = base.clone()
-    for wi, x in zip(w, xs):
-        out.add_(x - base, alpha=wi)
-    return out
+@register_operator("linear", min_inputs=1, weights="normalize")
+def linear(xs, p: MergeParams, **_) -> torch.Tensor:
+    """mergekit's linear: Σ w_i z_i, divided by Σ w_i unless normalize is false (weights default 1)."""
+    w = resolve_weights(OPERATORS["linear"], p, len(xs))
+    return weighted_sum(xs, w, normalize=p.normalize is not False)
 
 
-def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``round(density·numel)`` (at least 1) entries of largest magnitude, zero the rest."""
-    flat = delta.reshape(-1)
-    k = max(1, min(flat.numel(), int(round(density * flat.numel()))))
-    if k == flat.numel():
-        return delta.clone()
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[torch.topk(flat.abs(), k, sorted=False).indices] = True
-    return torch.where(keep, flat, torch.zeros_like(flat)).reshape(delta.shape)
-
-
-@register_operator("ties", min_inputs=1, needs_base=True, weights="scale")
-def ties(xs, p: MergeParams, base: torch.Tensor, **_) -> torch.Tensor:
-    """TIES: trim deltas to `density`, elect the sign of Σ w_i δ_i, disjoint (weighted) mean."""
-    w = resolve_weights(OPERATORS["ties"], p, len(xs))
-    trimmed = [trim_to_density(x - base, p.density) for x in xs]
-    elected = torch.sign(sum(wi * d for wi, d in zip(w, trimmed)))
-    num = torch.zeros_like(base)
-    den = torch.zeros_like(base)
-    for wi, d in zip(w, trimmed):
-        agree = ((torch.sign(d) == elected) & (d != 0)).to(base.dtype)
-        num.add_(d * agree, alpha=wi)
-        den.add_(agree, alpha=wi)
-    den = torch.where(den == 0, torch.ones_like(den), den)
-    return base + num / den
-
-
-@register_operator("dare", min_inputs=1, needs_base=True, weights="scale")
-def dare(xs, p: MergeParams, base: torch.Tensor, gen: torch.Generator, **_) -> torch.Tensor:
-    """DARE: drop delta entries with probability p, rescale by 1/(1-p), then base + Σ w_i δ̃_i."""
-    w = resolve_weights(OPERATORS["dare"], p, len(xs))
-    out = base.clone()
-    scale = 1.0 / (1.0 - p.drop_p)
-    for wi, x in zip(w, xs):
-        keep = torch.rand(x.shape, generator=gen) >= p.drop_p
-        out.add_((x - base) * keep.to(x.dtype), alpha=wi * scale)
-    return out
+@register_operator("passthrough", min_inputs=1, max_inputs=1, native_dtype=True)
+def passthrough(xs, p: MergeParams, **_) -> torch.Tensor:
+    """The single input unchanged (times ``scale`` when it is not 1): layer stacking with slices."""
+    return xs[0].clone() if p.scale == 1.0 else xs[0] * p.scale
 
 
 @register_operator("self_merge", min_inputs=1, max_inputs=1, needs_logvar=True, latent_only=True)

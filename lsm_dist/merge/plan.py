@@ -4,8 +4,14 @@
 tensor the plan selects exists in every model (layer-mapped for other depths), the VAE's
 chunking fits each model, the method's parameters suit its inputs, a heterogeneous pair has an
 alignment, and ``out_dir`` holds no other merge. It returns the :class:`ResolvedPlan` with one
-:class:`TensorJob` per merged target tensor, grouped by layer, and the plan digest that names
-this merge (the content digests of models and VAEs included, so a changed model is a new merge).
+:class:`TensorJob` per merged output tensor (``lsm_dist.merge.layout``: slices, ``rest``, and
+each tensor's parameters resolved for its name and depth by ``lsm_dist.merge.settings``),
+grouped by layer, and the plan digest that names this merge (the content digests of models and
+VAEs and every job's resolved parameters included, so a changed model is a new merge).
+
+A mergekit config (``merge_method`` at top level) is read onto the same plan by
+``lsm_dist.merge.mergekit`` (:func:`load_plan`). ``PLAN_VERSION`` enters the digest: bump it
+when an operator's arithmetic changes, so finished merges are not reused.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lsm_dist.adapters import open_model, split_model_ref
-from lsm_dist.checkpoint import LAYER_RE, Checkpoint
+from lsm_dist.checkpoint import Checkpoint, TensorInfo
 from lsm_dist.chunking import ChunkSpec
 from lsm_dist.config import (
     ConfigError,
@@ -27,10 +34,13 @@ from lsm_dist.config import (
     config_data,
     doc,
     from_dict,
+    read_yaml_mapping,
     to_dict,
 )
 from lsm_dist.merge.hetero import AlignConfig, resolve_layer_map
-from lsm_dist.merge.operators import MergeParams, get_operator
+from lsm_dist.merge.layout import SAFETENSORS_DTYPES, TensorJob, build_layout, default_inputs
+from lsm_dist.merge.operators import OPERATORS, MergeParams, get_operator
+from lsm_dist.merge.settings import PER_INPUT, check_settings
 from lsm_dist.model import VAEConfig, read_vae_config, vae_digest
 from lsm_dist.utils import atomic_write_json, read_json, sha256_json
 
@@ -39,7 +49,8 @@ SPACES = ("latent", "weight")
 DECODES = ("delta", "direct")
 BLOCK_CHOICES = {"attn": ["attn"], "mlp": ["mlp"], "both": ["attn", "mlp"]}
 LATENT_DTYPES = ("float32", "bfloat16")
-PLAN_VERSION = 1
+RESTS = ("target", "weight")
+PLAN_VERSION = 2
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -63,6 +74,35 @@ class ModelEntry:
     vae: str | None = doc("this model's own VAE checkpoint (default: the plan's `vae`)", None)
     lora: str | None = doc("peft LoRA adapter directory applied on `path` (the base), tensor by "
                            "tensor; mergekit's `path: BASE+ADAPTER` means the same", None)
+    params: dict[str, Any] = doc("this model's per-input parameters (weight, density, gamma, epsilon): "
+                                 "a value, a gradient [a, b, ...] or [{filter, value}, ...] "
+                                 "(lsm_dist.merge.settings)", factory=dict)
+
+    def __post_init__(self) -> None:
+        check_settings(self.params, "models.<id>.params", list(PER_INPUT))
+
+
+@dataclass
+class SliceSource:
+    model: str = doc("model id (a key of `models`)")
+    layers: list[int] = doc("[start, end): the model's layers this slice takes (mergekit layer_range)")
+    params: dict[str, Any] = doc("this source's per-input parameters (as models.<id>.params)", factory=dict)
+
+    def __post_init__(self) -> None:
+        check(len(self.layers) == 2 and 0 <= self.layers[0] < self.layers[1], "slices.sources.layers",
+              f"must be [start, end) with 0 <= start < end, got {self.layers}")
+        check_settings(self.params, "slices.sources.params", list(PER_INPUT))
+
+
+@dataclass
+class MergeSlice:
+    sources: list[SliceSource] = doc("models merged into this run of output layers (same length each)")
+    base: str | None = doc("base model of this slice (default: the plan's `base`)", None)
+    params: dict[str, Any] = doc("parameter settings of this slice (as tensor_params)", factory=dict)
+
+    def __post_init__(self) -> None:
+        check(bool(self.sources), "slices.sources", "name at least one source")
+        check_settings(self.params, "slices.params")
 
 
 def _model_entry(mid: str, v) -> ModelEntry:
@@ -76,20 +116,31 @@ def _model_entry(mid: str, v) -> ModelEntry:
 
 @dataclass
 class MergePlan:
-    models: dict[str, ModelEntry | str] = doc("model id → path (or {path, vae})", factory=dict)
+    models: dict[str, ModelEntry | str] = doc("model id → path (or {path, vae, params})", factory=dict)
     target: str | None = doc("model whose config, tokenizer, untouched tensors and decoder are "
                              "used (default: base, else the first model)", None)
-    base: str | None = doc("base model of task_arithmetic / ties / dare", None)
+    base: str | None = doc("base model of the task-vector methods (and model_stock; optional for "
+                           "nuslerp / multislerp)", None)
     inputs: list[str] | None = doc("operator inputs, in order (default: target first, then the "
-                                   "other models; delta methods: every model but the base)", None)
-    method: str = doc("merge operator: lerp | slerp | soup | task_arithmetic | ties | dare | self_merge", "lerp")
-    params: MergeParams = doc("operator parameters (lambda, weights, density, drop_p, samples, seed)",
+                                   "other models; methods with a base: every model but the base)", None)
+    method: str = doc("merge operator: " + " | ".join(sorted(OPERATORS)), "lerp")
+    params: MergeParams = doc("operator parameters for every tensor (lambda, weights, density, ...)",
                               factory=MergeParams)
+    tensor_params: dict[str, Any] = doc(
+        "parameters varying by tensor (filters) and depth (gradients) over `params`: key → a value, "
+        "a gradient [a, b, ...] or [{filter: substring, value: ...}, ...] (lsm_dist.merge.settings)",
+        factory=dict)
+    slices: list[MergeSlice] | None = doc(
+        "output layers as runs of source layers (mergekit slices; passthrough stacks models): "
+        "[{sources: [{model, layers: [start, end)}], base, params}]; null = the target's layers", None)
     space: str = doc("latent (LS-Merge) or weight (the weight-space baselines)", "latent")
     decode: str = doc("latent space: delta (W = W_target + D(z_merged) - D(z_target): the VAE's "
                       "reconstruction error cancels, z_merged = z_target gives W_target exactly) | "
                       "direct (W = D(z_merged), the paper's)", "delta")
-    blocks: str | list[str] = doc("tensors merged: attn | mlp | both (others come from the target)", "both")
+    blocks: str | list[str] = doc("tensors merged in `space`: attn | mlp | both", "both")
+    rest: str = doc("tensors outside `blocks` (norms, embeddings, head, biases): target (copied from "
+                    "the target) | weight (merged in weight space with the same method, as mergekit does)",
+                    "target")
     include: str | None = doc("regex: merge only matching tensors (within blocks)", None)
     exclude: str | None = doc("regex: never merge matching tensors", None)
     layer_map: str | list[int] | dict[str, list[int]] = doc(
@@ -97,6 +148,14 @@ class MergePlan:
         "(for every other model) | {model: [i_s, ...]}", "proportional")
     alignment: AlignConfig | str = doc("OT alignment (none | gaussian | emd | sinkhorn, reg, "
                                        "max_samples); a string is the method", factory=AlignConfig)
+    dtype: str | None = doc("weight space: round the inputs to this dtype before merging (mergekit "
+                            "`dtype`; see `arithmetic`): float32 | bfloat16 | float16", None)
+    arithmetic: str = doc("float32: every operator computes in float32 | dtype: with `dtype` set, the "
+                          "task-vector methods, nuslerp, multislerp, karcher, model_stock and passthrough compute "
+                          "in that dtype (mergekit's arithmetic; set when reading a mergekit config)", "float32")
+    out_dtype: str | None = doc("dtype of the merged tensors (default: `dtype` if set, else the "
+                                "target tensor's)", None)
+    origin: str | None = doc("where the plan came from (e.g. the mergekit config read), for the model card", None)
     vae: str | None = doc("VAE checkpoint directory (latent space)", None)
     out_dir: str = doc("merge output: merge_plan.json, layers/, model/", "runs/merge/out")
     cache_dir: str = doc("latent cache root: <cache_dir>/<model_digest>-<vae_digest>/", "runs/latent_cache")
@@ -123,6 +182,8 @@ class MergePlan:
         op = get_operator(self.method)
         check_choice(self.space, "space", SPACES)
         check_choice(self.decode, "decode", DECODES)
+        check_choice(self.rest, "rest", RESTS)
+        check_choice(self.arithmetic, "arithmetic", ("float32", "dtype"))
         if isinstance(self.blocks, str):
             check_choice(self.blocks, "blocks", list(BLOCK_CHOICES))
             self.blocks = BLOCK_CHOICES[self.blocks]
@@ -131,17 +192,25 @@ class MergePlan:
             check(b in ("attn", "mlp"), "blocks", f"{b!r} is not one of ['attn', 'mlp']")
         if isinstance(self.alignment, str):
             self.alignment = AlignConfig(method=self.alignment)
+        check_settings(self.tensor_params, "tensor_params")
+        for k, sl in enumerate(self.slices or []):
+            for src in sl.sources:
+                check(src.model in self.models, f"slices[{k}].sources.model",
+                      f"{src.model!r} is not a model of this plan; known: {known}")
+            check(sl.base is None or sl.base in self.models, f"slices[{k}].base",
+                  f"{sl.base!r} is not a model of this plan; known: {known}")
+        check(self.slices is None or bool(self.slices), "slices", "name at least one slice (or leave it null)")
+        self.inputs_given = self.inputs is not None
         if self.inputs is None:
-            if op.needs_base:
-                self.inputs = [m for m in known if m != self.base]
-            elif op.max_inputs == 1:
-                self.inputs = [self.target]
-            else:
-                self.inputs = [self.target] + [m for m in known if m not in (self.target, self.base)]
+            self.inputs = default_inputs(op, known, self.target, self.base)
         for m in self.inputs:
             check(m in self.models, "inputs", f"{m!r} is not a model of this plan; known: {known}")
         check(len(set(self.inputs)) == len(self.inputs), "inputs", f"lists a model twice: {self.inputs}")
-        op.validate(self.params, len(self.inputs), self.base is not None)
+        if self.slices is None:
+            op.validate(self.params, len(self.inputs), self.base is not None)
+        for name in ("dtype", "out_dtype"):
+            v = getattr(self, name)
+            check(v is None or v in SAFETENSORS_DTYPES, name, f"{v!r} is not one of {list(SAFETENSORS_DTYPES)}")
         if self.space == "weight":
             check(not op.latent_only, "method", f"{self.method!r} needs posterior latents: use space: latent")
             check(self.alignment.method == "none", "alignment",
@@ -180,19 +249,32 @@ class MergePlan:
 
     @property
     def operands(self) -> list[str]:
-        """Models whose tensors are read: inputs, the base of delta methods, the target."""
+        """Models whose tensors are read: inputs, the base (if the method takes one), the
+        target, and every model of the slices."""
         out = list(self.inputs)
-        if get_operator(self.method).needs_base and self.base not in out:
-            out.append(self.base)
+        bases = {self.base} | {s.base for s in self.slices or []}
+        for b in bases:
+            if b is not None and get_operator(self.method).takes_base(True) and b not in out:
+                out.append(b)
+        for s in self.slices or []:
+            out += [src.model for src in s.sources if src.model not in out]
         if self.target not in out:
             out.append(self.target)
         return out
 
 
 def load_plan(path: str | Path | None = None, overrides=()) -> MergePlan:
-    """Defaults ← YAML ← dotted overrides (``params.lambda=0.3`` works: key ``lambda``)."""
+    """Defaults ← YAML ← dotted overrides (``params.lambda=0.3`` works: key ``lambda``).
+
+    A mergekit config (a file with ``merge_method``) is read onto the same plan by
+    ``lsm_dist.merge.mergekit`` first; the overrides then apply to the plan it gives."""
+    data = read_yaml_mapping(path, "merge plan") if path is not None else {}
+    if "merge_method" in data:
+        from lsm_dist.merge.mergekit import plan_data
+
+        data = plan_data(data, path, {f.name for f in dataclasses.fields(ModelEntry)})
     data = config_data(MergePlan, path, overrides, what="merge plan",
-                       aliases={"params.lambda": "params.lambda_"})
+                       aliases={"params.lambda": "params.lambda_"}, data=data)
     return from_dict(MergePlan, data)
 
 
@@ -220,24 +302,14 @@ class ModelInfo:
 
 
 @dataclass
-class TensorJob:
-    name: str  # target tensor name
-    group: str  # layers/<group>.safetensors
-    layer: int | None
-    block: str
-    role: str | None
-    shape: tuple[int, ...]
-    dtype: str
-    sources: dict[str, str]  # model id -> tensor name in that model
-
-
-@dataclass
 class ResolvedPlan:
     plan: MergePlan
     models: dict[str, ModelInfo]
     jobs: list[TensorJob]
     heterogeneous: bool
     digest: str
+    outputs: list[TensorInfo] = field(default_factory=list)  # the merged checkpoint's tensors, in order
+    config_patch: dict = field(default_factory=dict)  # config.json keys the output changes
     groups: dict[str, list[TensorJob]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -287,11 +359,6 @@ def content_digest(ck: Checkpoint, memo_dir: str | Path | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def _layer_key(name: str, layer: int | None) -> tuple[int | None, str]:
-    m = LAYER_RE.search(name)
-    return (layer, m.group(2)) if m and layer is not None else (None, name)
-
-
 def _shape_desc(shape) -> str:
     return "x".join(map(str, shape)) or "scalar"
 
@@ -309,39 +376,38 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
             raise ConfigError(f"models.{mid}: cannot open {what}: {e}") from None
     tid = plan.target
     tck = checkpoints[tid]
-    selected = tck.select(plan.blocks, plan.include, plan.exclude)
-    check(bool(selected), "blocks", f"no {plan.blocks} tensors of target {tid} match "
-          f"include={plan.include!r} exclude={plan.exclude!r}")
+    if plan.rest == "target" and plan.slices is None:  # else every tensor is merged anyway
+        check(bool(tck.select(plan.blocks, plan.include, plan.exclude)), "blocks",
+              f"no {plan.blocks} tensors of target {tid} match include={plan.include!r} exclude={plan.exclude!r}")
     maps: dict[str, list[int] | None] = {}
     for mid, ck in checkpoints.items():
-        if mid == tid:
+        if mid == tid or plan.slices is not None:
             maps[mid] = None
             continue
         spec = plan.layer_map.get(mid, "proportional") if isinstance(plan.layer_map, dict) else plan.layer_map
         maps[mid] = resolve_layer_map(spec, tck.num_layers, ck.num_layers, mid)
-    index = {mid: {_layer_key(t.name, t.layer): t for t in ck.tensors.values()} for mid, ck in checkpoints.items()}
-    jobs, hetero_why = [], None
-    for t in selected:
-        sources = {}
-        for mid, ck in checkpoints.items():
-            if mid == tid:
-                sources[mid] = t.name
+    jobs, outputs, patch = build_layout(plan, checkpoints, maps)
+    hetero_why = None
+    for j in jobs:
+        ref = j.shape
+        for mid, name in j.sources.items():
+            shape = checkpoints[mid].tensors[name].shape
+            if shape == ref:
                 continue
-            layer, suffix = _layer_key(t.name, t.layer)
-            key = (maps[mid][layer] if layer is not None else None, suffix)
-            src = index[mid].get(key)
-            if src is None:
-                want = f"layer {key[0]} '{suffix}'" if layer is not None else repr(t.name)
-                raise ConfigError(f"models.{mid}: has no tensor {want} (paired with target tensor "
-                                  f"{t.name!r} of {tid}) in {ck.path}")
-            if src.shape != t.shape and hetero_why is None:
-                hetero_why = f"{src.name} is {_shape_desc(src.shape)} in {mid}, {_shape_desc(t.shape)} in {tid}"
-            sources[mid] = src.name
-        group = f"layer-{t.layer:04d}" if t.layer is not None else "global"
-        jobs.append(TensorJob(t.name, group, t.layer, t.block, t.role, t.shape, t.dtype, sources))
-    for mid, ck in checkpoints.items():
-        if ck.num_layers != tck.num_layers and hetero_why is None:
-            hetero_why = f"{mid} has {ck.num_layers} layers, {tid} has {tck.num_layers}"
+            why = f"{name} is {_shape_desc(shape)} in {mid}, {_shape_desc(ref)} in the output"
+            check(j.space == "latent", "space" if plan.space == "weight" else "rest",
+                  f"heterogeneous models ({why}): weight-space merges need identical shapes; "
+                  + ("use space: latent with an alignment" if plan.space == "weight" else
+                     "tensors outside `blocks` are merged in weight space (rest: weight); use rest: target"))
+            hetero_why = hetero_why or why
+        if j.space == "latent":
+            check(tid in j.sources, "slices", f"latent-space merging decodes with the target's VAE and "
+                  f"statistics: every slice needs the target {tid} among its sources ({j.name} has "
+                  f"{sorted(j.sources)}); use space: weight")
+    if plan.slices is None:
+        for mid, ck in checkpoints.items():
+            if ck.num_layers != tck.num_layers and hetero_why is None:
+                hetero_why = f"{mid} has {ck.num_layers} layers, {tid} has {tck.num_layers}"
     if hetero_why is not None:
         check(plan.space == "latent", "space",
               f"heterogeneous models ({hetero_why}): weight-space merges need identical shapes; "
@@ -357,12 +423,14 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
         "version": PLAN_VERSION,
         "plan": {k: v for k, v in plan_to_dict(plan).items()
                  if k not in ("models", "vae", "out_dir", "cache_dir", "zoo_dir", "batch_size",
-                              "device", "overwrite")},
+                              "device", "overwrite", "origin")},
         "models": {m: [i.digest, i.vae_digest] for m, i in infos.items()},
+        "jobs": sha256_json([j.record() for j in jobs]),
+        "config": patch,
     })[:16]
     for ck in checkpoints.values():
         ck.close()
-    return ResolvedPlan(plan, infos, jobs, hetero_why is not None, digest)
+    return ResolvedPlan(plan, infos, jobs, hetero_why is not None, digest, outputs, patch)
 
 
 def _model_infos(plan, checkpoints, maps, jobs) -> dict[str, ModelInfo]:
@@ -377,8 +445,12 @@ def _model_infos(plan, checkpoints, maps, jobs) -> dict[str, ModelInfo]:
                 vdig = vae_digest(vpath)
             except ValueError as e:
                 raise ConfigError(f"vae ({mid}): {e}") from None
-            _check_fit(plan, mid, ck, vpath, vcfg, [ck.tensors[j.sources[mid]] for j in jobs])
-            latent_dims[mid] = vcfg.latent_dim
+            names = dict.fromkeys(j.sources[mid] for j in jobs if j.space == "latent" and mid in j.sources)
+            if names:
+                _check_fit(plan, mid, ck, vpath, vcfg, [ck.tensors[n] for n in names])
+                latent_dims[mid] = vcfg.latent_dim
+            else:  # this model's tensors are only merged in weight space
+                vpath = vcfg = vdig = None
         infos[mid] = ModelInfo(mid, ck.path, vpath, ck.num_layers, content_digest(ck, plan.cache_dir),
                                vdig, vcfg, maps[mid], plan.model_ref(mid)[1])
     if len(set(latent_dims.values())) > 1:
@@ -441,11 +513,13 @@ def _real(p: Path, field_name: str) -> Path:
 
 
 def check_out_dir(plan: MergePlan) -> None:
-    """``out_dir`` apart from every input: not equal to, inside, or holding a model or VAE
-    path (the merge writes and replaces ``out_dir/layers`` and ``out_dir/model``)."""
+    """``out_dir`` apart from every input: not equal to, inside, or holding a model, LoRA
+    adapter or VAE path (the merge writes and replaces ``out_dir/layers`` and ``out_dir/model``)."""
     out = _real(Path(plan.out_dir), "out_dir")
     for mid in plan.models:
-        for what, p in ((f"models.{mid}", plan.model_path(mid)), (f"vae of {mid}", plan.vae_path(mid))):
+        path, lora = plan.model_ref(mid)
+        for what, p in ((f"models.{mid}", path), (f"LoRA adapter of {mid}", lora),
+                        (f"vae of {mid}", plan.vae_path(mid))):
             if p is None:
                 continue
             src = _real(p, what)

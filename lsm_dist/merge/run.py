@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lsm_dist.merge.assemble import assemble, is_complete
+from lsm_dist.merge.card import write_card
 from lsm_dist.merge.decode import run_decode
 from lsm_dist.merge.encode import run_encode
 from lsm_dist.merge.plan import (
@@ -52,7 +53,9 @@ def run_assemble(rp: ResolvedPlan) -> Path:
     t = rp.models[rp.plan.target]
     return assemble(t.open(), rp.layers_dir, rp.model_dir, rp.digest,
                     parse_size(rp.plan.max_shard_size), groups,
-                    extra={"method": rp.plan.method, "space": rp.plan.space})
+                    extra={"method": rp.plan.method, "space": rp.plan.space},
+                    outputs=rp.outputs, config_patch=rp.config_patch,
+                    write_extra=lambda tmp: write_card(tmp, rp))
 
 
 def run_merge(plan: MergePlan | str | Path, overrides: Sequence[str] = ()) -> Path:
