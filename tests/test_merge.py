@@ -74,7 +74,8 @@ def zoo(tmp_path_factory):
 
 def plan_for(zoo, out: Path, models=("base", "a", "b"), **kw) -> MergePlan:
     fields = dict(models={m: str(zoo[m]) for m in models}, vae=str(zoo["vae"]), out_dir=str(out),
-                  cache_dir=str(zoo["cache"]), batch_size=16, max_shard_size="60KB")
+                  cache_dir=str(zoo["cache"]), batch_size=16, max_shard_size="60KB",
+                  decode="direct")  # the paper's D(z); delta decoding: tests/test_delta.py
     return MergePlan(**(fields | kw))
 
 

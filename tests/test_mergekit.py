@@ -304,6 +304,8 @@ def test_reader_maps_mergekit_semantics(mk_zoo, tmp_path):
     dare = plan_data({"merge_method": "dare_ties", "base_model": "x", "models": [
         {"model": "x"}, {"model": "y", "parameters": {"weight": 1, "density": 0.5}}]})
     assert dare["params"]["rescale"] == "l1" and dare["inputs"] == ["y"]
+    lora = plan_data({"merge_method": "linear", "models": [{"model": "b+lora_dir", "parameters": {"weight": 1}}]})
+    assert lora["models"]["b"]["path"] == "b" and lora["models"]["b"]["lora"] == "lora_dir"
     nus = plan_data({"merge_method": "nuslerp", "models": [{"model": "p", "parameters": {"weight": 1}},
                      {"model": "q", "parameters": {"weight": 1}}],
                      "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}})
@@ -327,8 +329,6 @@ def test_reader_maps_mergekit_semantics(mk_zoo, tmp_path):
     ({"merge_method": "linear", "models": [{"model": "x", "parameters": {"weight": 1, "density": 0.5}}]},
      r"models\[0\]\.parameters\.density: is not a parameter of mergekit's linear"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}]}, r"needs `weight`"),
-    ({"merge_method": "linear", "models": [{"model": "b+lora_dir", "parameters": {"weight": 1}}]},
-     r"models\[0\]\.model: b\+lora_dir names a LoRA adapter.*not supported yet"),
     ({"merge_method": "linear", "models": [{"model": "x"}], "slices": []}, r"exactly one of"),
     ({"merge_method": "linear", "models": [{"model": "x", "parameters": {"weight": 1}}], "name": "n"},
      r"unknown key\(s\) \['name'\]"),

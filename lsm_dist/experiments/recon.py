@@ -112,8 +112,7 @@ def pca_model(src: str, tensors: list[dict], corpus, mean: np.ndarray, comps: np
 
     from lsm_dist.checkpoint import DTYPES
     from lsm_dist.chunking import unchunk
-    from lsm_dist.utils import atomic_write_json, read_json
-    from lsm_dist.zoo.build import quiet_transformers
+    from lsm_dist.utils import atomic_write_json, quiet_transformers, read_json
 
     out = Path(out)
     digest = hashlib.sha256(comps.tobytes() + mean.tobytes() + str(src).encode()).hexdigest()[:16]

@@ -24,11 +24,11 @@ What maps where (details and the semantic choices in docs/mergekit.md):
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lsm_dist.config import ConfigError, check
+from lsm_dist.config import check
 from lsm_dist.merge.layout import SAFETENSORS_DTYPES
 from lsm_dist.merge.settings import check_setting
 
@@ -67,10 +67,10 @@ RUN_KEYS = ("space", "vae", "out_dir", "cache_dir", "zoo_dir", "device", "batch_
 DTYPES = tuple(SAFETENSORS_DTYPES)
 
 
-def plan_data(raw: Mapping[str, Any], path: str | Path | None = None,
-              model_keys: Collection[str] = ("path", "vae", "params")) -> dict[str, Any]:
-    """The merge-plan mapping of a mergekit config ``raw`` (read from ``path``); ``model_keys``:
-    the keys a plan's model entry has (``lora`` once LoRA inputs exist)."""
+def plan_data(raw: Mapping[str, Any], path: str | Path | None = None) -> dict[str, Any]:
+    """The merge-plan mapping of a mergekit config ``raw`` (read from ``path``); a model
+    ``BASE+LORA_DIR`` (mergekit's syntax, split at the first ``+``) becomes ``{path: BASE,
+    lora: LORA_DIR}``."""
     where = f"mergekit config {path}" if path else "mergekit config"
     unknown = sorted(set(raw) - set(MERGEKIT_KEYS) - set(RUN_KEYS))
     check(not unknown, where, f"unknown key(s) {unknown}; mergekit keys: {list(MERGEKIT_KEYS)}, "
@@ -128,16 +128,8 @@ def plan_data(raw: Mapping[str, Any], path: str | Path | None = None,
         data["slices"] = slices
         order = list(ids.ids)
         inputs = None
-    if "lora" in model_keys:
-        data["models"] = {m: {"path": ids.path(m), **({"lora": ids.lora[m]} if m in ids.lora else {}),
-                              "params": ids.params.get(m, {})} for m in ids.ids}
-    else:
-        if ids.lora:
-            m = next(iter(ids.lora))
-            raise ConfigError(f"{where}: {ids.where[m]}: {ids.path(m)}+{ids.lora[m]} names a LoRA "
-                              "adapter (mergekit's base+lora syntax): LoRA inputs are not supported yet "
-                              "(the plan's models have no `lora` key)")
-        data["models"] = {m: {"path": ids.path(m), "params": ids.params.get(m, {})} for m in ids.ids}
+    data["models"] = {m: {"path": ids.path(m), **({"lora": ids.lora[m]} if m in ids.lora else {}),
+                          "params": ids.params.get(m, {})} for m in ids.ids}
     data["tensor_params"] = _translate(raw.get("parameters"), method, keymap, "parameters", seen=seen)
     params: dict[str, Any] = dict(DEFAULTS)
     if method in RESCALE_DEFAULT:

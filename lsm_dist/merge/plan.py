@@ -272,7 +272,7 @@ def load_plan(path: str | Path | None = None, overrides=()) -> MergePlan:
     if "merge_method" in data:
         from lsm_dist.merge.mergekit import plan_data
 
-        data = plan_data(data, path, {f.name for f in dataclasses.fields(ModelEntry)})
+        data = plan_data(data, path)
     data = config_data(MergePlan, path, overrides, what="merge plan",
                        aliases={"params.lambda": "params.lambda_"}, data=data)
     return from_dict(MergePlan, data)

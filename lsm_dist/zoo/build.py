@@ -30,13 +30,12 @@ without a card is refused, before anything is trained.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -46,6 +45,7 @@ from lsm_dist.config import check, check_choice, doc, load_config, to_dict
 from lsm_dist.utils import (
     atomic_write_json,
     get_logger,
+    quiet_transformers,
     read_json,
     remove_dead_temps,
     sha256_file,
@@ -255,22 +255,6 @@ def param_count(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    level = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-        hf_logging.set_verbosity(level)
-
-
 def load_model(path: str | Path, dtype: torch.dtype | None = torch.float32):
     from lsm_dist.checkpoint import load_causal_lm
 
@@ -455,7 +439,7 @@ def build_model(spec: ZooModelSpec, cfg: ZooConfig, dst: Path, h: str, parent_ha
 
             path = resolve_gguf(spec.gguf)
             source = {"kind": "gguf", "ref": spec.gguf, **gguf_summary(path)}
-            model, tokenizer = import_gguf(path, tmp, spec.dtype, cfg.max_shard_size)
+            model, tokenizer = import_gguf(path, tmp, SAVE_DTYPES[spec.dtype], cfg.max_shard_size)
         elif parent_dir is None:
             model = init_model(spec, cfg.seq_len)
         else:
@@ -592,7 +576,8 @@ def format_zoo_table(paths: dict[str, Path]) -> str:
         spec, acc = card.get("spec", {}), card.get("accuracy", {})
         loss = card.get("train", {}).get("final_loss")
         rows.append([
-            name, str(spec.get("family")), str(spec.get("parent") or "-"),
+            name, str(spec.get("family") or card.get("source", {}).get("architecture")),
+            str(spec.get("parent") or "-"),
             f"{card.get('params', 0):,}", str(spec.get("dtype")),
             "-" if loss is None else f"{loss:.3f}",
         ] + ["-" if t not in acc else f"{acc[t]:.2f}" for t in T.TASK_NAMES])  # fmt: skip

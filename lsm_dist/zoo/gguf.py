@@ -66,13 +66,14 @@ def gguf_summary(path: Path) -> dict:
     }
 
 
-def import_gguf(path: Path, out_dir: Path, dtype: str = "float32", max_shard_size: str = "2GB"):
+def import_gguf(path: Path, out_dir: Path, dtype=None, max_shard_size: str = "2GB"):
     """Load ``path`` with transformers, save a plain checkpoint into ``out_dir``; returns
-    ``(model, tokenizer)`` (the saved model in float32, for evaluation)."""
+    ``(model, tokenizer)`` (the saved model in float32, for evaluation); ``dtype``: the torch
+    dtype saved (default float32)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lsm_dist.zoo.build import SAVE_DTYPES, quiet_transformers
+    from lsm_dist.utils import quiet_transformers
 
     try:
         import gguf  # noqa: F401  (transformers needs it to parse the file)
@@ -94,6 +95,6 @@ def import_gguf(path: Path, out_dir: Path, dtype: str = "float32", max_shard_siz
         del loaded
         model.generation_config.do_sample = False
         model.eval()
-        model.to(SAVE_DTYPES[dtype]).save_pretrained(str(out_dir), max_shard_size=max_shard_size)
+        model.to(dtype or torch.float32).save_pretrained(str(out_dir), max_shard_size=max_shard_size)
         tok.save_pretrained(str(out_dir))
     return model.float(), tok
