@@ -87,7 +87,7 @@ def _plans(cfg: DemoConfig, zoo: dict[str, Path], vae: Path) -> dict[str, dict]:
     base, (a, b) = p["base"], p["experts"]
     paths = {k: str(zoo[k]) for k in (base, a, b)}
     two = {"models": {a: paths[a], b: paths[b]}, "target": a}
-    three = {"models": {base: paths[base], a: paths[a], b: paths[b]}, "target": a, "base": base, "inputs": [a, b]}
+    three = {"models": {base: paths[base], a: paths[a], b: paths[b]}, "target": base, "base": base, "inputs": [a, b]}
     direct = {"space": "latent", "decode": "direct"}  # the paper's W = D(z)
     delta = {"space": "latent", "decode": "delta"}  # W = W_target + D(z) - D(z_target)
     plans = {

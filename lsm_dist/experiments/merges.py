@@ -155,8 +155,8 @@ def _method_plan(ctx: Context, method: str, space: str, blocks: str = "both", de
     a, b = cfg.experts
     base = cfg.base
     two = {"models": {a: ctx.path(a), b: ctx.path(b)}, "target": a}
-    three = {"models": {base: ctx.path(base), a: ctx.path(a), b: ctx.path(b)}, "target": a,
-             "base": base, "inputs": [a, b]}
+    three = {"models": {base: ctx.path(base), a: ctx.path(a), b: ctx.path(b)}, "target": base,
+             "base": base, "inputs": [a, b]}  # the base is the target, as in mergekit
     params = {
         "lerp": {"lambda": cfg.lambda_}, "slerp": {"lambda": cfg.lambda_}, "soup": {"weights": [0.5, 0.5]},
         "task_arithmetic": {}, "ties": {"density": cfg.density}, "dare": {"drop_p": cfg.drop_p, "seed": cfg.seed},
