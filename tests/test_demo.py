@@ -17,7 +17,7 @@ def test_demo_quick_end_to_end(tmp_path, tiny_zoo, capsys):
     rows = list(csv.DictReader((tmp_path / "demo" / "eval" / "results.csv").open()))
     names = {r["checkpoint"] for r in rows}
     expected = {"llama-tiny-base", "llama-tiny-arith", "llama-tiny-reverse", "vae-recon-direct",
-                "latent-lerp-direct", "latent-lerp", "latent-soup", "latent-task-arith", "latent-ties",
+                "latent-lerp-direct", "latent-lerp", "latent-task-arith", "latent-ties",
                 "latent-self-merge", "weight-lerp", "weight-slerp", "weight-task-arith",
                 "weight-ties", "weight-dare", "hetero-ot"}
     assert expected <= names, expected - names

@@ -45,6 +45,25 @@ def test_pca_matches_hand_computation():
     assert fit_pca(x[:1], 5)[1].shape == (1, 2)
 
 
+def test_svd_baseline_hand_computed():
+    """The per-matrix SVD keeps k(rows + cols) = numel / r numbers and is the best rank-k fit."""
+    from lsm_dist.experiments.recon import svd_rank, svd_reconstruct
+
+    assert svd_rank((64, 64), 2.0) == 16 and svd_rank((100, 50), 1.6) == 20 and svd_rank((4, 4), 100) == 1
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    s = torch.linspace(10, 1, 64, dtype=torch.float64)
+    w = (u * s) @ v.T + 0.5
+    wh = svd_reconstruct(w, 2.0)  # rank 16 of the centered matrix
+    assert torch.linalg.matrix_rank(wh - w.mean()) <= 17
+    tail = float((s[16:] ** 2).sum())
+    err = float(((wh - w) ** 2).sum())
+    centered = w - w.mean()  # centering moves the spectrum slightly: compare with its own tail
+    sc = torch.linalg.svdvals(centered)
+    assert abs(err - float((sc[16:] ** 2).sum())) < 1e-6 * tail
+
+
 def test_pca_components_at_the_vae_ratio():
     # samples of 8 x 64 = 512 values, token_stride 2 -> 4 latent tokens
     for ratio, dim in ((1.6, 80), (2.0, 64), (4.0, 32)):
@@ -110,7 +129,7 @@ def test_recon_ratio_quick(exp_root, tiny_zoo):
     rows = _rows(out)
     assert {(r["set"], r["block"]) for r in rows} == {(s, b) for s in ("train", "heldout") for b in ("attn", "mlp", "all")}
     for r in rows:
-        for k in ("VAE rel-MSE", "PCA rel-MSE", "VAE rel-Frob", "PCA rel-Frob"):
+        for k in ("VAE rel-MSE", "PCA rel-MSE", "SVD rel-MSE", "VAE rel-Frob", "PCA rel-Frob", "SVD rel-Frob"):
             assert 0.0 <= float(r[k]) < 2.0 and math.isfinite(float(r[k])), (k, r)
     # PCA on its own training samples: nested subspaces, so error grows with the ratio
     pca = [float(r["PCA rel-MSE"]) for r in sorted((r for r in rows if (r["set"], r["block"]) == ("train", "all")),
@@ -118,8 +137,13 @@ def test_recon_ratio_quick(exp_root, tiny_zoo):
     assert pca == sorted(pca) and len(pca) == 2
     assert [int(r["latent numbers / sample"]) for r in rows[:2]] == [64, 32]  # 128-value samples
     acc = _rows(out, "accuracy")
-    assert [r["weights"] for r in acc] == ["original", "VAE r=2", "VAE r=4", "PCA r=2", "PCA r=4"]
+    assert [r["weights"] for r in acc] == ["original", "VAE r=2", "VAE r=4", "PCA r=2", "PCA r=4",
+                                           "SVD r=2", "SVD r=4"]
     _check_acc(acc)
+    # the SVD baseline: nested ranks, so its error grows with the ratio too
+    svd = [float(r["SVD rel-MSE"]) for r in sorted((r for r in rows if (r["set"], r["block"]) == ("train", "all")),
+                                                  key=lambda r: float(r["r"]))]
+    assert svd == sorted(svd) and svd[0] > 0
 
 
 @pytest.mark.slow

@@ -48,10 +48,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         zoo_config="configs/zoo/default.yaml",
         train_models=["llama-base", "llama-arith", "llama-recall", "qwen2-base", "gemma3-base"],
-        heldout_models=["llama-reverse", "llama-wide-base", "qwen2-reverse", "gemma3-recall"],
+        heldout_models=["llama-reverse", "llama-deep-base", "qwen2-reverse", "gemma3-recall"],
         base="llama-base", experts=["llama-arith", "llama-recall"],
         self_merge_models=["llama-arith", "llama-reverse"], recon_models=["llama-base", "llama-reverse"],
-        hetero_target="llama-base", hetero_sources=["qwen2-base", "gemma3-base", "llama-wide-base"],
+        hetero_target="llama-base", hetero_sources=["qwen2-base", "gemma3-base", "llama-deep-base"],
         tokens=8, chunk=64, stage1_steps=800, stage2_steps=200, eval_n=100, samples=[1, 4, 16],
         lambdas=[0.0, 0.05, 0.1, 0.2, 0.5, 1.0],
         methods=["lerp", "soup", "task_arithmetic", "ties", "dare"], eval_tasks=list(TASKS),
