@@ -82,7 +82,7 @@ def tensor_errors(corpus, recon) -> list[dict]:
 
     rows = []
     for t in corpus.tensors:
-        x, _ = corpus.read_samples(t)
+        x = corpus.read_samples(t)
         xh = recon(x, t)
         n = int(np.prod(t["shape"]))
         a, b = x.reshape(-1)[:n].astype(np.float64), xh.reshape(-1)[:n].astype(np.float64)
@@ -129,7 +129,7 @@ def pca_model(src: str, tensors: list[dict], corpus, mean: np.ndarray, comps: np
     params = dict(model.named_parameters())
     with torch.no_grad():
         for t in tensors:
-            x, _ = corpus.read_samples(t)
+            x = corpus.read_samples(t)
             w = unchunk(pca_reconstruct(x, mean, comps), t["shape"], DTYPES[t["dtype"]], t["mean"], t["std"])
             params[t["name"]].copy_(w.to(params[t["name"]].dtype))
     model.save_pretrained(out)
@@ -147,7 +147,7 @@ def run(ctx: Context) -> Path:
     sets = {"train": Corpus(ctx.corpus("train"))}
     if cfg.heldout_models:
         sets["heldout"] = Corpus(ctx.corpus("heldout"))
-    x_train = np.concatenate([sets["train"].read_samples(t)[0] for t in sets["train"].tensors])
+    x_train = np.concatenate([sets["train"].read_samples(t) for t in sets["train"].tensors])
     d = x_train.shape[1] * x_train.shape[2]
     rows, vaes, pcas = [], {}, {}
     for r in cfg.ratios:
