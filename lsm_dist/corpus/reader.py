@@ -149,7 +149,7 @@ class CorpusStream(IterableDataset):
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.resampled, self.shuffle_buffer, self.epoch = seed, resampled, shuffle_buffer, epoch
         self.verify, self.drop_last, self.start_batches, self.backend = verify, drop_last, start_batches, backend
-        # per shard: its blocks in file order, and their metadata rows
+        # per shard: the blocks to read, in file order (a subclass may drop some), and metadata rows
         self.index: list[list[Block]] = [[] for _ in self.paths]
         self.ids: dict[tuple[int, int], tuple] = {}
         for t, blocks in zip(corpus.tensors, corpus.blocks):
@@ -158,6 +158,7 @@ class CorpusStream(IterableDataset):
                 self.ids[(b.tensor, b.start)] = self._ids(t["index"], t["layer"], t["block"], t["role"], b.start)
         for blocks in self.index:
             blocks.sort(key=lambda b: b.offset)
+        self.members = [{(b.tensor, b.start): b for b in blocks} for blocks in self.index]  # every block
 
     def _ids(self, tensor: int, layer: int | None, block: str, role: str, start: int) -> tuple:
         return (tensor, -1 if layer is None else layer, BLOCK_IDS[block], self.role_ids.get(role, 0), start)
@@ -196,12 +197,13 @@ class CorpusStream(IterableDataset):
     def _blocks_wds(self, si: int) -> Iterator[tuple[np.ndarray, Block, np.ndarray]]:
         url = self.paths[si]
         self._check_sha(url)
-        by_key = {(b.tensor, b.start): b for b in self.index[si]}
+        by_key = self.members[si]
         size = self.tokens * self.chunk
         try:
             for s in wds.tariterators.tarfile_samples([dict(url=url)]):
                 if "npy" not in s or "json" not in s:
-                    raise CorpusError(f"{url}: member group {s.get('__key__')} lacks .npy or .json")
+                    raise CorpusError(f"{url}: corrupt or truncated tar shard: member group {s.get('__key__')} "
+                                      "lacks .npy or .json")
                 meta = json.loads(s["json"])
                 blk = by_key.get((meta.get("tensor"), meta.get("start")))
                 data = s["npy"]

@@ -52,7 +52,7 @@ def _check_members(c: Corpus) -> int:
                     diff = sorted(k for k in want if meta.get(k) != want[k])
                     if diff:
                         raise CorpusError(f"{c.where(b)}: the manifest's {diff} disagree with the block's own "
-                                          f"metadata ({ {k: meta.get(k) for k in diff} }): edited manifest")
+                                          f"metadata, which says { {k: meta.get(k) for k in diff} }: edited manifest")
     return n
 
 
