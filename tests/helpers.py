@@ -52,3 +52,12 @@ def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], shards: int =
         weight_map |= {n: fname for n in part}
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
+
+
+def corpus_cfg(tmp: Path, models, name: str = "corpus", **kw):
+    """A tiny-sample ConvertConfig (4 × 32 values, 8-sample blocks) writing ``tmp / name``."""
+    from lsm_dist.corpus import ConvertConfig
+
+    base = dict(models=[str(m) for m in models], out_dir=str(tmp / name), tokens=4, chunk=32,
+                block_samples=8, shard_samples=24)
+    return ConvertConfig(**(base | kw))

@@ -25,15 +25,10 @@ from lsm_dist.config import ConfigError, load_config
 from lsm_dist.corpus import ConvertConfig, CorpusError, run_convert
 from lsm_dist.corpus.reader import Corpus, CorpusStream, make_loader
 from lsm_dist.corpus.verify import verify_corpus
+from tests.helpers import corpus_cfg as cfg
 from tests.helpers import llama_tensors, write_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def cfg(tmp, models, name="corpus", **kw):
-    base = dict(models=[str(m) for m in models], out_dir=str(tmp / name), tokens=4, chunk=32,
-                block_samples=8, shard_samples=24)
-    return ConvertConfig(**(base | kw))
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,12 @@ import torch
 from lsm_dist.checkpoint import Checkpoint
 from lsm_dist.chunking import NonFiniteError
 from lsm_dist.cli import main
-from lsm_dist.corpus import ConvertConfig, CorpusError, run_convert
+from lsm_dist.corpus import CorpusError, run_convert
 from lsm_dist.corpus.convert import manifest_digest
 from lsm_dist.corpus.reader import Corpus, CorpusStream
 from lsm_dist.corpus.verify import verify_corpus
+from tests.helpers import corpus_cfg as cfg
 from tests.helpers import llama_tensors, write_checkpoint
-
-
-def cfg(tmp, models, name="corpus", **kw):
-    base = dict(models=[str(m) for m in models], out_dir=str(tmp / name), tokens=4, chunk=32,
-                block_samples=8, shard_samples=24)
-    return ConvertConfig(**(base | kw))
 
 
 @pytest.fixture(scope="module")
