@@ -122,84 +122,116 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         raise NonFiniteError(t, what)
 
 
-def _to_f32(raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
-    """Stored values → float32 (exact widening) in ``out``; fp32 input is returned as it is.
+def _copy_rows(dst: np.ndarray, src: np.ndarray, rows) -> None:
+    """``dst = src`` (with a widening cast), or ``dst[j] = src[rows[j]]``: rows gathered by plain
+    row copies, with no fancy-indexing temporary."""
+    if rows is None:
+        np.copyto(dst, src)
+    else:
+        for j, r in enumerate(rows):
+            np.copyto(dst[j], src[r])
+
+
+def _to_f32(raw: np.ndarray, dtype: str, out: np.ndarray, rows=None) -> np.ndarray:
+    """Stored 16-bit values → float32 (exact widening) in ``out`` (``rows``: of these rows of
+    ``raw`` only).
 
     Bit operations only (numpy's own fp16 cast is ~4x slower, and torch ops would start their
-    own thread pool inside the loader threads). bf16 is the top half of a float32. fp16: its
-    bits in the top half, arithmetic shift right by 3 (sign copied into the 3 bits that widen the
-    exponent), keep sign + exponent + mantissa: a float32 of the same sign whose magnitude is the
-    fp16 value × 2^-112, exact for every finite fp16 (subnormals too); × 2^112 is exact.
+    own thread pool inside the loader threads); a widening copy and then shifts in place beat
+    one casting shift. bf16 is the top half of a float32. fp16: its bits sign-extended to 32
+    and shifted left by 13 put exponent + mantissa at float32's bits 13–27 and the sign at bit
+    31; masking the rest gives a float32 of the same sign whose magnitude is the fp16 value ×
+    2^-112, exact for every finite fp16 (subnormals too); × 2^112 is exact.
     """
     if dtype == "BF16":
-        np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)
-        return out
-    if dtype == "F16":
         w = out.view(np.uint32)
-        np.left_shift(raw.view(np.uint16), 16, out=w, dtype=np.uint32)
-        np.right_shift(w.view(np.int32), 3, out=w.view(np.int32))
-        np.bitwise_and(w, np.uint32(0x8FFFE000), out=w)
-        np.multiply(out, np.float32(2.0**112), out=out)
+        _copy_rows(w, raw, rows)
+        np.left_shift(w, 16, out=w)
         return out
-    return raw
+    w = out.view(np.int32)
+    _copy_rows(w, raw.view(np.int16), rows)
+    np.left_shift(w, 13, out=w)
+    np.bitwise_and(w, np.int32(-0x70002000), out=w)  # 0x8FFFE000: sign, exponent, mantissa
+    np.multiply(out, np.float32(2.0**112), out=out)
+    return out
+
+
+def _shifted_sums(raw: np.ndarray, dtype: str, wd: type) -> tuple[float, float, float] | None:
+    """(shift, Σ(x − shift), Σ(x − shift)²) of flat stored values, computed in ``wd`` per
+    cache-sized chunk (numpy pairwise sums) and accumulated in float64; None if not finite."""
+    n = len(raw)
+    m = min(n, _STAT_CHUNK)
+    wide = np.empty(m, np.float32) if dtype in ("BF16", "F16") else None
+    d = np.empty(m, wd)
+    shift, s1, s2 = None, 0.0, 0.0
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite sums are the answer
+        for a in range(0, n, _STAT_CHUNK):
+            part = raw[a : a + _STAT_CHUNK]
+            k = len(part)
+            x = _to_f32(part, dtype, wide[:k]) if wide is not None else part
+            if shift is None:
+                shift = wd(np.sum(x, dtype=np.float64) / k)
+            dk = d[:k]
+            np.subtract(x, shift, out=dk)
+            s1 += float(np.sum(dk))
+            np.multiply(dk, dk, out=dk)
+            s2 += float(np.sum(dk))
+    if not (math.isfinite(s1) and math.isfinite(s2)):
+        return None
+    return float(shift), s1, s2
 
 
 def norm_stats(t: torch.Tensor) -> tuple[float, float]:
     """(mean, std) in float64 of a float tensor, in one pass over it.
 
-    Deterministic across processes, machines and thread counts (numpy pairwise sums over fixed
-    chunks; no BLAS, no threads); numerically two-pass-grade: the sums are of ``x − shift`` with
-    ``shift`` the first chunk's mean. Raises :class:`NonFiniteError` on NaN/Inf (they make the
-    sums non-finite, so no separate scan is needed). A constant tensor gets std 1.0.
+    Sums of ``d = x − shift`` (``shift``: the first chunk's mean, so no cancellation) and of d²
+    per cache-sized chunk in float32 (float64 for F64 tensors), numpy pairwise sums accumulated
+    in float64: relative error ~1e-7, plenty for a normalization constant. Deterministic across
+    processes, machines and thread counts — the same additions in the same order (no BLAS, no
+    threads, no reductions whose order depends on the SIMD width) — so ``lsm verify`` recomputes
+    exactly what conversion recorded. Squares that overflow float32 (|x − mean| > 1.8e19) are
+    redone in float64. Raises :class:`NonFiniteError` on NaN/Inf (they make the sums non-finite,
+    so no separate scan is needed). A constant tensor gets std 1.0.
     """
     n = t.numel()
     if n == 0:
         return 0.0, 1.0
     dtype = dtype_name(t.dtype)
     raw = raw_numpy(t)
-    m = min(n, _STAT_CHUNK)
-    wide = np.empty(m, np.float32) if dtype in ("BF16", "F16") else None
-    d = np.empty(m, np.float64)
-    shift = s1 = s2 = None
-    for a in range(0, n, _STAT_CHUNK):
-        part = raw[a : a + _STAT_CHUNK]
-        k = len(part)
-        x = _to_f32(part, dtype, wide[:k]) if wide is not None else part
-        if shift is None:
-            shift = np.float64(np.sum(x, dtype=np.float64) / k)
-            s1 = s2 = 0.0
-        dk = d[:k]
-        np.subtract(x, shift, out=dk)
-        s1 += float(np.sum(dk))
-        np.multiply(dk, dk, out=dk)
-        s2 += float(np.sum(dk))
-    if not (math.isfinite(s1) and math.isfinite(s2)):
+    got = _shifted_sums(raw, dtype, np.float64 if dtype == "F64" else np.float32)
+    if got is None and bool(torch.isfinite(t).all()):
+        got = _shifted_sums(raw, dtype, np.float64)
+    if got is None:
         raise NonFiniteError(t)
+    shift, s1, s2 = got
     mu = s1 / n
     std = math.sqrt(max(s2 / n - mu * mu, 0.0))
-    return float(shift) + mu, (std if std > 0.0 else 1.0)
+    return shift + mu, (std if std > 0.0 else 1.0)
 
 
 def standardize(raw: np.ndarray, dtype: str, mean, std, out: np.ndarray,
-                work: np.ndarray | None = None) -> np.ndarray:
+                work: np.ndarray | None = None, rows=None) -> np.ndarray:
     """``out = (raw − mean) / std`` as float32, from values stored as ``dtype``, in one step.
 
-    ``raw`` holds the stored values (numpy dtype of ``STORED[dtype]``, any shape); ``out`` is a
-    float32 array of the same shape (it may not alias ``raw``). ``mean``/``std`` are scalars or
-    arrays that broadcast against ``raw`` (one per row: shape ``(rows, 1)``). Arithmetic in
-    float32 for 16-bit dtypes, float64 for F32/F64 (``work``: optional float64 scratch of
-    ``raw``'s shape). Padding is the caller's: it comes out as ``−mean/std``.
+    ``raw`` holds the stored values (numpy dtype of ``STORED[dtype]``; bf16 as uint16 bits);
+    ``out`` is a float32 array of its shape (it may not alias ``raw``), or with ``rows`` (2-D
+    ``raw``) of shape ``(len(rows), raw.shape[1])``: ``out[j]`` from row ``rows[j]``, gathered
+    by the widening copy itself. ``mean``/``std`` are scalars or arrays that broadcast against
+    ``out`` (one per row: shape ``(n, 1)``). Arithmetic in float32 for 16-bit dtypes, float64 for
+    F32/F64 (``work``: optional float64 scratch of ``out``'s shape); the float32 result is the
+    same as ``normalize_range``'s. Padding is the caller's: it comes out as ``−mean/std``.
     """
     wd = _ARITH[dtype].work
     mean, std = np.asarray(mean, dtype=wd), np.asarray(std, dtype=wd)
     if wd is np.float32:
-        x = _to_f32(raw, dtype, out)
-        np.subtract(x, mean, out=out)
+        _to_f32(raw, dtype, out, rows)
+        np.subtract(out, mean, out=out)
         np.divide(out, std, out=out)
         return out
-    if work is None or work.shape != raw.shape:
-        work = np.empty(raw.shape, np.float64)
-    np.subtract(raw, mean, out=work)
+    if work is None or work.shape != out.shape:
+        work = np.empty(out.shape, np.float64)
+    _copy_rows(work, raw, rows)
+    np.subtract(work, mean, out=work)
     np.divide(work, std, out=out, casting="same_kind")
     return out
 

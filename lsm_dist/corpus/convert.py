@@ -116,6 +116,7 @@ class _TensorCache:
         self.ckpts: dict[str, Checkpoint] = {}
         self.key: int | None = None
         self.tensor: torch.Tensor | None = None
+        self.buf = bytearray()  # reused: one tensor's bytes, without fresh pages for every tensor
 
     def where(self, index: int) -> str:
         t = self.plan["tensors"][index]
@@ -127,8 +128,11 @@ class _TensorCache:
             ck = self.ckpts.get(t["model"])
             if ck is None:
                 ck = self.ckpts[t["model"]] = Checkpoint(self.paths[t["model"]])
-            self.key, self.tensor = None, None  # free the previous tensor before reading the next
-            x = ck.read(t["name"])
+            self.key, self.tensor = None, None  # the previous tensor is a view of the buffer
+            nbytes = ck.tensors[t["name"]].nbytes if t["name"] in ck.tensors else 0
+            if len(self.buf) < nbytes:
+                self.buf = bytearray(nbytes)
+            x = ck.read(t["name"], self.buf)
             if list(x.shape) != t["shape"] or x.dtype != DTYPES[t["dtype"]]:
                 raise CorpusError(f"{ck.path}: tensor {t['name']} changed since planning ({tuple(x.shape)}, {x.dtype})")
             self.key, self.tensor = index, x

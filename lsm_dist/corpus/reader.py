@@ -51,8 +51,6 @@ class _Slots:
         self.p16 = np.empty((cap, size), np.uint16) if two else None
         self.p32 = np.empty((cap, size), np.float32) if four else None
         self.group = max(1, _GROUP_BYTES // (4 * size))
-        self.s16 = np.empty((self.group, size), np.uint16) if two else None
-        self.s32 = np.empty((self.group, size), np.float32) if "F32" in kinds else None
         self.work = np.empty((self.group, size), np.float64) if "F32" in kinds else None
         self.kind = np.zeros(cap, np.int8)
         self.mean = np.zeros(cap, np.float64)
@@ -82,8 +80,9 @@ class _Slots:
 
     def gather(self, rows: np.ndarray, out: np.ndarray) -> None:
         """Standardized float32 samples of ``rows`` into ``out`` (len(rows), size): runs of one
-        kind, ``group`` rows at a time (gathered into a cache-sized stage, then one fused
-        widen + standardize into ``out``); format-1 samples are copied as they are."""
+        kind, ``group`` rows at a time (a cache-sized piece of ``out``): each row's stored values
+        are widened straight into ``out``, then standardized in place; format-1 samples are
+        copied as they are."""
         kinds = self.kind[rows]
         cuts = [0, *(np.flatnonzero(np.diff(kinds)) + 1).tolist(), len(rows)]
         for a, b in zip(cuts, cuts[1:]):
@@ -91,13 +90,12 @@ class _Slots:
             if kind == V1_KIND:
                 np.take(self.p32, rows[a:b], axis=0, out=out[a:b])
                 continue
-            pool, stage = (self.p32, self.s32) if kind == "F32" else (self.p16, self.s16)
+            pool = self.p32 if kind == "F32" else self.p16
             for c in range(a, b, self.group):
                 d = min(c + self.group, b)
                 r = rows[c:d]
-                st = np.take(pool, r, axis=0, out=stage[: d - c])
                 work = self.work[: d - c] if kind == "F32" else None
-                standardize(st, kind, self.mean[r][:, None], self.std[r][:, None], out[c:d], work)
+                standardize(pool, kind, self.mean[r][:, None], self.std[r][:, None], out[c:d], work, rows=r)
         for i in np.flatnonzero(self.valid[rows] < self.size):
             out[i, self.valid[rows[i]] :] = 0
 
