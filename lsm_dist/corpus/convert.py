@@ -404,4 +404,6 @@ def run_convert(cfg: ConvertConfig, progress: bool = True) -> dict:
             res = [pool.apply_async(_worker_entry, (str(out), w, n, progress, stats[w])) for w in range(n)]
             for r in res:
                 r.get()
+            pool.close()  # let the workers exit on their own (terminate leaks tqdm's semaphore)
+            pool.join()
     return finalize(out)
