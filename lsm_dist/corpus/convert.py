@@ -28,6 +28,7 @@ import json
 import multiprocessing as mp
 import re
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -49,15 +50,23 @@ class CorpusError(ValueError):
 
 
 class _HashingWriter:
-    """File wrapper that hashes and counts bytes as tarfile writes them."""
+    """File wrapper that hashes and counts bytes as tarfile writes them. A large buffer is hashed
+    on a helper thread while it is written (both release the GIL), and hashed before ``write``
+    returns, so the caller may reuse it and the digest sees the bytes in order."""
 
-    def __init__(self, f):
-        self.f, self.h, self.n = f, hashlib.sha256(), 0
+    def __init__(self, f, hasher: ThreadPoolExecutor | None = None):
+        self.f, self.h, self.n, self.hasher = f, hashlib.sha256(), 0, hasher
 
     def write(self, b) -> int:
-        self.h.update(b)
         self.n += len(b)
-        return self.f.write(b)
+        if self.hasher is None or len(b) < 1 << 20:
+            self.h.update(b)
+            return self.f.write(b)
+        done = self.hasher.submit(self.h.update, b)
+        try:
+            return self.f.write(b)
+        finally:
+            done.result()
 
     def tell(self) -> int:
         return self.n
@@ -159,13 +168,14 @@ def scan_shards(plan: dict, shard_ids, progress: bool = False, desc: str = "scan
     return stats
 
 
-def write_shard(out: Path, plan: dict, shard_idx: int, cache: _TensorCache, stats: dict) -> dict:
+def write_shard(out: Path, plan: dict, shard_idx: int, cache: _TensorCache, stats: dict,
+                hasher: ThreadPoolExecutor | None = None) -> dict:
     shard = plan["shards"][shard_idx]
     spec = ChunkSpec(plan["settings"]["tokens"], plan["settings"]["chunk"])
     v1 = plan["format_version"] == 1
     members, tstats = [], {}
     with atomic_open(out / shard["name"], "wb") as f:
-        hw = _HashingWriter(f)
+        hw = _HashingWriter(f, hasher)
         with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for tindex, start, n in shard["blocks"]:
                 t = plan["tensors"][tindex]
@@ -258,9 +268,10 @@ def run_worker(out_dir: str | Path, worker: int, num_workers: int, progress: boo
         from tqdm import tqdm
 
         it = tqdm(todo, desc=f"convert w{worker}", unit="shard", position=worker)
-    for i in it:
-        info = write_shard(out, plan, i, cache, stats)
-        atomic_write_json(_part_path(out, info["name"]), info)
+    with ThreadPoolExecutor(1, thread_name_prefix="lsm-sha256") as hasher:
+        for i in it:
+            info = write_shard(out, plan, i, cache, stats, hasher)
+            atomic_write_json(_part_path(out, info["name"]), info)
     return len(todo)
 
 
