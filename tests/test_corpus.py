@@ -142,6 +142,20 @@ def test_convert_parallel_equals_serial_and_rebuilds(two_models, tmp_path):
     assert (tmp_path / "w1" / "manifest.json").stat().st_mtime_ns == before
 
 
+def test_large_blocks_hashed_while_written(tmp_path):
+    """Blocks over 1 MiB are hashed on a helper thread as they are written: the recorded sha256
+    is the file's, and the reused read buffer never leaks one tensor into the next's block."""
+    g = torch.Generator().manual_seed(0)
+    ts = {f"model.layers.{i}.mlp.up_proj.weight": (torch.randn(1280, 1024, generator=g) * 0.02).to(torch.bfloat16)
+          for i in range(3)}
+    m = write_checkpoint(tmp_path / "big", ts, shards=1)
+    run_convert(cfg(tmp_path, [m], tokens=16, chunk=640, block_samples=128, shard_samples=256), progress=False)
+    c = Corpus(tmp_path / "corpus", verify=True)
+    assert min(b.nbytes for bs in c.blocks for b in bs) > 1 << 20
+    for t in c.tensors:
+        assert torch.equal(to_bits(c.rebuild(t)), to_bits(ts[t["name"]]))
+
+
 def test_format_1_still_reads_and_gives_the_same_samples(two_models, tmp_path):
     """A format-1 corpus (standardized float32 + fixups) of the same weights: same stats, the
     format-2 reader's samples bit-identical to format 1's, the same batches from both backends
