@@ -88,7 +88,7 @@ class _Slots:
         for a, b in zip(cuts, cuts[1:]):
             kind = KINDS[kinds[a]]
             if kind == V1_KIND:
-                np.take(self.p32, rows[a:b], axis=0, out=out[a:b])
+                np.take(self.p32, rows[a:b], axis=0, out=out[a:b], mode="clip")  # valid rows: no buffering
                 continue
             pool = self.p32 if kind == "F32" else self.p16
             for c in range(a, b, self.group):
