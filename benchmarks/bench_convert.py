@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--factor", type=float, default=10.0, help="checkpoint size / memory bound")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--formats", type=int, nargs="+", default=[2, 1], help="corpus format versions to write")
+    ap.add_argument("--repeat", type=int, default=1, help="baseline + conversion pairs per setting")
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
     bound_mb = 2 * args.largest_mb + 500
@@ -111,22 +112,30 @@ def main() -> None:
     print(f"checkpoint: {total / 2**20:.0f} MiB bf16, largest tensor {largest / 2**20:.1f} MiB, "
           f"bound 2x largest + 500 MiB = {2 * largest / 2**20 + 500:.0f} MiB "
           f"(checkpoint = {total / 2**20 / (2 * largest / 2**20 + 500):.1f}x bound), made in {time.perf_counter() - t0:.0f} s")
+    bound = 2 * largest / 2**20 + 500
     for fmt in args.formats:
         for w in args.workers:
-            t_copy = copy_baseline(src, root / "copy")  # next to each conversion: storage speed drifts
-            shutil.rmtree(root / "copy")
-            mbs_copy = total / 2**20 / t_copy
-            print(f"baseline read+write+fsync: {t_copy:.1f} s, {mbs_copy:.0f} MiB/s")
-            out = root / f"corpus{w}"
-            wall, inside, rss = run_convert(src, out, w, fmt)
-            mbs = total / 2**20 / inside
-            out_mb = sum(f.stat().st_size for f in out.glob("*.tar")) / 2**20
-            target = " (target >= 0.8)" if fmt == 2 else ""
-            print(f"convert format={fmt} workers={w}: {inside:.1f} s ({wall:.1f} s wall with interpreter + imports), "
-                  f"{mbs:.0f} MiB/s in, {out_mb:.0f} MiB out; ratio vs copy {mbs / mbs_copy:.2f}{target} "
-                  f"({total / 2**20 / wall / mbs_copy:.2f} with start-up); peak RSS {rss:.0f} MiB "
-                  f"(bound {2 * largest / 2**20 + 500:.0f} MiB: {'OK' if rss <= 2 * largest / 2**20 + 500 else 'OVER'})")
-            shutil.rmtree(out)
+            ratios = []
+            for _ in range(args.repeat):
+                t_copy = copy_baseline(src, root / "copy")  # next to each conversion: storage speed drifts
+                shutil.rmtree(root / "copy")
+                mbs_copy = total / 2**20 / t_copy
+                print(f"baseline read+write+fsync: {t_copy:.1f} s, {mbs_copy:.0f} MiB/s")
+                out = root / f"corpus{w}"
+                wall, inside, rss = run_convert(src, out, w, fmt)
+                mbs = total / 2**20 / inside
+                out_mb = sum(f.stat().st_size for f in out.glob("*.tar")) / 2**20
+                ratios.append(mbs / mbs_copy)
+                target = " (target >= 0.8)" if fmt == 2 else ""
+                print(f"convert format={fmt} workers={w}: {inside:.1f} s ({wall:.1f} s wall with interpreter + imports), "
+                      f"{mbs:.0f} MiB/s in, {out_mb:.0f} MiB out; ratio vs copy {mbs / mbs_copy:.2f}{target} "
+                      f"({total / 2**20 / wall / mbs_copy:.2f} with start-up); peak RSS {rss:.0f} MiB "
+                      f"(bound {bound:.0f} MiB: {'OK' if rss <= bound else 'OVER'})")
+                shutil.rmtree(out)
+            if args.repeat > 1:
+                ratios.sort()
+                print(f"format={fmt} workers={w}: ratio vs copy median {ratios[len(ratios) // 2]:.2f}, "
+                      f"range {ratios[0]:.2f}-{ratios[-1]:.2f} over {args.repeat} runs")
     if args.dir is None:
         shutil.rmtree(root)
 

@@ -5,15 +5,17 @@ Stages, each restartable:
    different plan or corpus is refused, or with ``overwrite=true`` the files that corpus' own
    plan / manifest name are removed (nothing else). A directory without a plan or manifest of
    ours that already holds names a conversion writes is refused: those files are not ours.
-2. scan — every tensor of the shards still to write is read once before any shard is written:
-   a NaN/Inf is an error naming the tensor, and (mean, std) come from this pass. Locally all
-   workers scan before any writes; a ``--worker`` (Slurm array task) scans its own share first.
+2. scan — every tensor of the shards still to write is read once and bit-tested before any
+   shard is written (~6 GiB/s of bf16 per core): a NaN/Inf is an error naming the tensor.
+   Locally all workers scan before any writes; a ``--worker`` (Slurm array task) scans its own
+   share first.
 3. shards — each worker writes its contiguous range of shards. Format 2: a block member is the
    tensor's raw bytes in its own dtype, written straight from the buffer read from the
    checkpoint (plus zero padding at the tensor's end); format 1: standardized float32 samples
-   and their fixups. Shards are hashed while written, fsynced and renamed into place; then
-   ``parts/<shard>.json`` records sha256, size, member offsets and the stats of the tensors
-   whose first block the shard holds. A killed worker leaves at most temp files, which the
+   and their fixups. (mean, std) are computed while the tensor is in memory for writing (its
+   CPU work overlaps the disk writes). Shards are hashed while written, fsynced and renamed into
+   place; then ``parts/<shard>.json`` records sha256, size, member offsets and the stats of the
+   tensors whose first block the shard holds (format 1: of every tensor it touches). A killed worker leaves at most temp files, which the
    re-run deletes; finished shards are skipped.
 4. finalize — once every part exists, ``manifest.json`` is written (atomically, last), with a
    digest of its own content (``manifest_digest``). A corpus without a manifest is never read.
@@ -28,14 +30,14 @@ import json
 import multiprocessing as mp
 import re
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lsm_dist.checkpoint import DTYPES, Checkpoint
-from lsm_dist.chunking import ChunkSpec, NonFiniteError, chunk_range, norm_stats, raw_block
+from lsm_dist.chunking import ChunkSpec, check_finite, chunk_range, norm_stats, raw_block
 from lsm_dist.corpus.plan import ConvertConfig, make_plan, worker_shards
 from lsm_dist.utils import atomic_open, atomic_write_json, get_logger, read_json, sha256_json
 
@@ -117,14 +119,17 @@ def member_key(tindex: int, start: int) -> str:
 
 
 class _TensorCache:
-    """Keeps the current source tensor while its blocks are scanned or written."""
+    """Keeps the current source tensor (and its stats, once asked for) while its blocks are
+    scanned or written. With a ``pool`` the stats are computed on a helper thread while the
+    blocks are written; the tensor's buffer is reused only once they are done."""
 
-    def __init__(self, plan: dict):
-        self.plan = plan
+    def __init__(self, plan: dict, pool: ThreadPoolExecutor | None = None):
+        self.plan, self.pool = plan, pool
         self.paths = {m["id"]: m["path"] for m in plan["models"]}
         self.ckpts: dict[str, Checkpoint] = {}
         self.key: int | None = None
         self.tensor: torch.Tensor | None = None
+        self._stats: Future | None = None
         self.buf = bytearray()  # reused: one tensor's bytes, without fresh pages for every tensor
 
     def where(self, index: int) -> str:
@@ -133,11 +138,13 @@ class _TensorCache:
 
     def get(self, index: int) -> torch.Tensor:
         if self.key != index:
+            if self._stats is not None:
+                self._stats.result()  # still reading the buffer that is about to be reused
             t = self.plan["tensors"][index]
             ck = self.ckpts.get(t["model"])
             if ck is None:
                 ck = self.ckpts[t["model"]] = Checkpoint(self.paths[t["model"]])
-            self.key, self.tensor = None, None  # the previous tensor is a view of the buffer
+            self.key, self.tensor, self._stats = None, None, None  # the tensor is a view of the buffer
             nbytes = ck.tensors[t["name"]].nbytes if t["name"] in ck.tensors else 0
             if len(self.buf) < nbytes:
                 self.buf = bytearray(nbytes)
@@ -147,10 +154,21 @@ class _TensorCache:
             self.key, self.tensor = index, x
         return self.tensor
 
+    def stats(self, index: int) -> Future:
+        """(mean, std) of tensor ``index`` (read if it is not the current one), as a future."""
+        x = self.get(index)
+        if self._stats is None:  # finite: scanned before any shard was written
+            if self.pool is not None:
+                self._stats = self.pool.submit(norm_stats, x)
+            else:
+                self._stats = Future()
+                self._stats.set_result(norm_stats(x))
+        return self._stats
 
-def scan_shards(plan: dict, shard_ids, progress: bool = False, desc: str = "scan") -> dict[int, tuple[float, float]]:
-    """Read every tensor the shards touch once: (mean, std) by tensor index; a NaN/Inf is a
-    :class:`NonFiniteError` naming the checkpoint and tensor (before anything is written)."""
+
+def scan_shards(plan: dict, shard_ids, progress: bool = False, desc: str = "scan") -> None:
+    """Read every tensor the shards touch once; a NaN/Inf is a :class:`NonFiniteError` naming
+    the checkpoint and tensor (before anything is written)."""
     touched = sorted({b[0] for i in shard_ids for b in plan["shards"][i]["blocks"]})
     cache = _TensorCache(plan)
     it = touched
@@ -158,29 +176,22 @@ def scan_shards(plan: dict, shard_ids, progress: bool = False, desc: str = "scan
         from tqdm import tqdm
 
         it = tqdm(touched, desc=desc, unit="tensor")
-    stats = {}
     for ti in it:
-        x = cache.get(ti)
-        try:
-            stats[ti] = norm_stats(x)
-        except NonFiniteError as e:
-            raise NonFiniteError(x, cache.where(ti)) from e
-    return stats
+        check_finite(cache.get(ti), cache.where(ti))
 
 
-def write_shard(out: Path, plan: dict, shard_idx: int, cache: _TensorCache, stats: dict,
+def write_shard(out: Path, plan: dict, shard_idx: int, cache: _TensorCache,
                 hasher: ThreadPoolExecutor | None = None) -> dict:
     shard = plan["shards"][shard_idx]
     spec = ChunkSpec(plan["settings"]["tokens"], plan["settings"]["chunk"])
     v1 = plan["format_version"] == 1
-    members, tstats = [], {}
+    members, tstats, pending = [], {}, {}
     with atomic_open(out / shard["name"], "wb") as f:
         hw = _HashingWriter(f, hasher)
         with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for tindex, start, n in shard["blocks"]:
                 t = plan["tensors"][tindex]
                 x = cache.get(tindex)
-                mean, std = stats[tindex]
                 key = member_key(tindex, start)
                 meta = {
                     "tensor": tindex, "model": t["model"], "name": t["name"], "layer": t["layer"],
@@ -189,6 +200,7 @@ def write_shard(out: Path, plan: dict, shard_idx: int, cache: _TensorCache, stat
                 }
                 shape = (n, spec.tokens, spec.chunk)
                 if v1:
+                    mean, std = cache.stats(tindex).result()
                     samples, fix = chunk_range(x, spec, mean, std, start, n)
                     off_json, _ = _add_member(tar, key + ".json", [json.dumps(meta, sort_keys=True).encode()])
                     off_npy, len_npy = _add_member(tar, key + ".npy", _npy_parts(samples))
@@ -197,13 +209,16 @@ def write_shard(out: Path, plan: dict, shard_idx: int, cache: _TensorCache, stat
                     st = tstats.setdefault(str(tindex), {"mean": mean, "std": std, "fixups": 0})
                     st["fixups"] += int(fix.shape[1])
                     continue
+                if start == 0:  # the shard holding a tensor's first block records its stats,
+                    pending[str(tindex)] = cache.stats(tindex)  # computed while its blocks are written
                 meta |= {"shape": t["shape"], "dtype": t["dtype"], "stored_dtype": t["stored_dtype"]}
                 raw, pad = raw_block(x, spec, start, n)
                 off_json, len_json = _add_member(tar, key + ".json", [json.dumps(meta, sort_keys=True).encode()])
                 off_npy, len_npy = _add_member(tar, key + ".npy", _npy_parts(raw, shape, pad))
                 members.append([tindex, start, n, off_npy, len_npy, off_json, len_json])
-                if start == 0:  # the shard holding a tensor's first block records its stats
-                    tstats[str(tindex)] = {"mean": mean, "std": std}
+    for k, f in pending.items():
+        mean, std = f.result()
+        tstats[k] = {"mean": mean, "std": std}
     return {
         "name": shard["name"],
         "plan_digest": plan["plan_digest"],
@@ -254,23 +269,25 @@ def worker_todo(out_dir: str | Path, worker: int, num_workers: int) -> list[int]
 
 
 def run_worker(out_dir: str | Path, worker: int, num_workers: int, progress: bool = False,
-               stats: dict | None = None) -> int:
-    """Write this worker's unfinished shards (scanning their tensors first unless ``stats`` are
-    given). Returns the number written."""
+               scanned: bool = False) -> int:
+    """Write this worker's unfinished shards (scanning their tensors first unless ``scanned``).
+    Returns the number written."""
     out = Path(out_dir)
     plan = read_json(out / PLAN)
     todo = worker_todo(out, worker, num_workers)
-    if stats is None:
-        stats = scan_shards(plan, todo, progress, desc=f"scan w{worker}")
-    cache = _TensorCache(plan)
+    if not scanned:
+        scan_shards(plan, todo, progress, desc=f"scan w{worker}")
     it = todo
     if progress and todo:
         from tqdm import tqdm
 
         it = tqdm(todo, desc=f"convert w{worker}", unit="shard", position=worker)
-    with ThreadPoolExecutor(1, thread_name_prefix="lsm-sha256") as hasher:
+    # helper threads: sha256 of the buffer being written, stats of the tensor being written
+    with ThreadPoolExecutor(1, thread_name_prefix="lsm-sha256") as hasher, \
+            ThreadPoolExecutor(1, thread_name_prefix="lsm-stats") as stats:
+        cache = _TensorCache(plan, stats)
         for i in it:
-            info = write_shard(out, plan, i, cache, stats, hasher)
+            info = write_shard(out, plan, i, cache, hasher)
             atomic_write_json(_part_path(out, info["name"]), info)
     return len(todo)
 
@@ -381,15 +398,15 @@ def clear_corpus(out: Path, records: list[dict]) -> None:
         (out / PARTS).rmdir()
 
 
-def _scan_entry(out_dir: str, worker: int, num_workers: int) -> dict:
+def _scan_entry(out_dir: str, worker: int, num_workers: int) -> None:
     torch.set_num_threads(1)
     plan = read_json(Path(out_dir) / PLAN)
-    return scan_shards(plan, worker_todo(out_dir, worker, num_workers))
+    scan_shards(plan, worker_todo(out_dir, worker, num_workers))
 
 
-def _worker_entry(out_dir: str, worker: int, num_workers: int, progress: bool, stats: dict) -> int:
+def _worker_entry(out_dir: str, worker: int, num_workers: int, progress: bool) -> int:
     torch.set_num_threads(1)
-    return run_worker(out_dir, worker, num_workers, progress, stats)
+    return run_worker(out_dir, worker, num_workers, progress, scanned=True)
 
 
 def run_convert(cfg: ConvertConfig, progress: bool = True) -> dict:
@@ -410,9 +427,9 @@ def run_convert(cfg: ConvertConfig, progress: bool = True) -> dict:
     else:
         ctx = mp.get_context("spawn")
         with ctx.Pool(n) as pool:  # every worker scans before any writes
-            scans = [pool.apply_async(_scan_entry, (str(out), w, n)) for w in range(n)]
-            stats = [r.get() for r in scans]
-            res = [pool.apply_async(_worker_entry, (str(out), w, n, progress, stats[w])) for w in range(n)]
+            for r in [pool.apply_async(_scan_entry, (str(out), w, n)) for w in range(n)]:
+                r.get()
+            res = [pool.apply_async(_worker_entry, (str(out), w, n, progress)) for w in range(n)]
             for r in res:
                 r.get()
             pool.close()  # let the workers exit on their own (terminate leaks tqdm's semaphore)
