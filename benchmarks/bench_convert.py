@@ -109,6 +109,7 @@ def main() -> None:
     src = root / "ckpt"
     t0 = time.perf_counter()
     total, largest = make_checkpoint(src, args.largest_mb, args.factor * bound_mb)
+    os.sync()  # its dirty pages on disk first, or they slow down whatever is measured next
     print(f"checkpoint: {total / 2**20:.0f} MiB bf16, largest tensor {largest / 2**20:.1f} MiB, "
           f"bound 2x largest + 500 MiB = {2 * largest / 2**20 + 500:.0f} MiB "
           f"(checkpoint = {total / 2**20 / (2 * largest / 2**20 + 500):.1f}x bound), made in {time.perf_counter() - t0:.0f} s")
