@@ -31,7 +31,8 @@ from lsm_dist.utils import sha256_file
 
 __all__ = ["Corpus", "CorpusStream", "ThreadLoader", "make_loader"]
 
-_GROUP_BYTES = 1 << 18  # float32 bytes of rows standardized per step (stays in cache)
+_GROUP_BYTES = 1 << 20  # float32 bytes of rows standardized per step (stays in L2; 1 MiB measured
+# ~10% faster than 256 KiB at 16 × 640 on the development machine)
 
 
 def _seed(*parts) -> int:
