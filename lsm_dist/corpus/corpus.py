@@ -180,10 +180,16 @@ class Corpus:
 
     def _check_tensor(self, ti, t, sample, first, sizes, names, in_shard, ranges) -> tuple[list[Block], int]:
         S = sample[0] * sample[1]
+        locs = t["locations"]
+        if not isinstance(locs, list) or not locs:
+            raise CorpusError("has no block locations")
+        first_loc = locs[0] if isinstance(locs[0], list) and locs[0] else [None]
+        shard_of = f"shard {names[first_loc[0]]}" if isinstance(first_loc[0], int) and \
+            0 <= first_loc[0] < len(names) else "its shard"  # where its first block is: named in errors
         if t["index"] != ti:
             raise CorpusError(f"index is {t['index']!r}")
         if t["dtype"] not in DTYPES:
-            raise CorpusError(f"dtype {t['dtype']!r} is not a safetensors dtype")
+            raise CorpusError(f"{shard_of}: dtype {t['dtype']!r} is not a safetensors dtype")
         shape = [_int(d, "shape entry") for d in t["shape"]]
         numel = _int(t["numel"], "numel")
         if math.prod(shape) != numel or numel == 0:
@@ -194,11 +200,6 @@ class Corpus:
                               f"at {S} values per sample")
         if t["first_sample"] != first:
             raise CorpusError(f"first_sample {t['first_sample']!r}, expected {first}")
-        locs = t["locations"]
-        if not isinstance(locs, list) or not locs:
-            raise CorpusError("has no block locations")
-        shard_of = f"shard {names[locs[0][0]]}" if isinstance(locs[0], list) and locs[0] and \
-            isinstance(locs[0][0], int) and 0 <= locs[0][0] < len(names) else "its shard"
         if self.version == 1:
             kind, itemsize = V1_KIND, 4
         else:
@@ -206,9 +207,9 @@ class Corpus:
             if kind not in STORED:
                 raise CorpusError(f"{shard_of}: stored dtype {kind!r} is not one this reader knows ({', '.join(STORED)})")
             itemsize = STORED[kind].itemsize
-        mean, std = _num(t["mean"], "mean"), _num(t["std"], "std")
+        mean, std = _num(t["mean"], f"{shard_of}: mean"), _num(t["std"], f"{shard_of}: std")
         if std < 0:
-            raise CorpusError(f"std is {std}, negative")
+            raise CorpusError(f"{shard_of}: std is {std}, negative")
         read_mean, read_std = (0.0, 1.0) if kind == V1_KIND else (mean, std or 1.0)
         dt = np.dtype(np.float32) if kind == V1_KIND else STORED[kind].numpy
         blocks, expect = [], 0
