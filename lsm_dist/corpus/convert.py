@@ -12,11 +12,11 @@ Stages, each restartable:
 3. shards — each worker writes its contiguous range of shards. Format 2: a block member is the
    tensor's raw bytes in its own dtype, written straight from the buffer read from the
    checkpoint (plus zero padding at the tensor's end); format 1: standardized float32 samples
-   and their fixups. (mean, std) are computed while the tensor is in memory for writing (its
-   CPU work overlaps the disk writes). Shards are hashed while written, fsynced and renamed into
+   and their fixups. (mean, std) are computed on a helper thread while the tensor's blocks are
+   written, sha256 on another while each buffer is written. Shards are fsynced and renamed into
    place; then ``parts/<shard>.json`` records sha256, size, member offsets and the stats of the
-   tensors whose first block the shard holds (format 1: of every tensor it touches). A killed worker leaves at most temp files, which the
-   re-run deletes; finished shards are skipped.
+   tensors whose first block the shard holds (format 1: of every tensor it touches). A killed
+   worker leaves at most temp files, which the re-run deletes; finished shards are skipped.
 4. finalize — once every part exists, ``manifest.json`` is written (atomically, last), with a
    digest of its own content (``manifest_digest``). A corpus without a manifest is never read.
 """
