@@ -410,10 +410,11 @@ class Checkpoint:
         return out
 
     # -- data -------------------------------------------------------------------------
-    def _read(self, info: TensorInfo, start: int, length: int) -> torch.Tensor:
-        """``length`` bytes at ``start`` within the tensor's data, as a flat tensor of its dtype."""
+    def _read(self, info: TensorInfo, start: int, length: int, out: bytearray | None = None) -> torch.Tensor:
+        """``length`` bytes at ``start`` within the tensor's data, as a flat tensor of its dtype
+        (a view of ``out`` when given: a buffer of at least ``length`` bytes)."""
         dtype = DTYPES[info.dtype]
-        buf = bytearray(length)
+        buf = bytearray(length) if out is None else memoryview(out)[:length]
         try:
             with open(info.file, "rb", buffering=0) as f:
                 f.seek(info.offset + start)
@@ -424,12 +425,13 @@ class Checkpoint:
             raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
         return torch.frombuffer(buf, dtype=dtype) if length else torch.empty(0, dtype=dtype)
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor in its stored dtype (only its bytes are read; the tensor owns its memory)."""
+    def read(self, name: str, out: bytearray | None = None) -> torch.Tensor:
+        """One tensor in its stored dtype (only its bytes are read; the tensor owns its memory,
+        or is a view of ``out``, a buffer a caller reuses across tensors: no fresh pages)."""
         info = self.tensors.get(name)
         if info is None:
             raise KeyError(f"{self.path}: no tensor named {name!r}")
-        return self._read(info, 0, info.nbytes).reshape(info.shape)
+        return self._read(info, 0, info.nbytes, out).reshape(info.shape)
 
     def iter_rows(self, name: str, max_elems: int = 1 << 22) -> Iterator[torch.Tensor]:
         """Row blocks of a tensor, read by byte range: memory bounded by ``max_elems``."""

@@ -162,7 +162,7 @@ def _run_convert(cfg) -> dict:
 
     m = run_convert(cfg, progress=False)
     return {"num_samples": m["num_samples"], "shards": len(m["shards"]), "bytes": m["total_bytes"],
-            "fixups": sum(t["fixups"] for t in m["tensors"])}
+            "fixups": sum(t.get("fixups", 0) for t in m["tensors"])}  # format 1 only
 
 
 def _run_merge(plan) -> dict:

@@ -119,3 +119,10 @@ def write_tiny_gguf(path: Path, hidden: int = 32, layers: int = 2, heads: int = 
     w.write_tensors_to_file()
     w.close()
     return {k: sd[k] for k in names}
+def corpus_cfg(tmp: Path, models, name: str = "corpus", **kw):
+    """A tiny-sample ConvertConfig (4 × 32 values, 8-sample blocks) writing ``tmp / name``."""
+    from lsm_dist.corpus import ConvertConfig
+
+    base = dict(models=[str(m) for m in models], out_dir=str(tmp / name), tokens=4, chunk=32,
+                block_samples=8, shard_samples=24)
+    return ConvertConfig(**(base | kw))

@@ -409,6 +409,31 @@ def test_nan_stops_keeps_last_checkpoint_and_resumes(corpora, tmp_path):
     assert max(train_losses(run)) == 10
 
 
+def test_format_2_corpus_trains_like_format_1_of_the_same_weights(corpora, tmp_path):
+    """The same weights (a bf16 and an fp32 model) as a format-2 corpus (their own values,
+    standardized by the loader threads) and a format-1 one (standardized float32 + fixups):
+    identical batches, so training gives the same loss curve and validation losses."""
+    d = corpora["root"]
+    bf16 = write_checkpoint(tmp_path / "bf16", {k: v.to(torch.bfloat16) for k, v in structured(2, 5).items()})
+    models = [str(bf16), str(d / "m1")]
+    kw = dict(tokens=8, chunk=64, block_samples=8, shard_samples=32)
+    for v in (1, 2):
+        run_convert(ConvertConfig(models=models, out_dir=str(tmp_path / f"v{v}"), format_version=v, **kw),
+                    progress=False)
+    runs = {}
+    for v in (1, 2):
+        runs[v] = tmp_path / f"run{v}"
+        run_train(tiny_cfg(corpora, tmp_path, corpus=tmp_path / f"v{v}", run_dir=runs[v], stage1_steps=10,
+                           stage2_steps=4, log_every=1, val_every=7, ckpt_every=0, num_workers=2, loader="thread"))
+    l1, l2 = train_losses(runs[1]), train_losses(runs[2])
+    assert sorted(l1) == sorted(l2) == list(range(1, 15))
+    for step in l1:
+        assert l2[step] == pytest.approx(l1[step], rel=1e-6, abs=1e-9), step  # float32 rounding at most
+    v1 = {r["step"]: r["val/recon"] for r in read_metrics(runs[1], "val")}
+    v2 = {r["step"]: r["val/recon"] for r in read_metrics(runs[2], "val")}
+    assert v1 and v1.keys() == v2.keys() and all(v2[s] == pytest.approx(v1[s], rel=1e-6) for s in v1)
+
+
 @pytest.mark.parametrize("lr_scale", [0.0, 0.1])
 def test_linear_skip_starts_as_pca_and_trains_at_its_own_lr(corpora, tmp_path, lr_scale):
     """skip=sample: the trainer fits the linear path's PCA init on training samples (every rank

@@ -12,12 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lsm_dist.checkpoint import BLOCKS, Checkpoint
-from lsm_dist.chunking import ChunkSpec
+from lsm_dist.chunking import STORED, ChunkSpec
 from lsm_dist.config import check, doc
 from lsm_dist.utils import sha256_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what conversion writes
+READ_VERSIONS = (1, 2)  # what the reader reads
 BLOCK_IDS = {b: i for i, b in enumerate(BLOCKS)}
+# ConvertConfig fields that are not part of a corpus' identity (plan["settings"])
+_NOT_SETTINGS = ("models", "out_dir", "num_workers", "overwrite", "format_version")
 
 
 @dataclass
@@ -40,7 +43,12 @@ class ConvertConfig:
         "fail when zero padding would exceed this fraction of the corpus (sample too large for the tensors)", 0.5
     )
     num_workers: int = doc("local worker processes (ranks / array tasks split the work the same way)", 1)
-    overwrite: bool = doc("replace a different corpus already in out_dir", False)
+    overwrite: bool = doc("replace a different corpus already in out_dir (only files a conversion wrote are removed)", False)
+    format_version: int = doc(
+        "corpus format to write: 2 = the tensors' own values in their dtype (bf16/fp16/fp32), "
+        "standardized on read; 1 = standardized float32 samples + fixups (older corpora; for comparisons)",
+        FORMAT_VERSION,
+    )
 
     def __post_init__(self) -> None:
         check(self.tokens > 0, "tokens", f"must be positive, got {self.tokens}")
@@ -52,6 +60,7 @@ class ConvertConfig:
         for b in self.blocks:
             check(b in BLOCKS, "blocks", f"{b!r} is not one of {list(BLOCKS)}")
         check(len(self.blocks) > 0, "blocks", "select at least one block")
+        check(self.format_version in READ_VERSIONS, "format_version", f"must be one of {list(READ_VERSIONS)}")
 
     @property
     def spec(self) -> ChunkSpec:
@@ -97,6 +106,11 @@ def make_plan(cfg: ConvertConfig) -> dict:
             for t in sel:
                 if t.numel == 0:
                     continue
+                if cfg.format_version >= 2 and t.dtype not in STORED:
+                    raise ValueError(
+                        f"{t.file}: tensor {t.name} has dtype {t.dtype}; corpus format 2 stores "
+                        f"{'/'.join(STORED)} values only (exclude it, or cast the checkpoint)"
+                    )
                 role = t.role or t.name
                 if role not in roles:
                     roles.append(role)
@@ -115,6 +129,8 @@ def make_plan(cfg: ConvertConfig) -> dict:
                     "num_samples": spec.num_samples(t.numel),
                     "padding": spec.padding(t.numel),
                 })
+                if cfg.format_version >= 2:
+                    tensors[-1]["stored_dtype"] = t.dtype  # the samples' bytes are the tensor's
     total = sum(t["num_samples"] for t in tensors) * spec.sample_size
     pad = sum(t["padding"] for t in tensors)
     if total and pad / total > cfg.max_padding_fraction:
@@ -140,12 +156,12 @@ def make_plan(cfg: ConvertConfig) -> dict:
                 cur, cur_n = [], 0
     if cur:
         shards.append({"name": f"shard-{len(shards):06d}.tar", "blocks": cur, "num_samples": cur_n})
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("models", "out_dir", "num_workers", "overwrite")}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_SETTINGS}
     plan = {
         "format": "lsm_dist.corpus",
-        "format_version": FORMAT_VERSION,
+        "format_version": cfg.format_version,
         "settings": settings,
-        "sample_dtype": "float32",
+        **({"sample_dtype": "float32"} if cfg.format_version == 1 else {}),
         "models": models,
         "roles": roles,
         "blocks": list(BLOCKS),

@@ -82,7 +82,7 @@ def tensor_errors(corpus, recon) -> list[dict]:
 
     rows = []
     for t in corpus.tensors:
-        x, _ = corpus.read_samples(t)
+        x = corpus.read_samples(t)
         xh = recon(x, t)
         n = int(np.prod(t["shape"]))
         a, b = x.reshape(-1)[:n].astype(np.float64), xh.reshape(-1)[:n].astype(np.float64)
@@ -178,7 +178,7 @@ def pca_model(src: str, tensors: list[dict], corpus, mean: np.ndarray, comps: np
 
     digest = hashlib.sha256(comps.tobytes() + mean.tobytes() + str(src).encode()).hexdigest()[:16]
     return replaced_model(src, tensors, lambda t: unchunk(
-        pca_reconstruct(corpus.read_samples(t)[0], mean, comps), t["shape"], DTYPES[t["dtype"]],
+        pca_reconstruct(corpus.read_samples(t), mean, comps), t["shape"], DTYPES[t["dtype"]],
         t["mean"], t["std"]), out, "pca-" + digest)
 
 
@@ -201,7 +201,7 @@ def run(ctx: Context) -> Path:
     sets = {"train": Corpus(ctx.corpus("train"))}
     if cfg.heldout_models:
         sets["heldout"] = Corpus(ctx.corpus("heldout"))
-    x_train = np.concatenate([sets["train"].read_samples(t)[0] for t in sets["train"].tensors])
+    x_train = np.concatenate([sets["train"].read_samples(t) for t in sets["train"].tensors])
     d = x_train.shape[1] * x_train.shape[2]
     rows, vaes, pcas = [], {}, {}
     for r in cfg.ratios:

@@ -18,7 +18,7 @@ import torch
 
 from lsm_dist.corpus.convert import CorpusError
 from lsm_dist.corpus.plan import BLOCK_IDS
-from lsm_dist.corpus.reader import Corpus, CorpusStream, _load_npy
+from lsm_dist.corpus.reader import Corpus, CorpusStream
 
 
 def _rank(seed: int, tensor: int, start: int) -> int:
@@ -27,11 +27,7 @@ def _rank(seed: int, tensor: int, start: int) -> int:
 
 def blocks_of(corpus: Corpus) -> list[tuple[int, int, int, str]]:
     """Every sample block of the corpus as (tensor index, start, count, block type)."""
-    out = []
-    for ti, t in enumerate(corpus.tensors):
-        for _si, start, n, *_ in t["locations"]:
-            out.append((ti, start, n, t["block"]))
-    return out
+    return [(b.tensor, b.start, b.count, t["block"]) for t, bs in zip(corpus.tensors, corpus.blocks) for b in bs]
 
 
 def choose_holdout(corpus: Corpus, fraction: float, seed: int) -> set[tuple[int, int]]:
@@ -61,17 +57,16 @@ class TrainStream(CorpusStream):
     def __init__(self, corpus: Corpus, batch_size: int, *, exclude: set[tuple[int, int]], **kw):
         super().__init__(corpus, batch_size, **kw)
         self.exclude = exclude
-        # indexed backend: do not even read them; ids = (tensor, layer, block, role, start)
-        self.index = [[b for b in blocks if (b[3][0], b[3][4]) not in exclude]
-                      for blocks in self.index]
+        # indexed backend: do not even read them
+        self.index = [[b for b in blocks if (b.tensor, b.start) not in exclude] for blocks in self.index]
         if not any(self.index):
             raise CorpusError(f"{corpus.path}: no training samples left after holding out "
                               f"{len(exclude)} block(s) for validation")
 
     def _blocks(self, worker: int, nworkers: int):
-        for arr, meta in super()._blocks(worker, nworkers):
-            if (int(meta[0, 0]), int(meta[0, 4])) not in self.exclude:  # webdataset backend
-                yield arr, meta
+        for raw, blk, meta in super()._blocks(worker, nworkers):
+            if (blk.tensor, blk.start) not in self.exclude:  # webdataset backend
+                yield raw, blk, meta
 
 
 @dataclass
@@ -105,11 +100,8 @@ def load_eval_set(corpus: Corpus, keys: list[tuple[int, int]] | None, max_sample
         keys = [(ti, start) for ti, start, _n, _b in blocks_of(corpus)]
     keys = sorted(keys, key=lambda k: _rank(seed + 1, *k))
     roles = {r: i for i, r in enumerate(roles if roles is not None else corpus.manifest["roles"])}
-    loc = {}
-    for ti, t in enumerate(corpus.tensors):
-        for si, start, n, off_npy, len_npy, *_ in t["locations"]:
-            loc[(ti, start)] = (si, n, off_npy, len_npy)
-    counts = [loc[k][1] for k in keys]
+    loc = {(b.tensor, b.start): b for bs in corpus.blocks for b in bs}
+    counts = [loc[k].count for k in keys]
     if sum(counts) > max_samples:  # take ~the same share of every block, in hash order
         per = max(1, -(-max_samples // max(len(keys), 1)))  # ceil
         counts = [min(c, per) for c in counts]
@@ -123,15 +115,8 @@ def load_eval_set(corpus: Corpus, keys: list[tuple[int, int]] | None, max_sample
         keep = list(zip(keys, counts))
     xs, meta = [], []
     for (ti, start), c in keep:
-        si, _n, off, length = loc[(ti, start)]
-        path = corpus.path / corpus.shards[si]["name"]
-        with open(path, "rb") as f:
-            f.seek(off)
-            arr = _load_npy(f.read(length), str(path))
-        if arr.shape[1:] != (corpus.tokens, corpus.chunk):
-            raise CorpusError(f"{path}: block of tensor {ti} at {start} has shape {arr.shape}")
+        xs.append(corpus.samples(loc[(ti, start)])[:c])  # standardized, headers checked
         t = corpus.tensors[ti]
-        xs.append(arr[:c])
         layer = t["layer"] if t["layer"] is not None else -1
         meta += [(layer, BLOCK_IDS[t["block"]], roles.get(t["role"], 0))] * c
     if not xs:
