@@ -574,7 +574,7 @@ def test_bench_reader_never_hands_dir_to_a_shell(tmp_path):
                           "--workers", "0", "--warm-only", "--dir", str(d)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "cat:" in res.stdout and not (tmp_path / "PWNED").exists()
+    assert "cat of the format-1 shards:" in res.stdout and not (tmp_path / "PWNED").exists()
 
 
 def test_symlink_loops_are_one_line_errors(models, tmp_path, capsys):
