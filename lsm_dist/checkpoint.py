@@ -14,7 +14,9 @@ Mistral style names (and GPT-2 / Phi style ones); selection by block and regex r
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import struct
 from collections.abc import Iterable, Iterator
@@ -24,7 +26,7 @@ from typing import BinaryIO
 
 import torch
 
-from lsm_dist.utils import sha256_json
+from lsm_dist.utils import atomic_write_json, read_json, sha256_json
 
 INDEX_NAME = "model.safetensors.index.json"
 # the files of a Hugging Face checkpoint beside its weights (config, generation, tokenizer)
@@ -469,3 +471,33 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors)"
+
+
+def content_digest(ck: Checkpoint, memo_dir: str | Path | None = None) -> str:
+    """sha256 over every file of ``ck`` (``Checkpoint.source_files``: config.json, the
+    safetensors files, a LoRA adapter's files) (memoized per file by
+    path, size and mtime in ``<memo_dir>/digests.json`` so a re-run does not re-read)."""
+    files = ck.source_files()
+    memo_path = Path(memo_dir) / "digests.json" if memo_dir else None
+    memo = {}
+    if memo_path is not None and memo_path.is_file():
+        try:
+            memo = read_json(memo_path)
+        except ValueError:
+            memo = {}
+    h, changed = hashlib.sha256(), False
+    for f in files:
+        st = os.stat(f)
+        key = os.path.realpath(f)
+        stamp = [st.st_size, st.st_mtime_ns]
+        if memo.get(key, {}).get("stat") != stamp:
+            fh = hashlib.sha256()
+            with open(f, "rb") as fp:
+                while buf := fp.read(1 << 22):
+                    fh.update(buf)
+            memo[key] = {"stat": stamp, "sha256": fh.hexdigest()}
+            changed = True
+        h.update(f"{Path(f).name}:{memo[key]['sha256']}\n".encode())
+    if changed and memo_path is not None:
+        atomic_write_json(memo_path, memo)
+    return h.hexdigest()[:16]

@@ -117,3 +117,92 @@ def test_decode_field_is_validated(models, tmp_path):
 
     with pytest.raises(ConfigError, match="decode.*'sideways'.*delta.*direct"):
         plan(models, tmp_path / "m", decode="sideways")
+
+
+# ---------------------------------------------------------------------------- delta encoding
+@pytest.fixture(scope="module")
+def delta_setup(models, tmp_path_factory):
+    """A delta corpus of the two experts against their base, and a VAE trained on it with the
+    project's trainer (DeepSpeed, one process): its config records the base."""
+    from lsm_dist.corpus import ConvertConfig, run_convert
+    from lsm_dist.train import load_train_config, run_train
+
+    d = tmp_path_factory.mktemp("delta_enc")
+    run_convert(ConvertConfig(models=[f"a={models['a']}", f"b={models['b']}"], base=str(models["base"]),
+                              out_dir=str(d / "corpus"), tokens=8, chunk=64, block_samples=16,
+                              shard_samples=64), progress=False)
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_train_config(repo / "configs/train/tiny.yaml", [
+        f"corpus={d / 'corpus'}", f"run_dir={d / 'run'}", "stage1_steps=20", "stage2_steps=5", "ckpt_every=0",
+        "val_every=10", "log_every=5", "model.skip=sample"])
+    vae = Path(run_train(cfg)["vae"])
+    return {"dir": d, "corpus": d / "corpus", "vae": vae}
+
+
+def test_delta_corpus_stores_task_vectors(models, delta_setup, tmp_path):
+    from lsm_dist.corpus.reader import Corpus
+    from lsm_dist.corpus.verify import verify_corpus
+
+    c = Corpus(delta_setup["corpus"])
+    d = c.manifest["delta"]
+    assert d["base"] == str(Path(models["base"]).resolve()) and d["gain"] > 0
+    a, base = Checkpoint(models["a"]), Checkpoint(models["base"])
+    t = c.find("a", "model.layers.1.mlp.up_proj.weight")
+    assert t["dtype"] == "F32" and t["base_std"] > 0
+    tau = a.read(t["name"]).float() - base.read(t["name"]).float()
+    assert torch.equal(c.rebuild(t), tau)  # the task vector, bit for bit
+    assert "compared bit for bit" in verify_corpus(delta_setup["corpus"], rebuild=True)
+
+
+def test_delta_corpus_against_the_wrong_base_names_the_tensor(models, tmp_path):
+    from lsm_dist.corpus import ConvertConfig, run_convert
+    from lsm_dist.delta import DeltaError
+
+    other = build_model("llama", tmp_path / "other", 48, 2, 128, seed=9)
+    with pytest.raises(DeltaError, match=r"tensor 'model\.layers\.0\..*' is \[.*\] in .* but .* in base"):
+        run_convert(ConvertConfig(models=[str(models["a"])], base=str(other), out_dir=str(tmp_path / "c"),
+                                  tokens=8, chunk=64), progress=False)
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_delta_vae_records_its_base_and_merges_onto_it(models, delta_setup, tmp_path):
+    """encoding: delta encodes every operand's W − W_base at one scale per tensor (gain ·
+    std(W_base)), merges the latents and lands on the base; the identity (soup of the base
+    alone) gives the base bit for bit with delta decoding; mismatches are refused by name."""
+    from lsm_dist.config import ConfigError
+    from lsm_dist.merge.plan import resolve_plan
+    from lsm_dist.model import read_vae_config
+
+    vcfg = read_vae_config(delta_setup["vae"])
+    from lsm_dist.checkpoint import content_digest
+
+    assert vcfg.delta["base_digest"] == content_digest(Checkpoint(models["base"]))
+    common = dict(models={"base": str(models["base"]), "a": str(models["a"]), "b": str(models["b"])},
+                  base="base", target="base", vae=str(delta_setup["vae"]), encoding="delta",
+                  cache_dir=str(tmp_path / "cache"), batch_size=16)
+    base_t = tensors(models["base"])
+    ident = run_merge(MergePlan(method="soup", inputs=["base"], out_dir=str(tmp_path / "id"), **common))
+    got = tensors(ident)
+    assert all(torch.equal(got[n], base_t[n]) for n in base_t)
+    for dec in ("delta", "direct"):
+        out = run_merge(MergePlan(method="task_arithmetic", inputs=["a", "b"], decode=dec,
+                                  out_dir=str(tmp_path / f"ta-{dec}"), **common))
+        m = tensors(out)
+        q = "model.layers.0.self_attn.q_proj.weight"
+        assert not torch.equal(m[q], base_t[q])  # moved towards the experts
+        assert torch.equal(m["model.embed_tokens.weight"], base_t["model.embed_tokens.weight"])
+        # the merged task vector points where the experts' do: positive correlation with τ_a + τ_b
+        tau = (Checkpoint(models["a"]).read(q).float() + Checkpoint(models["b"]).read(q).float()
+               - 2 * base_t[q].float())
+        got_tau = m[q].float() - base_t[q].float()
+        assert float(torch.nn.functional.cosine_similarity(tau.reshape(1, -1), got_tau.reshape(1, -1))) > 0.3
+    with pytest.raises(ConfigError, match="codes task vectors.*set encoding: delta"):
+        resolve_plan(MergePlan(**{**common, "encoding": "full"}, method="soup", out_dir=str(tmp_path / "x")))
+    with pytest.raises(ConfigError, match="codes full weights"):
+        resolve_plan(MergePlan(**{**common, "vae": str(models["vae"])}, method="soup", out_dir=str(tmp_path / "y")))
+    other = build_model("llama", tmp_path / "other-base", 64, 2, 128, seed=11)
+    with pytest.raises(ConfigError, match="base: the delta VAE .* was trained on task vectors of base"):
+        resolve_plan(MergePlan(**{**common, "models": {**common["models"], "base": str(other)}}, method="soup",
+                               out_dir=str(tmp_path / "z")))
+    with pytest.raises(ConfigError, match="encoding: delta encoding encodes task vectors.*set `base`"):
+        MergePlan(models={"a": str(models["a"])}, encoding="delta", vae=str(delta_setup["vae"]))

@@ -162,12 +162,15 @@ def test_expert_merge_quick(exp_root, tiny_zoo):
     out = _check_outputs(run_experiment(_cfg("expert_merge", exp_root, tiny_zoo)), "expert_merge")
     rows = _rows(out)
     assert [(r["method"], r["space"]) for r in rows[3:]] == [
-        (m, s) for m in ("lerp", "ties") for s in ("latent/delta", "latent/direct", "weight")]
+        (m, s) for m in ("lerp", "ties")
+        for s in ("latent/delta", "latent/direct", "latent-tv/delta", "latent-tv/direct", "weight")]
     _check_acc(rows)
     for space in ("latent-delta", "latent-direct", "weight"):
         assert (out / "merges" / f"lerp-{space}" / "model" / "model.safetensors.index.json").is_file()
     text = (out / "results.md").read_text()
-    assert "gain retention" in text and "best latent merge (delta decoding)" in text
+    assert "gain retention" in text and "best latent/delta merge" in text and "best latent-tv/direct" in text
+    plan = json.loads((out / "merges" / "ties-latent-tv-direct" / "merge_plan.json").read_text())["plan"]
+    assert plan["encoding"] == "delta" and plan["base"] == "llama-tiny-base"
 
 
 @pytest.mark.slow

@@ -127,6 +127,8 @@ class _TensorCache:
         self.plan, self.pool = plan, pool
         self.paths = {m["id"]: m["path"] for m in plan["models"]}
         self.ckpts: dict[str, Checkpoint] = {}
+        self.base = Checkpoint(plan["delta"]["base"]) if plan.get("delta") else None
+        self.base_std: float | None = None
         self.key: int | None = None
         self.tensor: torch.Tensor | None = None
         self._stats: Future | None = None
@@ -145,10 +147,18 @@ class _TensorCache:
             if ck is None:
                 ck = self.ckpts[t["model"]] = Checkpoint(self.paths[t["model"]])
             self.key, self.tensor, self._stats = None, None, None  # the tensor is a view of the buffer
-            nbytes = ck.tensors[t["name"]].nbytes if t["name"] in ck.tensors else 0
-            if len(self.buf) < nbytes:
-                self.buf = bytearray(nbytes)
-            x = ck.read(t["name"], self.buf)
+            if self.base is not None:  # a delta corpus: the task vector, and the base's std
+                from lsm_dist.delta import task_vector
+
+                b = self.base.read(t["name"])
+                self.base_std = norm_stats(b)[1]
+                x = task_vector(ck, self.base, t["name"])
+                del b
+            else:
+                nbytes = ck.tensors[t["name"]].nbytes if t["name"] in ck.tensors else 0
+                if len(self.buf) < nbytes:
+                    self.buf = bytearray(nbytes)
+                x = ck.read(t["name"], self.buf)
             if list(x.shape) != t["shape"] or x.dtype != DTYPES[t["dtype"]]:
                 raise CorpusError(f"{ck.path}: tensor {t['name']} changed since planning ({tuple(x.shape)}, {x.dtype})")
             self.key, self.tensor = index, x
@@ -185,7 +195,7 @@ def write_shard(out: Path, plan: dict, shard_idx: int, cache: _TensorCache,
     shard = plan["shards"][shard_idx]
     spec = ChunkSpec(plan["settings"]["tokens"], plan["settings"]["chunk"])
     v1 = plan["format_version"] == 1
-    members, tstats, pending = [], {}, {}
+    members, tstats, pending, pending_base = [], {}, {}, {}
     with atomic_open(out / shard["name"], "wb") as f:
         hw = _HashingWriter(f, hasher)
         with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
@@ -211,6 +221,8 @@ def write_shard(out: Path, plan: dict, shard_idx: int, cache: _TensorCache,
                     continue
                 if start == 0:  # the shard holding a tensor's first block records its stats,
                     pending[str(tindex)] = cache.stats(tindex)  # computed while its blocks are written
+                    if cache.base is not None:
+                        pending_base[str(tindex)] = {"base_std": cache.base_std}
                 meta |= {"shape": t["shape"], "dtype": t["dtype"], "stored_dtype": t["stored_dtype"]}
                 raw, pad = raw_block(x, spec, start, n)
                 off_json, len_json = _add_member(tar, key + ".json", [json.dumps(meta, sort_keys=True).encode()])
@@ -218,7 +230,7 @@ def write_shard(out: Path, plan: dict, shard_idx: int, cache: _TensorCache,
                 members.append([tindex, start, n, off_npy, len_npy, off_json, len_json])
     for k, f in pending.items():
         mean, std = f.result()
-        tstats[k] = {"mean": mean, "std": std}
+        tstats[k] = {"mean": mean, "std": std, **pending_base.get(k, {})}
     return {
         "name": shard["name"],
         "plan_digest": plan["plan_digest"],
@@ -321,6 +333,8 @@ def finalize(out_dir: str | Path) -> dict:
             if "mean" in t and (t["mean"], t["std"]) != (st["mean"], st["std"]):
                 raise CorpusError(f"{out}: workers disagree on normalization of {t['name']}")
             t["mean"], t["std"] = st["mean"], st["std"]
+            if "base_std" in st:
+                t["base_std"] = st["base_std"]
             if v1:
                 t["fixups"] += st["fixups"]
         for m in part["members"]:
@@ -331,6 +345,10 @@ def finalize(out_dir: str | Path) -> dict:
         raise CorpusError(f"{out}: no shard part records the normalization of {lacking[:3]}; re-run convert")
     manifest = {k: v for k, v in plan.items() if k not in ("tensors", "shards")}
     manifest.update(tensors=tensors, shards=shards, total_bytes=sum(s["bytes"] for s in shards))
+    if "delta" in manifest:
+        from lsm_dist.delta import delta_gain
+
+        manifest["delta"] = {**manifest["delta"], "gain": delta_gain(tensors)}
     manifest["manifest_digest"] = manifest_digest(manifest)
     _remove_temps(out, [MANIFEST, PLAN])
     atomic_write_json(out / MANIFEST, manifest)

@@ -30,6 +30,8 @@ class ConvertConfig:
         factory=list,
     )
     out_dir: str = doc("corpus directory (manifest.json + shard-%06d.tar)", "runs/corpus")
+    base: str | None = doc("delta corpus: the base checkpoint; every tensor is stored as the task vector "
+                           "W - W_base (float32) of its model (lsm_dist.delta)", None)
     tokens: int = doc("tokens per sample (paper: 16)", 16)
     chunk: int = doc("values per token (paper: 640)", 640)
     block_samples: int = doc("samples per tar member (one array per block, never straddling tensors)", 256)
@@ -61,6 +63,7 @@ class ConvertConfig:
             check(b in BLOCKS, "blocks", f"{b!r} is not one of {list(BLOCKS)}")
         check(len(self.blocks) > 0, "blocks", "select at least one block")
         check(self.format_version in READ_VERSIONS, "format_version", f"must be one of {list(READ_VERSIONS)}")
+        check(self.base is None or self.format_version >= 2, "base", "delta corpora are format 2")
 
     @property
     def spec(self) -> ChunkSpec:
@@ -85,6 +88,13 @@ def make_plan(cfg: ConvertConfig) -> dict:
     spec = cfg.spec
     models, tensors, roles = [], [], []
     seen_ids = set()
+    base = delta = None
+    if cfg.base is not None:
+        bpath = str(Path(cfg.base).resolve())
+        base = Checkpoint(bpath)
+        from lsm_dist.checkpoint import content_digest
+
+        delta = {"base": bpath, "base_digest": content_digest(base)}  # the bytes, not only the header
     for entry in cfg.models:
         mid, path = parse_model(entry)
         if mid in seen_ids:
@@ -94,6 +104,10 @@ def make_plan(cfg: ConvertConfig) -> dict:
             sel = ck.select(cfg.blocks, cfg.include, cfg.exclude, cfg.params, cfg.strict_names)
             if not sel:
                 raise ValueError(f"{path}: no tensors match blocks={cfg.blocks} include={cfg.include!r} exclude={cfg.exclude!r}")
+            if base is not None:
+                from lsm_dist.delta import check_pairs
+
+                check_pairs(ck, base, [t.name for t in sel], "convert: ")
             models.append({
                 "id": mid,
                 "path": path,
@@ -124,13 +138,13 @@ def make_plan(cfg: ConvertConfig) -> dict:
                     "role": role,
                     "param": t.param,
                     "shape": list(t.shape),
-                    "dtype": t.dtype,
+                    "dtype": "F32" if base is not None else t.dtype,  # a task vector is float32
                     "numel": t.numel,
                     "num_samples": spec.num_samples(t.numel),
                     "padding": spec.padding(t.numel),
                 })
                 if cfg.format_version >= 2:
-                    tensors[-1]["stored_dtype"] = t.dtype  # the samples' bytes are the tensor's
+                    tensors[-1]["stored_dtype"] = tensors[-1]["dtype"]  # the samples' bytes are the tensor's
     total = sum(t["num_samples"] for t in tensors) * spec.sample_size
     pad = sum(t["padding"] for t in tensors)
     if total and pad / total > cfg.max_padding_fraction:
@@ -163,6 +177,7 @@ def make_plan(cfg: ConvertConfig) -> dict:
         "settings": settings,
         **({"sample_dtype": "float32"} if cfg.format_version == 1 else {}),
         "models": models,
+        **({"delta": delta} if delta is not None else {}),
         "roles": roles,
         "blocks": list(BLOCKS),
         "tensors": tensors,
@@ -171,6 +186,9 @@ def make_plan(cfg: ConvertConfig) -> dict:
     }
     # identity of the corpus: everything but where the sources happen to live
     ident = {**plan, "models": [{k: v for k, v in m.items() if k != "path"} for m in models]}
+    ident["settings"] = {k: v for k, v in settings.items() if k != "base"}
+    if delta is not None:
+        ident["delta"] = {"base_digest": delta["base_digest"]}
     plan["plan_digest"] = sha256_json(ident)[:16]
     return plan
 

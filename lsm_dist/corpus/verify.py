@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from lsm_dist.checkpoint import Checkpoint, CheckpointError
+from lsm_dist.checkpoint import Checkpoint, CheckpointError, content_digest
 from lsm_dist.chunking import norm_stats, to_bits
 from lsm_dist.corpus.convert import CorpusError, member_key
 from lsm_dist.corpus.corpus import Corpus
+from lsm_dist.delta import task_vector
 
 _META_KEYS = ("model", "name", "layer", "block", "role", "shape", "dtype", "stored_dtype")
 
@@ -81,6 +82,17 @@ def verify_corpus(path: str | Path, rebuild: bool = False) -> str:
     lines = [c.summary(), f"OK: manifest, {len(c.shards)} shard checksum(s), {nblocks} block header(s)"
              + (" and metadata" if c.version >= 2 else "")]
     sources, notes = _sources(c) if rebuild else ({}, [])
+    base = None
+    if rebuild and sources and c.manifest.get("delta"):  # a delta corpus: the source is W - W_base
+        d = c.manifest["delta"]
+        if not Path(d["base"]).exists():
+            notes.append(f"base {d['base']} of the delta corpus is gone: rebuilt from the corpus only")
+            sources = {}
+        else:
+            base = Checkpoint(d["base"])
+            if content_digest(base) != d["base_digest"]:
+                raise CorpusError(f"{d['base']}: not the base the delta corpus was converted against "
+                                  f"(content digest {content_digest(base)}, the manifest says {d['base_digest']})")
     compared = 0
     if c.version >= 2 or rebuild:
         for t in c.tensors:
@@ -92,7 +104,7 @@ def verify_corpus(path: str | Path, rebuild: bool = False) -> str:
                                       f"{stats}, the manifest says ({t['mean']}, {t['std']}): edited manifest")
             ck = sources.get(t["model"])
             if ck is not None:
-                src = ck.read(t["name"])
+                src = ck.read(t["name"]) if base is None else task_vector(ck, base, t["name"])
                 if src.dtype != x.dtype or src.shape != x.shape or not torch.equal(to_bits(src), to_bits(x)):
                     raise CorpusError(f"{c.path}: tensor {t['name']} of {t['model']} does not rebuild bit for bit: "
                                       f"it differs from the source {ck.path}")

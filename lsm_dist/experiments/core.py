@@ -65,9 +65,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         hetero_target=None, hetero_sources=[],
         tokens=8, chunk=64, stage1_steps=1500, stage2_steps=200, eval_n=100, samples=[1, 4, 16],
         lambdas=[0.0, 0.05, 0.1, 0.2, 0.5, 1.0],
-        methods=["lerp", "soup", "task_arithmetic", "ties", "dare"],
+        methods=["lerp", "task_arithmetic", "ties", "dare"],  # soup [0.5, 0.5] is lerp 0.5
         eval_tasks=["lsm_arith_mc", "lsm_reverse_mc"],
-        noise_models=["smollm2-135m"], noise_levels=[0.001, 0.003, 0.01, 0.03, 0.1]),
+        noise_models=["smollm2-135m", "smollm2-arith"], noise_levels=[0.001, 0.003, 0.01, 0.03, 0.1]),
     "quick": dict(
         zoo_config="configs/zoo/tiny.yaml",
         train_models=["llama-tiny-base", "llama-tiny-arith", "llama-tiny-reverse", "qwen2-tiny-base"],
@@ -114,6 +114,9 @@ class ExperimentConfig:
     ppl: bool = doc("also score word perplexity on the fixed English text (lsm_english_ppl)", True)
     decodes: list[str] = doc("latent merges decoded with: delta (W_t + D(z) - D(z_t)) and/or direct "
                              "(D(z), the paper's)", factory=lambda: list(DECODES))
+    encodings: list[str] = doc("expert_merge: latent merges of the weights (full, a VAE trained on the "
+                               "training corpus) and/or of the experts' task vectors W - W_base "
+                               "(delta, a VAE trained on their delta corpus)", factory=lambda: ["full", "delta"])
     noise_models: list[str] | None = doc("noise: models perturbed", None)
     noise_levels: list[float] | None = doc("noise: relative MSE of the Gaussian noise added to every "
                                            "attention / MLP weight (noise std = sqrt(level)·std of "
@@ -147,6 +150,8 @@ class ExperimentConfig:
         self.quick = self.preset == "quick"
         for d in self.decodes:
             check_choice(d, "decodes", DECODES)
+        for e in self.encodings:
+            check_choice(e, "encodings", ("full", "delta"))
         check(bool(self.decodes), "decodes", f"name at least one of {list(DECODES)}")
         for k, v in self.models.items():
             check(bool(k) and "/" not in k and isinstance(v, str) and bool(v), "models",
@@ -234,24 +239,29 @@ class Context:
                                                          "space": "weight"}))
 
     def corpus(self, kind: str) -> Path:
-        """The weight corpus of the training (``train``) or held-out (``heldout``) models."""
+        """The weight corpus of the training (``train``) or held-out (``heldout``) models, or
+        the delta corpus (``delta``) of the experts' task vectors against the base."""
         from lsm_dist.corpus import ConvertConfig, run_convert
 
-        models = self.cfg.train_models if kind == "train" else self.cfg.heldout_models
-        key = sha256_json({"models": {m: self.path(m) for m in models},
+        models = {"train": self.cfg.train_models, "heldout": self.cfg.heldout_models,
+                  "delta": self.cfg.experts}[kind]
+        base = {"base": self.scorable(self.cfg.base)} if kind == "delta" else {}
+        key = sha256_json({"models": {m: self.path(m) for m in models}, **base,
                            "tokens": self.cfg.tokens, "chunk": self.cfg.chunk})[:10]
         out = self.shared / f"corpus-{kind}-{key}"
         if not (out / "manifest.json").is_file():
-            run_convert(ConvertConfig(models=[f"{m}={self.path(m)}" for m in models], out_dir=str(out),
+            run_convert(ConvertConfig(models=[f"{m}={self.scorable(m)}" for m in models], out_dir=str(out),
                                       tokens=self.cfg.tokens, chunk=self.cfg.chunk, block_samples=256,
-                                      shard_samples=1024, num_workers=1, overwrite=True))
+                                      shard_samples=1024, num_workers=1, overwrite=True, **base))
         return out
 
-    def vae(self, ratio: float | None = None) -> Path:
-        """The VAE of compression ``ratio`` (default ``cfg.ratio``), trained once and cached."""
+    def vae(self, ratio: float | None = None, kind: str = "train") -> Path:
+        """The VAE of compression ``ratio`` (default ``cfg.ratio``), trained once and cached, on
+        the training corpus (``kind="train"``) or on the experts' delta corpus (``"delta"``)."""
         cfg = self.cfg
         ratio = cfg.ratio if ratio is None else ratio
-        train_c, held_c = self.corpus("train"), self.corpus("heldout") if cfg.heldout_models else None
+        train_c = self.corpus(kind)
+        held_c = self.corpus("heldout") if cfg.heldout_models and kind == "train" else None
         s1, s2 = cfg.stage1_steps, cfg.stage2_steps
         total = s1 + s2
         request = {
@@ -273,7 +283,7 @@ class Context:
 
         resolved = to_dict(from_dict(TrainConfig, {**request, "run_dir": "-"}))
         digest = sha256_json({"request": resolved, "corpus": read_json(train_c / "manifest.json")["plan_digest"]})[:10]
-        run_dir = self.shared / f"vae-r{ratio:g}-{digest}"
+        run_dir = self.shared / f"vae{'-delta' if kind == 'delta' else ''}-r{ratio:g}-{digest}"
         done = run_dir / "experiment_vae.json"
         if done.is_file() and (run_dir / "vae" / "config.json").is_file():
             self.vae_metrics[ratio] = read_json(done)["metrics"]

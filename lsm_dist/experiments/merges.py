@@ -27,9 +27,11 @@ def _acc_cols(ctx: Context) -> list[str]:
     return ctx.score_cols()
 
 
-def _space_decodes(ctx: Context) -> list[tuple[str, str, str]]:
-    """(label, space, decode) of every merge variant compared: latent per decode, then weight."""
-    return [(f"latent/{d}", "latent", d) for d in ctx.cfg.decodes] + [("weight", "weight", "direct")]
+def _space_decodes(ctx: Context, encodings: tuple[str, ...] = ("full",)) -> list[tuple[str, str, str, str]]:
+    """(label, space, decode, encoding) of every merge variant compared: latent per encoding
+    (``latent``: the weights; ``latent-tv``: the task vectors) and decode, then weight."""
+    return ([(f"{'latent' if e == 'full' else 'latent-tv'}/{d}", "latent", d, e)
+             for e in encodings for d in ctx.cfg.decodes] + [("weight", "weight", "direct", "full")])
 
 
 def _csv_cols(cols: list[str], ctx: Context) -> list[str]:
@@ -150,7 +152,8 @@ def _ppl_text(r: dict) -> str:
 
 
 # ---- expert_merge (Table 3) ----------------------------------------------------------------
-def _method_plan(ctx: Context, method: str, space: str, blocks: str = "both", decode: str = "delta") -> dict:
+def _method_plan(ctx: Context, method: str, space: str, blocks: str = "both", decode: str = "delta",
+                 encoding: str = "full") -> dict:
     cfg = ctx.cfg
     a, b = cfg.experts
     base = cfg.base
@@ -164,6 +167,9 @@ def _method_plan(ctx: Context, method: str, space: str, blocks: str = "both", de
     if method in ("task_arithmetic", "ties", "dare") and cfg.delta_weights:
         params["weights"] = list(cfg.delta_weights)
     plan = three if method in ("task_arithmetic", "ties", "dare") else two
+    if encoding == "delta":  # task vectors of the experts against the base, decoded onto it
+        plan = {**plan, "models": three["models"], "base": base, "inputs": [a, b], "encoding": "delta",
+                "vae": str(ctx.vae(kind="delta"))}
     return {**plan, "method": method, "params": params, "space": space, "blocks": blocks, "decode": decode}
 
 
@@ -171,37 +177,38 @@ def run_expert_merge(ctx: Context) -> Path:
     cfg, t0 = ctx.cfg, time.perf_counter()
     a, b = cfg.experts
     ckpts = {m: ctx.path(m) for m in (cfg.base, a, b)}
-    variants = _space_decodes(ctx)
+    variants = _space_decodes(ctx, tuple(cfg.encodings))
     for method in cfg.methods:
-        for label, space, dec in variants:
+        for label, space, dec, enc in variants:
+            plan = _method_plan(ctx, method, space, decode=dec, encoding=enc)
             ckpts[f"expert_merge.{method}.{label.replace('/', '-')}"] = ctx.merge(
-                f"{method}-{label.replace('/', '-')}", _method_plan(ctx, method, space, decode=dec))
+                f"{method}-{label.replace('/', '-')}", plan, vae=plan.pop("vae", None))
     sc = ctx.scores(ckpts)
     fams = ctx.families()
     rows = [{"method": m, "space": "(original)", **sc[m]} for m in (cfg.base, a, b)]
     for method in cfg.methods:
-        for label, _, _ in variants:
+        for label, *_ in variants:
             rows.append({"method": method, "space": label, **sc[f"expert_merge.{method}.{label.replace('/', '-')}"]})
     cols = ["method", "space", *_acc_cols(ctx)]
     for r in rows:
         r["label"] = r["method"] if r["space"] == "(original)" else f"{r['method']}/{r['space']}"
     _bars(rows, "label", fams, ctx.out / "results.png", f"two experts ({a}, {b}): latent vs weight space")
     obs = []
-    for dec in cfg.decodes:
+    for lab in [lab for lab, sp, *_ in variants if sp == "latent"]:
         wins, losses, diffs = 0, 0, []
         for method in cfg.methods:
-            lat = next(r for r in rows if (r["method"], r["space"]) == (method, f"latent/{dec}"))
+            lat = next(r for r in rows if (r["method"], r["space"]) == (method, lab))
             wgt = next(r for r in rows if (r["method"], r["space"]) == (method, "weight"))
             se = max(mean_se(lat, fams), mean_se(wgt, fams))
             c = compare(lat["mean"], wgt["mean"], se)
             wins, losses = wins + (c == "above"), losses + (c == "below")
             diffs.append(lat["mean"] - wgt["mean"])
-            obs.append(f"{method}: latent ({dec} decoding) {lat['mean']:.3f}{_ppl_text(lat)} vs weight "
+            obs.append(f"{method}: {lab} {lat['mean']:.3f}{_ppl_text(lat)} vs weight "
                        f"{wgt['mean']:.3f}{_ppl_text(wgt)} — latent is {c} weight space.")
         n = len(cfg.methods)
         verdict = ("reproduced" if wins > n / 2 else "contradicted here (latent significantly worse for most operators)"
                    if losses > n / 2 else "not confirmed at this scale (most differences within noise)")
-        obs.append(f"{dec} decoding: latent space is significantly better for {wins}/{n} and significantly worse "
+        obs.append(f"{lab}: latent space is significantly better for {wins}/{n} and significantly worse "
                    f"for {losses}/{n} operators (mean difference {np.mean(diffs):+.3f}); the paper finds "
                    f"latent-space merging more robust than weight-space merging — {verdict}.")
     keep = [r for r in rows if r["space"] != "(original)"]
@@ -211,10 +218,10 @@ def run_expert_merge(ctx: Context) -> Path:
                f"{top} " + "/".join(f"{x:.2f}" for x in kept[top]) + "; "
                + ", ".join(f"{k} " + "/".join(f"{x:.2f}" for x in v) for k, v in kept.items()) + ".")
     best_w = max((r for r in keep if r["space"] == "weight"), key=lambda r: r["mean"])
-    for dec in cfg.decodes:
-        best_l = max((r for r in keep if r["space"] == f"latent/{dec}"), key=lambda r: r["mean"])
+    for lab in [lab for lab, sp, *_ in variants if sp == "latent"]:
+        best_l = max((r for r in keep if r["space"] == lab), key=lambda r: r["mean"])
         se = max(mean_se(best_l, fams), mean_se(best_w, fams))
-        obs.append(f"best latent merge ({dec} decoding) {best_l['label']} {best_l['mean']:.3f}{_ppl_text(best_l)} "
+        obs.append(f"best {lab} merge {best_l['label']} {best_l['mean']:.3f}{_ppl_text(best_l)} "
                    f"is {compare(best_l['mean'], best_w['mean'], se)} the best weight-space merge "
                    f"{best_w['label']} {best_w['mean']:.3f}{_ppl_text(best_w)}.")
     obs.append(ctx.chance_note(keep, lambda r: r["label"]))
@@ -223,7 +230,9 @@ def run_expert_merge(ctx: Context) -> Path:
                          f"soup [0.5, 0.5], task arithmetic / TIES (density {cfg.density}) / DARE (p={cfg.drop_p}) on "
                          f"deltas from {cfg.base} with weights {cfg.delta_weights or [1.0, 1.0]}. Latent = the same "
                          "operator on VAE latents (μ), decoded with the VAE: latent/direct = D(z_merged) (the "
-                         "paper's), latent/delta = W_target + D(z_merged) − D(z_target).\n", markdown_table(rows, cols)],
+                         "paper's), latent/delta = W_target + D(z_merged) − D(z_target); latent-tv = the same "
+                         "on the experts' task vectors W − W_base, encoded with a VAE trained on their delta "
+                         "corpus and decoded onto the base (lsm_dist.delta).\n", markdown_table(rows, cols)],
                         obs, {"results": (rows, _csv_cols(cols, ctx))}, t0)
 
 

@@ -102,9 +102,10 @@ def decode_latents(vae: TransformerVAE, z: torch.Tensor, cond_info: tuple, roles
 
 
 def merge_latent_tensor(rp, job, caches, vae: TransformerVAE, device: torch.device,
-                        target: Checkpoint | None = None) -> torch.Tensor:
+                        target: Checkpoint | None = None, base_ck: Checkpoint | None = None) -> torch.Tensor:
     """Merged and decoded target tensor ``job`` (shape and dtype of the target's); ``target``
-    (the target's checkpoint) is read by ``decode: delta``."""
+    (the target's checkpoint) is read by ``decode: delta``, ``base_ck`` (the base's) by direct
+    decoding of delta-encoded latents (``encoding: delta``)."""
     plan, tid = rp.plan, rp.plan.target
     op = get_operator(plan.method)
     z_t = None
@@ -136,6 +137,9 @@ def merge_latent_tensor(rp, job, caches, vae: TransformerVAE, device: torch.devi
                             plan.batch_size, device, what=job.name)
     x = decode_latents(vae, z, cond, roles, plan.batch_size, device)
     del z
+    if plan.encoding == "delta":  # a decoded task vector, landed on the base
+        tau = unchunk_blocks(x, job.shape, torch.float32, entry["mean"], entry["std"])
+        return (base_ck.read(job.sources[plan.base]).float() + tau).to(DTYPES[job.dtype])
     return unchunk_blocks(x, job.shape, DTYPES[job.dtype], entry["mean"], entry["std"])
 
 
@@ -227,7 +231,8 @@ def run_decode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None) -
                 job = jobs[name]
                 release_memory()  # the previous tensor's buffers are gone by now
                 if job.space == "latent":
-                    return merge_latent_tensor(rp, job, caches, vae, device, checkpoints[plan.target])
+                    return merge_latent_tensor(rp, job, caches, vae, device, checkpoints[plan.target],
+                                               checkpoints.get(plan.base))
                 return merge_weight_tensor(rp, job, checkpoints)
 
             meta = {"plan_digest": rp.digest, "group": g, "tensors": sorted(jobs)}

@@ -124,12 +124,14 @@ class LatentCache:
 
 @torch.no_grad()
 def encode_tensor(vae: TransformerVAE, t: torch.Tensor, cond_info: tuple, roles: dict[str, int],
-                  batch_size: int, device: torch.device, latent_dtype: torch.dtype = torch.float32):
-    """One tensor → (mu, logvar, mean, std): latents (samples, latent_tokens, latent_dim)."""
+                  batch_size: int, device: torch.device, latent_dtype: torch.dtype = torch.float32,
+                  stats: tuple[float, float] | None = None):
+    """One tensor → (mu, logvar, mean, std): latents (samples, latent_tokens, latent_dim);
+    standardized with its own (mean, std), or with ``stats`` (delta encoding's shared scale)."""
     cfg = vae.cfg
     spec = ChunkSpec(cfg.tokens, cfg.chunk)
     t32 = t.float() if t.dtype != torch.float32 else t  # one float32 copy; batches are views of it
-    mean, std = norm_stats(t32)
+    mean, std = norm_stats(t32) if stats is None else stats
     n = spec.num_samples(t32.numel())
     mu = torch.empty((n, *cfg.latent_shape), dtype=latent_dtype)
     lv = torch.empty_like(mu)
@@ -149,8 +151,10 @@ def encode_tensor(vae: TransformerVAE, t: torch.Tensor, cond_info: tuple, roles:
 
 def encode_names(ck: Checkpoint, names: list[str], vae: TransformerVAE, vae_dir: Path,
                  cache: LatentCache, batch_size: int = 256, device: torch.device | None = None,
-                 latent_dtype: str = "float32") -> dict[str, int]:
-    """Encode ``names`` of ``ck`` into ``cache`` (skipping valid cached ones) → counts."""
+                 latent_dtype: str = "float32", base: Checkpoint | None = None) -> dict[str, int]:
+    """Encode ``names`` of ``ck`` into ``cache`` (skipping valid cached ones) → counts. With
+    ``base`` (delta encoding, ``vae.cfg.delta`` set) the task vectors ``W − W_base`` are encoded
+    at the shared scale ``gain · std(W_base)`` (``lsm_dist.delta``)."""
     device = device or pick_device("auto")
     roles = role_ids(vae_dir)
     cfg = vae.cfg
@@ -165,9 +169,15 @@ def encode_names(ck: Checkpoint, names: list[str], vae: TransformerVAE, vae_dir:
         ck.close()  # drop the mmap: resident memory stays one tensor, not the touched file pages
         if not torch.isfinite(t).all():
             raise ValueError(f"{ck.path}: tensor {name!r} holds NaN/Inf; cannot encode it")
+        scale = None
+        if base is not None:
+            w_base = base.read(name).float()
+            scale = (0.0, float(vae.cfg.delta["gain"]) * norm_stats(w_base)[1])
+            t = t.float() - w_base
+            del w_base
         block = info.block if info.block in BLOCK_IDS else "other"
         mu, lv, mean, std = encode_tensor(vae, t, (info.layer, block, info.role), roles, batch_size,
-                                          device, LATENT_DTYPES[latent_dtype])
+                                          device, LATENT_DTYPES[latent_dtype], scale)
         meta = {
             "format": FORMAT, "name": name, "source": str(ck.path), "shape": list(info.shape),
             "dtype": info.dtype, "mean": mean, "std": std, "num_samples": int(mu.shape[0]),
@@ -218,9 +228,10 @@ def run_encode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None,
         if vae is None:  # everything cached: no need to load the VAE
             totals["reused"] += len(names)
             continue
+        base = rp.models[rp.plan.base].open() if rp.plan.encoding == "delta" else None
         with info.open() as ck:
             s = encode_names(ck, names, vae, info.vae, caches[mid], rp.plan.batch_size, device,
-                             rp.plan.latent_dtype)
+                             rp.plan.latent_dtype, base)
         log.info("encode %s: %d tensor(s) encoded, %d reused", mid, s["encoded"], s["reused"])
         for k in totals:
             totals[k] += s[k]

@@ -172,7 +172,9 @@ def build_layout(plan, checkpoints: dict[str, Checkpoint], maps: dict[str, list[
             job.inputs = [spec.template]
         else:
             job.inputs, job.base = list(spec.inputs), spec.base
-        need = dict.fromkeys([*job.inputs, job.base, tid if space == "latent" else None, spec.template])
+        delta_base = plan.base if space == "latent" and plan.encoding == "delta" else None  # reads W_base
+        need = dict.fromkeys([*job.inputs, job.base, tid if space == "latent" else None, spec.template,
+                              delta_base])
         job.sources = {m: _source(index, checkpoints, m, spec, t, out_name) for m in need
                        if m is not None and m in spec.src}
         if space != "copy":

@@ -17,7 +17,6 @@ when an operator's arithmetic changes, so finished merges are not reused.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lsm_dist.adapters import open_model, split_model_ref
-from lsm_dist.checkpoint import Checkpoint, TensorInfo
+from lsm_dist.checkpoint import Checkpoint, TensorInfo, content_digest
 from lsm_dist.chunking import ChunkSpec
 from lsm_dist.config import (
     ConfigError,
@@ -46,6 +45,7 @@ from lsm_dist.utils import atomic_write_json, read_json, sha256_json
 
 PLAN_RECORD = "merge_plan.json"
 SPACES = ("latent", "weight")
+ENCODINGS = ("full", "delta")
 DECODES = ("delta", "direct")
 BLOCK_CHOICES = {"attn": ["attn"], "mlp": ["mlp"], "both": ["attn", "mlp"]}
 LATENT_DTYPES = ("float32", "bfloat16")
@@ -137,6 +137,9 @@ class MergePlan:
     decode: str = doc("latent space: delta (W = W_target + D(z_merged) - D(z_target): the VAE's "
                       "reconstruction error cancels, z_merged = z_target gives W_target exactly) | "
                       "direct (W = D(z_merged), the paper's)", "delta")
+    encoding: str = doc("latent space: full (encode the weights) | delta (encode the task vectors "
+                        "W - W_base, with a VAE trained on a delta corpus of that base, and decode onto "
+                        "the base: lsm_dist.delta)", "full")
     blocks: str | list[str] = doc("tensors merged in `space`: attn | mlp | both", "both")
     rest: str = doc("tensors outside `blocks` (norms, embeddings, head, biases): target (copied from "
                     "the target) | weight (merged in weight space with the same method, as mergekit does)",
@@ -182,6 +185,9 @@ class MergePlan:
         op = get_operator(self.method)
         check_choice(self.space, "space", SPACES)
         check_choice(self.decode, "decode", DECODES)
+        check_choice(self.encoding, "encoding", ENCODINGS)
+        check(self.encoding == "full" or self.base is not None, "encoding",
+              "delta encoding encodes task vectors W - W_base: set `base`")
         check_choice(self.rest, "rest", RESTS)
         check_choice(self.arithmetic, "arithmetic", ("float32", "dtype"))
         if isinstance(self.blocks, str):
@@ -249,12 +255,13 @@ class MergePlan:
 
     @property
     def operands(self) -> list[str]:
-        """Models whose tensors are read: inputs, the base (if the method takes one), the
-        target, and every model of the slices."""
+        """Models whose tensors are read: inputs, the base (if the method takes one, or with
+        delta encoding), the target, and every model of the slices."""
         out = list(self.inputs)
         bases = {self.base} | {s.base for s in self.slices or []}
         for b in bases:
-            if b is not None and get_operator(self.method).takes_base(True) and b not in out:
+            takes = get_operator(self.method).takes_base(True) or self.encoding == "delta"
+            if b is not None and takes and b not in out:  # delta encoding reads W_base
                 out.append(b)
         for s in self.slices or []:
             out += [src.model for src in s.sources if src.model not in out]
@@ -327,36 +334,6 @@ class ResolvedPlan:
     @property
     def model_dir(self) -> Path:
         return self.out_dir / "model"
-
-
-def content_digest(ck: Checkpoint, memo_dir: str | Path | None = None) -> str:
-    """sha256 over every file of ``ck`` (``Checkpoint.source_files``: config.json, the
-    safetensors files, a LoRA adapter's files) (memoized per file by
-    path, size and mtime in ``<memo_dir>/digests.json`` so a re-run does not re-read)."""
-    files = ck.source_files()
-    memo_path = Path(memo_dir) / "digests.json" if memo_dir else None
-    memo = {}
-    if memo_path is not None and memo_path.is_file():
-        try:
-            memo = read_json(memo_path)
-        except ValueError:
-            memo = {}
-    h, changed = hashlib.sha256(), False
-    for f in files:
-        st = os.stat(f)
-        key = os.path.realpath(f)
-        stamp = [st.st_size, st.st_mtime_ns]
-        if memo.get(key, {}).get("stat") != stamp:
-            fh = hashlib.sha256()
-            with open(f, "rb") as fp:
-                while buf := fp.read(1 << 22):
-                    fh.update(buf)
-            memo[key] = {"stat": stamp, "sha256": fh.hexdigest()}
-            changed = True
-        h.update(f"{Path(f).name}:{memo[key]['sha256']}\n".encode())
-    if changed and memo_path is not None:
-        atomic_write_json(memo_path, memo)
-    return h.hexdigest()[:16]
 
 
 def _shape_desc(shape) -> str:
@@ -456,7 +433,27 @@ def _model_infos(plan, checkpoints, maps, jobs) -> dict[str, ModelInfo]:
     if len(set(latent_dims.values())) > 1:
         raise ConfigError(f"vae: the models' VAEs have different latent_dim {latent_dims}; "
                           "latents can only be merged within one latent width")
+    if plan.space == "latent":
+        _check_encoding(plan, infos)
     return infos
+
+
+def _check_encoding(plan: MergePlan, infos: dict[str, ModelInfo]) -> None:
+    """A delta VAE only with ``encoding: delta`` of the base it was trained against, and back."""
+    for mid, info in infos.items():
+        if info.vae_cfg is None:
+            continue
+        d = info.vae_cfg.delta
+        if plan.encoding == "full":
+            check(d is None, "encoding", f"the VAE {info.vae} of {mid} codes task vectors of base "
+                  f"{d and d.get('base')} (trained on a delta corpus): set encoding: delta and base")
+            continue
+        base = infos[plan.base]
+        check(d is not None, "encoding", f"encoding: delta needs a VAE trained on a delta corpus; {info.vae} "
+              f"(of {mid}) codes full weights")
+        check(d["base_digest"] == base.digest, "base",
+              f"the delta VAE {info.vae} was trained on task vectors of base {d.get('base')} (content digest "
+              f"{d['base_digest']}), the plan's base {plan.base} is {base.path} ({base.digest})")
 
 
 def _check_fit(plan: MergePlan, mid: str, ck: Checkpoint, vpath: Path, vcfg: VAEConfig, tensors) -> None:

@@ -20,6 +20,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +78,15 @@ class VAEConfig:
         "tokens, for small samples)",
         "none",
     )
+    delta: dict[str, Any] | None = doc(
+        "set by training on a delta corpus (lsm_dist.delta): {base, base_digest, gain}: the VAE "
+        "codes task vectors W - W_base of that base, at scale gain·std(W_base) per tensor", None)
 
     def __post_init__(self) -> None:
+        if self.delta is not None:
+            check(isinstance(self.delta, dict) and {"base_digest", "gain"} <= set(self.delta)
+                  and float(self.delta["gain"]) > 0, "delta",
+                  f"must be {{base, base_digest, gain > 0}} (from a delta corpus), got {self.delta!r}")
         for name in ("chunk", "tokens", "d_model", "heads", "latent_dim", "token_stride",
                      "max_layers", "num_roles"):
             v = getattr(self, name)

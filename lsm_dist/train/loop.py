@@ -200,6 +200,13 @@ def run_train(cfg: TrainConfig) -> dict:
     # fail fast, before any process group: corpora, shapes, resume target, digests
     corpus = open_corpus(cfg.corpus, "corpus", cfg.model)
     heldout = open_corpus(cfg.heldout_corpus, "heldout_corpus", cfg.model) if cfg.heldout_corpus else None
+    delta = corpus.manifest.get("delta")  # a delta corpus: the VAE codes task vectors of its base
+    if heldout is not None and (heldout.manifest.get("delta") or {}).get("base_digest") != (delta or {}).get("base_digest"):
+        raise ConfigError(f"heldout_corpus {cfg.heldout_corpus} and corpus {cfg.corpus} are not both weights, "
+                          "or not task vectors of the same base")
+    if cfg.model.delta is not None and cfg.model.delta != delta:
+        raise ConfigError(f"model.delta={cfg.model.delta} but corpus {cfg.corpus} records {delta}")
+    cfg.model.delta = delta
     if cfg.stage1_plateau.patience > 0 and cfg.val_fraction == 0:
         raise ConfigError("stage1_plateau.patience: needs validation samples (val_fraction > 0)")
     resume_from = ck.find_resume(run_dir, cfg.resume)
