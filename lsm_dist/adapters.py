@@ -182,8 +182,8 @@ class AdaptedCheckpoint(Checkpoint):
         self.adapter = LoraAdapter(adapter)
         self.adapter.check_base(self)
 
-    def read(self, name: str) -> torch.Tensor:
-        x = super().read(name)
+    def read(self, name: str, out: bytearray | None = None) -> torch.Tensor:
+        x = super().read(name, out)
         d = self.adapter.delta(name)
         if d is None:
             return x
@@ -215,4 +215,15 @@ class AdaptedCheckpoint(Checkpoint):
 def open_model(path: str | Path, lora: str | Path | None = None) -> Checkpoint:
     """The one way to open a model input: a checkpoint, or a base with a LoRA adapter."""
     return AdaptedCheckpoint(path, lora) if lora else Checkpoint(path)
+
+
+def open_ref(ref: str | Path) -> Checkpoint:
+    """``open_model`` of a path or a ``BASE+ADAPTER`` reference."""
+    return open_model(*split_model_ref(str(ref)))
+
+
+def resolve_ref(ref: str) -> str:
+    """A path or ``BASE+ADAPTER`` reference with its parts made absolute."""
+    base, lora = split_model_ref(ref)
+    return str(Path(base).resolve()) + (f"+{Path(lora).resolve()}" if lora else "")
 

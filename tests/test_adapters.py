@@ -189,3 +189,27 @@ def test_bad_adapter_files(lora_zoo, tmp_path):
         LoraAdapter(ad)
     with pytest.raises(AdapterError, match="does not exist"):
         LoraAdapter(tmp_path / "nope")
+
+
+def test_adapter_inputs_convert_to_a_corpus(lora_zoo, tmp_path):
+    """`lsm convert models=[id=BASE+ADAPTER]`: the corpus holds the adapted weights (verify
+    --rebuild compares them with the adapted source); with base= it holds the task vectors
+    scale·B·A the adapter implies."""
+    from lsm_dist.corpus import ConvertConfig, run_convert
+    from lsm_dist.corpus.reader import Corpus
+    from lsm_dist.corpus.verify import verify_corpus
+
+    ref = f"{lora_zoo['base']}+{lora_zoo['a']}"
+    kw = dict(tokens=4, chunk=32, block_samples=8, shard_samples=24)
+    run_convert(ConvertConfig(models=[f"a={ref}"], out_dir=str(tmp_path / "c"), **kw), progress=False)
+    assert "14 of 14 compared bit for bit" in verify_corpus(tmp_path / "c", rebuild=True)
+    ad = open_model(lora_zoo["base"], lora_zoo["a"])
+    c = Corpus(tmp_path / "c")
+    name = "model.layers.1.self_attn.v_proj.weight"
+    assert torch.equal(c.rebuild(c.find("a", name)), ad.read(name))
+    run_convert(ConvertConfig(models=[f"a={ref}"], base=str(lora_zoo["base"]), out_dir=str(tmp_path / "d"), **kw),
+                progress=False)
+    d = Corpus(tmp_path / "d")
+    tau = ad.read(name).float() - Checkpoint(lora_zoo["base"]).read(name).float()
+    assert torch.equal(d.rebuild(d.find("a", name)), tau)
+    assert torch.allclose(tau, ad.adapter.delta(name), atol=1e-6)

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lsm_dist.adapters import open_ref
 from lsm_dist.checkpoint import DTYPES, Checkpoint
 from lsm_dist.chunking import ChunkSpec, check_finite, chunk_range, norm_stats, raw_block
 from lsm_dist.corpus.plan import ConvertConfig, make_plan, worker_shards
@@ -145,7 +146,7 @@ class _TensorCache:
             t = self.plan["tensors"][index]
             ck = self.ckpts.get(t["model"])
             if ck is None:
-                ck = self.ckpts[t["model"]] = Checkpoint(self.paths[t["model"]])
+                ck = self.ckpts[t["model"]] = open_ref(self.paths[t["model"]])
             self.key, self.tensor, self._stats = None, None, None  # the tensor is a view of the buffer
             if self.base is not None:  # a delta corpus: the task vector, and the base's std
                 from lsm_dist.delta import task_vector

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from lsm_dist.adapters import open_ref
 from lsm_dist.checkpoint import BLOCKS, Checkpoint
 from lsm_dist.chunking import STORED, ChunkSpec
 from lsm_dist.config import check, doc
@@ -72,13 +73,15 @@ class ConvertConfig:
 
 def parse_model(entry: str) -> tuple[str, str]:
     """'ID=PATH' or 'PATH' → (id, path)."""
+    from lsm_dist.adapters import resolve_ref
+
     if "=" in entry:
         mid, path = entry.split("=", 1)
     else:
         path = entry
         p = Path(path)
         mid = p.stem if p.suffix == ".safetensors" else p.name
-    return mid, str(Path(path).resolve())
+    return mid, resolve_ref(path)  # a path, or BASE+ADAPTER (a peft LoRA adapter on its base)
 
 
 def make_plan(cfg: ConvertConfig) -> dict:
@@ -100,7 +103,7 @@ def make_plan(cfg: ConvertConfig) -> dict:
         if mid in seen_ids:
             raise ValueError(f"convert: model id {mid!r} given twice; use ID=PATH to name them apart")
         seen_ids.add(mid)
-        with Checkpoint(path) as ck:
+        with open_ref(path) as ck:
             sel = ck.select(cfg.blocks, cfg.include, cfg.exclude, cfg.params, cfg.strict_names)
             if not sel:
                 raise ValueError(f"{path}: no tensors match blocks={cfg.blocks} include={cfg.include!r} exclude={cfg.exclude!r}")
@@ -132,7 +135,7 @@ def make_plan(cfg: ConvertConfig) -> dict:
                     "index": len(tensors),
                     "model": mid,
                     "name": t.name,
-                    "file": str(Path(t.file).relative_to(path)) if Path(path).is_dir() else "",
+                    "file": str(Path(t.file).relative_to(ck.path)) if ck.path.is_dir() else "",
                     "layer": t.layer,
                     "block": t.block,
                     "role": role,

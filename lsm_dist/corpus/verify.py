@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lsm_dist.adapters import AdapterError, open_ref, split_model_ref
 from lsm_dist.checkpoint import Checkpoint, CheckpointError, content_digest
 from lsm_dist.chunking import norm_stats, to_bits
 from lsm_dist.corpus.convert import CorpusError, member_key
@@ -61,12 +62,12 @@ def _sources(c: Corpus) -> tuple[dict[str, Checkpoint], list[str]]:
     """The source checkpoints still at their recorded paths (and notes on the others)."""
     found, notes = {}, []
     for m in c.manifest["models"]:
-        if not Path(m["path"]).exists():
+        if not all(Path(p).exists() for p in split_model_ref(m["path"]) if p):
             notes.append(f"source of {m['id']} is not at {m['path']}: rebuilt from the corpus only")
             continue
         try:
-            ck = Checkpoint(m["path"])
-        except CheckpointError as e:
+            ck = open_ref(m["path"])
+        except (CheckpointError, AdapterError) as e:
             raise CorpusError(f"source of {m['id']}: {e}") from None
         if ck.digest() != m["digest"]:
             raise CorpusError(f"{m['path']}: not the checkpoint model {m['id']} was converted from "
