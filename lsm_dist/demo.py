@@ -118,7 +118,7 @@ def _plans(cfg: DemoConfig, zoo: dict[str, Path], vae: Path) -> dict[str, dict]:
     out = Path(cfg.out_dir)
     for name, plan in plans.items():
         plan.update(vae=str(vae), out_dir=str(out / "merges" / name), cache_dir=str(out / "latent_cache"),
-                    batch_size=512)
+                    batch_size=4096)
     return plans
 
 

@@ -117,6 +117,9 @@ class ExperimentConfig:
     encodings: list[str] = doc("expert_merge: latent merges of the weights (full, a VAE trained on the "
                                "training corpus) and/or of the experts' task vectors W - W_base "
                                "(delta, a VAE trained on their delta corpus)", factory=lambda: ["full", "delta"])
+    tv_decodes: list[str] = doc("decodes of the task-vector (delta-encoded) merges: direct lands "
+                                "W_base + D(z) on the base; delta adds D(z) - D(z_target)",
+                                factory=lambda: ["direct"])
     noise_models: list[str] | None = doc("noise: models perturbed", None)
     noise_levels: list[float] | None = doc("noise: relative MSE of the Gaussian noise added to every "
                                            "attention / MLP weight (noise std = sqrt(level)·std of "
@@ -152,6 +155,8 @@ class ExperimentConfig:
             check_choice(d, "decodes", DECODES)
         for e in self.encodings:
             check_choice(e, "encodings", ("full", "delta"))
+        for d in self.tv_decodes:
+            check_choice(d, "tv_decodes", DECODES)
         check(bool(self.decodes), "decodes", f"name at least one of {list(DECODES)}")
         for k, v in self.models.items():
             check(bool(k) and "/" not in k and isinstance(v, str) and bool(v), "models",
@@ -317,7 +322,7 @@ class Context:
         from lsm_dist.merge.run import run_merge
 
         plan = {**plan, "out_dir": str(self.out / "merges" / label),
-                "cache_dir": str(self.shared / "latent_cache"), "batch_size": 512, "overwrite": True}
+                "cache_dir": str(self.shared / "latent_cache"), "batch_size": 4096, "overwrite": True}
         if plan.get("space", "latent") == "latent":
             plan["vae"] = str(vae or self.vae())
         path = self.out / "plans" / f"{label}.yaml"

@@ -30,8 +30,8 @@ def _acc_cols(ctx: Context) -> list[str]:
 def _space_decodes(ctx: Context, encodings: tuple[str, ...] = ("full",)) -> list[tuple[str, str, str, str]]:
     """(label, space, decode, encoding) of every merge variant compared: latent per encoding
     (``latent``: the weights; ``latent-tv``: the task vectors) and decode, then weight."""
-    return ([(f"{'latent' if e == 'full' else 'latent-tv'}/{d}", "latent", d, e)
-             for e in encodings for d in ctx.cfg.decodes] + [("weight", "weight", "direct", "full")])
+    return ([(f"{'latent' if e == 'full' else 'latent-tv'}/{d}", "latent", d, e) for e in encodings
+             for d in (ctx.cfg.decodes if e == "full" else ctx.cfg.tv_decodes)] + [("weight", "weight", "direct", "full")])
 
 
 def _csv_cols(cols: list[str], ctx: Context) -> list[str]:
