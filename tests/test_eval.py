@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lsm_dist.config import ConfigError
-from lsm_dist.evaluate import report
+from lsm_dist.evaluate import plots, report
 from lsm_dist.evaluate import run as R
 from lsm_dist.evaluate.run import EvalConfig, EvalError, checkpoint_fingerprint, run_eval
 from lsm_dist.evaluate.tasks import GROUP, local_task_names, write_tasks
@@ -242,7 +242,7 @@ def test_evaluate_model_in_memory_matches_checkpoint_run(zoo, scored, tmp_path):
 def test_plot_sweep(tmp_path):
     rows = [{"lambda": lam, "method": m, "lsm_arith_mc/acc": 0.2 + 0.5 * lam,
              "lsm_arith_mc/acc_stderr": 0.05} for m in ("lerp", "lsm") for lam in (0, 0.5, 1)]  # fmt: skip
-    p = report.plot_sweep(rows, tmp_path / "sweep.png", x="lambda", group="method")
+    p = plots.plot_sweep(rows, tmp_path / "sweep.png", x="lambda", group="method")
     assert p.read_bytes()[:4] == b"\x89PNG"
 
 

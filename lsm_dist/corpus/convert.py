@@ -27,6 +27,7 @@ import torch
 
 from lsm_dist.checkpoint import DTYPES, Checkpoint
 from lsm_dist.chunking import ChunkSpec, NonFiniteError, chunk_range, norm_stats
+from lsm_dist.console import progress as console_progress
 from lsm_dist.corpus.plan import ConvertConfig, make_plan, worker_shards
 from lsm_dist.utils import atomic_open, atomic_write_json, get_logger, read_json
 
@@ -161,8 +162,9 @@ def shard_done(out: Path, plan: dict, shard_idx: int) -> bool:
     return info.get("plan_digest") == plan["plan_digest"] and (out / name).stat().st_size == info.get("bytes")
 
 
-def run_worker(out_dir: str | Path, worker: int, num_workers: int, progress: bool = False) -> int:
-    """Write this worker's shards (skipping finished ones). Returns the number written."""
+def run_worker(out_dir: str | Path, worker: int, num_workers: int, on_shard=None) -> int:
+    """Write this worker's shards (skipping finished ones); ``on_shard()`` after each one.
+    Returns the number written."""
     out = Path(out_dir)
     plan = read_json(out / PLAN)
     mine = worker_shards(len(plan["shards"]), worker, num_workers)
@@ -172,14 +174,11 @@ def run_worker(out_dir: str | Path, worker: int, num_workers: int, progress: boo
             stale.unlink(missing_ok=True)
     cache = _TensorCache(plan)
     todo = [i for i in mine if not shard_done(out, plan, i)]
-    it = todo
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(todo, desc=f"convert w{worker}", unit="shard", position=worker)
-    for i in it:
+    for i in todo:
         info = write_shard(out, plan, i, cache)
         atomic_write_json(_part_path(out, info["name"]), info)
+        if on_shard is not None:
+            on_shard()
     return len(todo)
 
 
@@ -244,13 +243,14 @@ def clear_corpus(out: Path) -> None:
     shutil.rmtree(out / PARTS, ignore_errors=True)
 
 
-def _worker_entry(out_dir: str, worker: int, num_workers: int, progress: bool) -> int:
+def _worker_entry(out_dir: str, worker: int, num_workers: int) -> int:
     torch.set_num_threads(1)
-    return run_worker(out_dir, worker, num_workers, progress)
+    return run_worker(out_dir, worker, num_workers)  # no bar here: the parent shows one
 
 
 def run_convert(cfg: ConvertConfig, progress: bool = True) -> dict:
-    """Plan, write all shards with ``cfg.num_workers`` local processes, finalize."""
+    """Plan, write all shards with ``cfg.num_workers`` local processes, finalize. ``progress``:
+    one console bar over the shards (the parent counts the workers' finished parts)."""
     log = get_logger()
     out = Path(cfg.out_dir)
     plan = prepare(cfg)
@@ -260,12 +260,23 @@ def run_convert(cfg: ConvertConfig, progress: bool = True) -> dict:
     n = min(cfg.num_workers, max(len(plan["shards"]), 1))
     log.info("converting %d tensors of %d model(s) into %d shards with %d worker(s)",
              len(plan["tensors"]), len(plan["models"]), len(plan["shards"]), n)
-    if n == 1:
-        run_worker(out, 0, 1, progress)
-    else:
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(n) as pool:
-            res = [pool.apply_async(_worker_entry, (str(out), w, n, progress)) for w in range(n)]
-            for r in res:
-                r.get()
+    done = sum(shard_done(out, plan, i) for i in range(len(plan["shards"])))
+    bar = console_progress(total=len(plan["shards"]), initial=done, desc="convert", unit="shard",
+                           disable=not progress)
+    try:
+        if n == 1:
+            run_worker(out, 0, 1, bar.update)
+        else:
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(n) as pool:
+                res = [pool.apply_async(_worker_entry, (str(out), w, n)) for w in range(n)]
+                for r in res:
+                    while not r.ready():
+                        r.wait(0.5)
+                        parts = len(list((out / PARTS).glob("*.json"))) if (out / PARTS).is_dir() else 0
+                        bar.update(max(0, parts - bar.n))
+                    r.get()
+            bar.update(max(0, len(plan["shards"]) - bar.n))
+    finally:
+        bar.close()
     return finalize(out)

@@ -66,8 +66,8 @@ def run_merge(plan: MergePlan | str | Path, overrides: Sequence[str] = ()) -> Pa
         return rp.model_dir
     vaes: dict = {}
     if rp.plan.space == "latent":
-        s = run_encode(rp, vaes=vaes)
+        s = run_encode(rp, vaes=vaes, bar=True)
         log.info("encode: %d tensor(s) encoded, %d reused from the cache", s["encoded"], s["reused"])
-    s = run_decode(rp, vaes=vaes)
+    s = run_decode(rp, vaes=vaes, bar=True)
     log.info("merge: %d layer file(s) written, %d already done", s["written"], s["skipped"])
     return run_assemble(rp)
