@@ -221,10 +221,11 @@ def retention_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, experts:
     ax.set_yticks(range(n), [f"{name}  (base)" if name == base else name for name in reversed(names)],
                   fontsize=8.5)
     ax.set_ylim(-0.7, n - 0.1)
-    ax.set_xlabel("score / best expert's score on the task (mean on the right)")
+    ax.set_xlabel(f"score / best expert's score on the task (experts: {', '.join(experts)}); mean on the right",
+                  fontsize=9)
     ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x:.0%}"))
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title(f"retention: each checkpoint vs the best of {', '.join(experts)} per task", fontsize=10)
+    ax.set_title("retention: each checkpoint vs the best expert, per task", fontsize=10, loc="left")
     ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.07, 1.0), frameon=False, title="task",
               title_fontsize=8)
     return save(fig, path)
