@@ -162,7 +162,7 @@ def cmd_merge(args) -> int:
         print(f"merge worker {idx}/{count}: {s['written']} layer file(s) written, {s['skipped']} already done")
         return 0
     with _session(args, Path(plan.out_dir) / "merge.log"):
-        model = run_merge(plan)
+        model = run_merge(plan, bar=True)
     print(model)
     return 0
 
