@@ -283,8 +283,13 @@ def test_retention_and_report_files(tmp_path):
             {"name": "ea", "metrics": {"a/acc": 0.8, "b/acc": 0.1, "p/word_perplexity": 60.0}},
             {"name": "eb", "metrics": {"a/acc": 0.4, "b/acc": 0.5, "p/word_perplexity": 70.0}},
             {"name": "merge", "metrics": {"a/acc": 0.6, "b/acc": 0.25, "p/word_perplexity": 55.0}}]
+    for r, c in zip(rows, (0.9, 0.3, 0.4, 0.6)):  # a task the experts did not learn: the base leads
+        r["metrics"]["c/acc"] = c
     tasks, frac = plots.retention(rows, ["ea", "eb"])
-    assert tasks == ["a/acc", "b/acc"]  # perplexity is not an accuracy
+    assert tasks == ["a/acc", "b/acc", "c/acc"]  # perplexity is not an accuracy
+    assert frac["merge"] == {"a/acc": pytest.approx(0.75), "b/acc": pytest.approx(0.5), "c/acc": pytest.approx(1.5)}
+    tasks, frac = plots.retention(rows, ["ea", "eb"], base="base")  # only where an expert beats the base
+    assert tasks == ["a/acc", "b/acc"]
     assert frac == {"base": {"a/acc": pytest.approx(0.25), "b/acc": pytest.approx(0.4)},
                     "merge": {"a/acc": pytest.approx(0.75), "b/acc": pytest.approx(0.5)}}
     paths = report.write_reports(rows, tmp_path / "with", base="base", experts=["ea", "eb"])

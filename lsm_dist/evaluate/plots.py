@@ -5,7 +5,8 @@
   perplexity tasks (``word_perplexity``, lower is better) in their own panel with their own
   log colour scale; brighter is better in both, the best value of each column in bold;
 - :func:`retention_plot` (``results_retention.png``): each other checkpoint's score as a
-  fraction of the best expert's score on every accuracy task (needs the experts' names);
+  fraction of the best expert's score on the accuracy tasks (needs the experts' names; with the
+  base's, only the tasks where the best expert beats the base);
 - :func:`plot_sweep` (``results_lambda.png``, experiments): accuracy vs λ, one panel per
   metric, one line per merge family, reference lines for the originals;
   :func:`lambda_sweeps` finds λ sweeps among scored merges from their resolved plans.
@@ -166,13 +167,18 @@ def heatmap(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = ""
 
 
 # --------------------------------------------------------------------------- retention
-def retention(rows: Sequence[Mapping[str, Any]], experts: Sequence[str]) -> tuple[list[str], dict[str, dict[str, float]]]:
+def retention(rows: Sequence[Mapping[str, Any]], experts: Sequence[str],
+              base: str | None = None) -> tuple[list[str], dict[str, dict[str, float]]]:  # fmt: skip
     """``(tasks, {name: {task: score / best expert's score}})`` over the accuracy tasks, for
-    every checkpoint that is not an expert (a task no expert scores above 0 is left out)."""
+    every checkpoint that is not an expert. With a ``base``, only the tasks where the best expert
+    beats it (the experts' own tasks: on the others "a fraction of the best expert" says
+    nothing); a task no expert scores above 0 is left out."""
     by = {r["name"]: r["metrics"] for r in rows}
     tasks, best = [], {}
     for _task, k, lower in task_metrics(rows):
         b = max((_num(by[e].get(k)) for e in experts if e in by), default=math.nan)
+        if base in by and not b > _num(by[base].get(k)):
+            continue
         if not lower and b > 0:
             tasks.append(k)
             best[k] = b
@@ -185,7 +191,7 @@ def retention_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, experts:
     """Dot plot: one row per merge (best mean retention on top; the base last, as reference),
     one marker per task at score / best expert's score; a bar from the worst to the best task
     and the mean written on the right. None (nothing written) without experts or tasks."""
-    tasks, frac = retention(rows, experts)
+    tasks, frac = retention(rows, experts, base)
     if not tasks or not frac:
         return None
     plt = _plt()
@@ -221,6 +227,14 @@ def retention_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, experts:
     ax.set_yticks(range(n), [f"{name}  (base)" if name == base else name for name in reversed(names)],
                   fontsize=8.5)
     ax.set_ylim(-0.7, n - 0.1)
+    hi = max((v for f in frac.values() for v in f.values() if not math.isnan(v)), default=1.0)
+    if hi > 1.6:  # one runaway ratio (an expert near 0 on a task) must not squash the rest
+        ax.set_xlim(right=1.6)
+        for i, name in enumerate(names):
+            over = [f"{v:.0%}" for v in frac[name].values() if v > 1.6]
+            if over:
+                ax.annotate("→ " + ", ".join(over), (1.6, n - 1 - i), xytext=(-2, 5), textcoords="offset points",
+                            ha="right", fontsize=6.5)
     ax.set_xlabel(f"score / best expert's score on the task (experts: {', '.join(experts)}); mean on the right",
                   fontsize=9)
     ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x:.0%}"))
