@@ -398,9 +398,18 @@ def session(log_file: str | Path | None, verbose: bool | None = None,
             _S.session = None
         return
     log_file = Path(log_file)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        f = open(log_file, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 -- closed below, or by the reader
+    except OSError as e:  # e.g. out_dir a symlink loop: the command's own checks name the problem
+        from lsm_dist.utils import os_error_message
+
+        lsm_logger().warning("console: cannot write the log file (%s); showing everything",
+                                         os_error_message(e))
+        with session(None, verbose=True) as plain:
+            yield plain
+        return
     sess = _S.session = Session(log_file, True)
-    f = open(log_file, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 -- closed below, or by the reader
     lock = threading.Lock()
     streams = {t: LogStream(f, lock, t) for t in ("", "stdout: ", "stderr: ", "terminal: ")}
     streams[""].write(f"==== {title or ' '.join(sys.argv)} (pid {os.getpid()}, cwd {os.getcwd()})\n")
