@@ -1,7 +1,10 @@
 """`lsm` — one entry point, one subcommand per stage.
 
 Every stage takes ``--config FILE.yaml`` plus dotted ``key=value`` overrides on top, and
-``--help-config`` lists its fields with their documentation.
+``--help-config`` lists its fields with their documentation. ``demo``, ``eval``, ``merge``,
+``zoo`` and ``experiment`` keep a clean console (one progress bar per stage and the result):
+everything else goes to a log file in their out_dir (``lsm_dist.console``); ``--verbose`` /
+``-v`` or ``LSM_VERBOSE=1`` shows it all.
 """
 
 from __future__ import annotations
@@ -20,6 +23,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config file (fields of the stage's config)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tokens=8 blocks=[attn]")
     p.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="full output on the console (also LSM_VERBOSE=1): every log line, library "
+                   "progress bar and warning, instead of the log file in out_dir")
+
+
+def _session(args, log_file: Path):
+    """The command's console (``console.session``): quiet into ``log_file`` unless verbose."""
+    from lsm_dist.console import session
+
+    return session(log_file, verbose=True if getattr(args, "verbose", False) else None,
+                   title="lsm " + " ".join(sys.argv[1:]))
 
 
 def _load(cls, args, default: Path | None = None):
@@ -34,7 +48,8 @@ def cmd_zoo(args) -> int:
     from lsm_dist.zoo.build import ZooConfig, build_zoo, format_zoo_table
 
     cfg = _load(ZooConfig, args, CONFIGS / "zoo" / "default.yaml")
-    paths = build_zoo(cfg)
+    with _session(args, Path(cfg.out_dir) / "zoo.log"):
+        paths = build_zoo(cfg)
     print(format_zoo_table(paths))
     return 0
 
@@ -49,7 +64,7 @@ def cmd_convert(args) -> int:
     if args.worker:  # one share of a parallel conversion (srun rank or Slurm array task)
         idx, count = read_env().worker_slot()
         prepare(cfg)
-        n = run_worker(cfg.out_dir, idx, count, progress=False)
+        n = run_worker(cfg.out_dir, idx, count)
         print(f"worker {idx}/{count}: wrote {n} shard(s)")
         return 0
     if args.finalize:
@@ -89,12 +104,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from lsm_dist.demo import DemoConfig, run_demo
+    from lsm_dist.demo import LOG_NAME, DemoConfig, run_demo
 
     over = [*args.overrides, *(["quick=true"] if args.quick else []), *(["real=true"] if args.real else [])]
     cfg = _load(DemoConfig, argparse.Namespace(**{**vars(args), "overrides": over}))
     save_resolved(cfg, Path(cfg.out_dir) / "demo.resolved.yaml")
-    return run_demo(cfg)
+    with _session(args, Path(cfg.out_dir) / LOG_NAME):
+        return run_demo(cfg)
 
 
 def _load_plan(args):
@@ -140,7 +156,9 @@ def cmd_merge(args) -> int:
         s = run_decode(prepare(plan), worker=(idx, count))
         print(f"merge worker {idx}/{count}: {s['written']} layer file(s) written, {s['skipped']} already done")
         return 0
-    print(run_merge(plan))
+    with _session(args, Path(plan.out_dir) / "merge.log"):
+        model = run_merge(plan, bar=True)
+    print(model)
     return 0
 
 
@@ -162,7 +180,8 @@ def cmd_eval(args) -> int:
     out = Path(cfg.out_dir)
     save_resolved(cfg, out / "eval.resolved.yaml")
     try:
-        run_eval(cfg)
+        with _session(args, out / "eval.log"):
+            run_eval(cfg)
     except EvalError as e:
         if (out / "results.md").is_file():
             print((out / "results.md").read_text())
@@ -181,7 +200,9 @@ def cmd_experiment(args) -> int:
         print("\n".join(describe(ExperimentConfig)))
         return 0
     cfg = load_experiment_config(args.config, [*args.overrides, *(["quick=true"] if args.quick else [])])
-    print(Path(run_experiment(cfg)).read_text())
+    with _session(args, Path(cfg.out_dir) / "experiment.log"):
+        result = run_experiment(cfg)
+    print(Path(result).read_text())
     return 0
 
 

@@ -22,9 +22,11 @@ from pathlib import Path
 import yaml
 
 from lsm_dist.config import check, doc
+from lsm_dist.console import begin_stage, echo, end_stage, progress
 from lsm_dist.utils import atomic_write_text, get_logger
 
 REPO = Path(__file__).resolve().parent.parent
+LOG_NAME = "demo.log"  # in out_dir: everything the console does not show (console.session)
 ZOO_TASKS = ["lsm_arith_mc", "lsm_recall_mc", "lsm_reverse_mc"]
 PRESETS = {
     # zoo config, base, two experts, held-out model (VAE generalization), hetero source
@@ -82,7 +84,10 @@ class DemoConfig:
 
 
 def _stage(log, name: str):
+    """Log ``name`` ("1/5 model zoo (build or reuse)") and start its console bar ("[1/5] model zoo")."""
     log.info("== %s", name)
+    num, _, what = name.partition(" ")
+    begin_stage(f"[{num}] {what.split(' (')[0]}".ljust(20))
     return time.perf_counter()
 
 
@@ -147,7 +152,7 @@ def run_demo(cfg: DemoConfig) -> int:
     train_models = [p["base"], *p["experts"]]
     conv = dict(tokens=cfg.tokens, chunk=cfg.chunk, block_samples=256, shard_samples=1024, num_workers=2)
     run_convert(ConvertConfig(models=[f"{m}={zoo[m]}" for m in train_models], out_dir=str(out / "corpus"), **conv))
-    print(Corpus(out / "corpus").summary())
+    log.info("%s", Corpus(out / "corpus").summary())
     heldout = None
     if p["heldout"]:
         heldout = str(out / "corpus-heldout")
@@ -160,7 +165,7 @@ def run_demo(cfg: DemoConfig) -> int:
     tcfg = load_train_config(REPO / cfg.train_config, [
         f"corpus={out / 'corpus'}", f"run_dir={out / 'vae_run'}", f"model_config={REPO / cfg.vae_config}",
         f"stage1_steps={s1}", f"stage2_steps={s2}", f"ckpt_every={max(s1 + s2, 10) // 4}",
-        f"val_every={max((s1 + s2) // 10, 5)}", f"log_every={max((s1 + s2) // 20, 5)}",
+        f"val_every={max((s1 + s2) // 10, 5)}", f"log_every={max((s1 + s2) // 20, 5)}", "progress=true",
         *([f"heldout_corpus={heldout}"] if heldout else []),
     ])
     metrics = run_train(tcfg)
@@ -171,7 +176,7 @@ def run_demo(cfg: DemoConfig) -> int:
     t = _stage(log, "4/5 merges (latent space and weight-space baselines)")
     plans_dir = out / "plans"
     merged: dict[str, Path] = {}
-    for name, plan in _plans(cfg, zoo, vae).items():
+    for name, plan in progress(_plans(cfg, zoo, vae).items(), unit="merge"):
         path = plans_dir / f"{name}.yaml"
         atomic_write_text(path, yaml.safe_dump(plan, sort_keys=False))
         merged[name] = run_merge(load_plan(path))
@@ -183,17 +188,19 @@ def run_demo(cfg: DemoConfig) -> int:
     ckpts = [f"{k}={v}" for k, v in {**models, **merged}.items()]
     tasks = list(cfg.eval_tasks) + ([PPL_TASK] if cfg.ppl else [])
     ecfg = EvalConfig(checkpoints=ckpts, tasks=tasks, out_dir=str(out / "eval"),
-                      n=cfg.eval_n or p["eval_n"], batch_size=32)
+                      n=cfg.eval_n or p["eval_n"], batch_size=32, base=p["base"], experts=list(p["experts"]))
     eval_dir = Path(run_eval(ecfg))
     table = eval_dir / "results.md"
     timings["eval"] = time.perf_counter() - t
+    end_stage()
 
-    print()
-    print(table.read_text())
-    print(retention_summary(eval_dir, p["base"], p["experts"], list(merged), cfg.eval_tasks))
+    echo()
+    echo(table.read_text())
+    echo(retention_summary(eval_dir, p["base"], p["experts"], list(merged), cfg.eval_tasks))
     total = time.perf_counter() - t_all
-    print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {total:.0f}s")
-    print(f"outputs: {out} (plans/, merges/<name>/model, eval/results.md|csv|png, vae_run/tb)")
+    echo("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {total:.0f}s")
+    echo(f"outputs: {out} (plans/, merges/<name>/model, eval/results.md|csv|png|_retention.png, vae_run/tb"
+         f"{f', {LOG_NAME}: everything not shown here' if (out / LOG_NAME).is_file() else ''})")
     return 0
 
 

@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -148,18 +147,21 @@ def sha256_json(obj: Any) -> str:
 
 
 def get_logger(name: str = "lsm", rank: int = 0) -> logging.Logger:
-    """A logger that prints on rank 0 and does nothing on other ranks."""
-    logger = logging.getLogger(name if rank == 0 else f"{name}.rank{rank}")
+    """A logger that prints on rank 0 and does nothing on other ranks. Rank 0's records go
+    through the project's root logger ``lsm`` (``console.lsm_logger``: the console, and a
+    command's log file inside a ``console.session``)."""
+    from lsm_dist.console import lsm_logger
+
+    root = lsm_logger()
+    if rank == 0:
+        if name != "lsm" and not name.startswith("lsm."):
+            raise ValueError(f"logger {name!r}: the project's loggers are named lsm or lsm.<part>")
+        return root if name == "lsm" else logging.getLogger(name)  # propagates to ``lsm``
+    logger = logging.getLogger(f"{name}.rank{rank}")
     if not logger.handlers:
-        if rank == 0:
-            h = logging.StreamHandler(sys.stderr)
-            h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-            logger.addHandler(h)
-            logger.setLevel(logging.INFO)
-        else:
-            logger.addHandler(logging.NullHandler())
-            logger.setLevel(logging.CRITICAL + 1)
-        logger.propagate = False
+        logger.addHandler(logging.NullHandler())
+        logger.setLevel(logging.CRITICAL + 1)
+    logger.propagate = False
     return logger
 
 
@@ -173,7 +175,13 @@ def human_bytes(n: float) -> str:
 
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """transformers' progress bars off and its log at error level, restored on exit."""
+    """transformers' progress bars off and its log at error level, restored on exit (a no-op
+    with ``LSM_VERBOSE=1``: the full output)."""
+    from lsm_dist.console import verbose_env
+
+    if verbose_env():
+        yield
+        return
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()

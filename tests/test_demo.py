@@ -7,13 +7,38 @@ import pytest
 
 from lsm_dist.cli import main
 
+# what transformers / lm-eval / datasets / deepspeed / git print when nothing silences them
+NOISE = ("Loading weights", "Writing model shards", "de-quantizing", "Running loglikelihood",
+         "Generating test split", "Processing zero checkpoint", "fatal:", "Traceback", "Warning",
+         "WARNING", "INFO", "Token indices", "Setting accelerator", "leaked semaphore", "`pretrained`")
+
 
 @pytest.mark.slow
-def test_demo_quick_end_to_end(tmp_path, tiny_zoo, capsys):
+def test_demo_quick_end_to_end(tmp_path, tiny_zoo, capfd, monkeypatch):
     zoo_dir = Path(next(iter(tiny_zoo.values()))).parent
+    monkeypatch.chdir(tmp_path)  # outside a git checkout: lm-eval's `git` calls fail ("fatal: ...")
+    monkeypatch.delenv("LSM_VERBOSE", raising=False)
     assert main(["demo", "--quick", f"out_dir={tmp_path / 'demo'}", f"zoo_dir={zoo_dir}"]) == 0
-    out = capsys.readouterr().out
+    out, err = capfd.readouterr()  # fd-level: subprocesses and C code included
     assert "| checkpoint |" in out and "stage times:" in out and "of each expert's gain" in out
+    # the console: one bar per stage (redraws of one line) and the tables, nothing else
+    console = out + err
+    for noise in NOISE:
+        assert noise not in console, (noise, console[:3000])
+    lines = [seg.strip() for line in err.splitlines() for seg in line.split("\r") if seg.strip()]
+    stages = sorted({ln.split(":")[0].strip() for ln in lines})
+    assert stages == ["[1/5] model zoo", "[2/5] weight corpus", "[3/5] VAE training", "[4/5] merges",
+                      "[5/5] evaluation"], lines
+    assert any(ln.startswith("[5/5] evaluation") and "17/17" in ln for ln in lines)  # counts
+    assert any(ln.startswith("[3/5] VAE training") and "80/80" in ln and "step/s" in ln for ln in lines)
+    assert all(not ln.startswith("|") and "checkpoint(s):" not in ln for ln in lines)  # tables on stdout
+    # ... and the log keeps what was silenced, timestamped
+    log = (tmp_path / "demo" / "demo.log").read_text()
+    for kept in ("Running loglikelihood requests: 100%", "fatal: not a git repository",
+                 "INFO lsm.train.rank0: step 80/80", "Processing zero checkpoint",
+                 "WARNING lm_eval.models.huggingface", "Loading weights"):
+        assert kept in log, kept
+    assert all(line[:4].isdigit() and line[10] == " " for line in log.splitlines()), "untimestamped line"
     rows = list(csv.DictReader((tmp_path / "demo" / "eval" / "results.csv").open()))
     names = {r["checkpoint"] for r in rows}
     expected = {"llama-tiny-base", "llama-tiny-arith", "llama-tiny-reverse", "vae-recon-direct",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lsm_dist.config import ConfigError
-from lsm_dist.evaluate import report
+from lsm_dist.evaluate import plots, report
 from lsm_dist.evaluate import run as R
 from lsm_dist.evaluate.run import EvalConfig, EvalError, checkpoint_fingerprint, run_eval
 from lsm_dist.evaluate.tasks import GROUP, local_task_names, write_tasks
@@ -242,8 +242,96 @@ def test_evaluate_model_in_memory_matches_checkpoint_run(zoo, scored, tmp_path):
 def test_plot_sweep(tmp_path):
     rows = [{"lambda": lam, "method": m, "lsm_arith_mc/acc": 0.2 + 0.5 * lam,
              "lsm_arith_mc/acc_stderr": 0.05} for m in ("lerp", "lsm") for lam in (0, 0.5, 1)]  # fmt: skip
-    p = report.plot_sweep(rows, tmp_path / "sweep.png", x="lambda", group="method")
+    p = plots.plot_sweep(rows, tmp_path / "sweep.png", x="lambda", group="method")
     assert p.read_bytes()[:4] == b"\x89PNG"
+
+
+def _rows(n: int, ppl: bool = True) -> list[dict]:
+    """``n`` checkpoints with acc and acc_norm on two tasks, a generative task and perplexity."""
+    rows = []
+    for i in range(n):
+        m = {"t_mc/acc": 0.2 + 0.6 * i / max(n - 1, 1), "t_mc/acc_norm": 0.9, "u_mc/acc_norm": 0.5 - 0.01 * i,
+             "g_gen/exact_match[strip]": 0.1 * (i % 3)}
+        if ppl:
+            m |= {"lsm_english_ppl/word_perplexity": 10.0 ** (1 + i % 5), "lsm_english_ppl/bits_per_byte": 3.0}
+        rows.append({"name": f"ckpt-{i}", "metrics": m})
+    return rows
+
+
+def test_task_metrics_one_per_task():
+    got = plots.task_metrics(_rows(3))
+    assert got == [("t_mc", "t_mc/acc", False), ("u_mc", "u_mc/acc_norm", False),
+                   ("g_gen", "g_gen/exact_match[strip]", False),
+                   ("lsm_english_ppl", "lsm_english_ppl/word_perplexity", True)]
+
+
+def test_heatmap_sizes_grow_with_checkpoints(tmp_path):
+    import matplotlib.image as mpimg
+
+    h = {}
+    for n in (5, 20):
+        p = plots.heatmap(_rows(n), tmp_path / f"h{n}.png", roles={"ckpt-0": "base"})
+        h[n] = mpimg.imread(p).shape
+    assert h[20][1] == h[5][1]  # the same tasks: the same width
+    assert h[20][0] - h[5][0] == pytest.approx(15 * 0.3 * 110, abs=2)  # 0.3 in per row at 110 dpi
+    p = plots.heatmap(_rows(4, ppl=False), tmp_path / "acc.png")  # no perplexity panel
+    assert p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_retention_and_report_files(tmp_path):
+    rows = [{"name": "base", "metrics": {"a/acc": 0.2, "b/acc": 0.2, "p/word_perplexity": 50.0}},
+            {"name": "ea", "metrics": {"a/acc": 0.8, "b/acc": 0.1, "p/word_perplexity": 60.0}},
+            {"name": "eb", "metrics": {"a/acc": 0.4, "b/acc": 0.5, "p/word_perplexity": 70.0}},
+            {"name": "merge", "metrics": {"a/acc": 0.6, "b/acc": 0.25, "p/word_perplexity": 55.0}}]
+    for r, c in zip(rows, (0.9, 0.3, 0.4, 0.6)):  # a task the experts did not learn: the base leads
+        r["metrics"]["c/acc"] = c
+    tasks, frac = plots.retention(rows, ["ea", "eb"])
+    assert tasks == ["a/acc", "b/acc", "c/acc"]  # perplexity is not an accuracy
+    assert frac["merge"] == {"a/acc": pytest.approx(0.75), "b/acc": pytest.approx(0.5), "c/acc": pytest.approx(1.5)}
+    tasks, frac = plots.retention(rows, ["ea", "eb"], base="base")  # only where an expert beats the base
+    assert tasks == ["a/acc", "b/acc"]
+    assert frac == {"base": {"a/acc": pytest.approx(0.25), "b/acc": pytest.approx(0.4)},
+                    "merge": {"a/acc": pytest.approx(0.75), "b/acc": pytest.approx(0.5)}}
+    paths = report.write_reports(rows, tmp_path / "with", base="base", experts=["ea", "eb"])
+    assert paths["retention"].read_bytes()[:4] == b"\x89PNG" and "lambda" not in paths
+    paths = report.write_reports(rows, tmp_path / "without")
+    assert "retention" not in paths and not (tmp_path / "without" / "results_retention.png").exists()
+    assert paths["png"].is_file()
+
+
+def test_lambda_sweeps_found_from_merge_plans(tmp_path):
+    import yaml
+
+    from lsm_dist.merge.card import PLAN_FILE
+
+    rows = []
+    for space in ("latent", "weight"):
+        for lam in (0.0, 0.25, 0.5, 1.0):
+            d = tmp_path / f"{space}-{lam}"
+            d.mkdir()
+            plan = {"method": "lerp", "space": space, "decode": "delta", "target": "a", "inputs": ["a", "b"],
+                    "params": {"lambda": lam, "seed": 0}, "out_dir": str(d)}  # out_dir differs: ignored
+            (d / PLAN_FILE).write_text(yaml.safe_dump(plan))
+            rows.append({"name": d.name, "path": str(d), "metrics": {"t/acc": lam / 2, "t/acc_stderr": 0.1}})
+    lone = tmp_path / "other"  # another method: not a sweep of its own (one λ)
+    lone.mkdir()
+    (lone / PLAN_FILE).write_text(yaml.safe_dump({"method": "slerp", "space": "weight",
+                                                  "params": {"lambda": 0.5}}))
+    rows.append({"name": "other", "path": str(lone), "metrics": {"t/acc": 0.3}})
+    rows.append({"name": "a", "path": str(tmp_path / "nowhere"), "metrics": {"t/acc": 0.1}})
+    sweep = plots.lambda_sweeps(rows)
+    assert sorted({r["merge"] for r in sweep}) == ["latent/delta lerp", "weight lerp"]
+    assert sorted(r["lambda"] for r in sweep if r["merge"] == "weight lerp") == [0.0, 0.25, 0.5, 1.0]
+    paths = report.write_reports(rows, tmp_path / "eval", base="a", experts=[])
+    assert paths["lambda"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_roles_must_name_checkpoints():
+    with pytest.raises(ConfigError, match="experts"):
+        EvalConfig(checkpoints=["a=/x", "b=/y"], experts=["a", "c"])
+    with pytest.raises(ConfigError, match="base"):
+        EvalConfig(checkpoints=["a=/x"], base="z")
+    assert EvalConfig(checkpoints=["a=/x", "b=/y"], base="a", experts=["b"]).experts == ["b"]
 
 
 @pytest.mark.slow

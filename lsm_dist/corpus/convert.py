@@ -39,6 +39,7 @@ import torch
 from lsm_dist.adapters import open_ref
 from lsm_dist.checkpoint import DTYPES, Checkpoint
 from lsm_dist.chunking import ChunkSpec, check_finite, chunk_range, norm_stats, raw_block
+from lsm_dist.console import progress as console_progress
 from lsm_dist.corpus.plan import ConvertConfig, make_plan, worker_shards
 from lsm_dist.utils import atomic_open, atomic_write_json, get_logger, read_json, sha256_json
 
@@ -281,27 +282,24 @@ def worker_todo(out_dir: str | Path, worker: int, num_workers: int) -> list[int]
     return [i for i in mine if not shard_done(out, plan, i)]
 
 
-def run_worker(out_dir: str | Path, worker: int, num_workers: int, progress: bool = False,
+def run_worker(out_dir: str | Path, worker: int, num_workers: int, on_shard=None,
                scanned: bool = False) -> int:
-    """Write this worker's unfinished shards (scanning their tensors first unless ``scanned``).
-    Returns the number written."""
+    """Write this worker's unfinished shards (scanning their tensors first unless ``scanned``);
+    ``on_shard()`` after each one. Returns the number written."""
     out = Path(out_dir)
     plan = read_json(out / PLAN)
     todo = worker_todo(out, worker, num_workers)
     if not scanned:
-        scan_shards(plan, todo, progress, desc=f"scan w{worker}")
-    it = todo
-    if progress and todo:
-        from tqdm import tqdm
-
-        it = tqdm(todo, desc=f"convert w{worker}", unit="shard", position=worker)
+        scan_shards(plan, todo)
     # helper threads: sha256 of the buffer being written, stats of the tensor being written
     with ThreadPoolExecutor(1, thread_name_prefix="lsm-sha256") as hasher, \
             ThreadPoolExecutor(1, thread_name_prefix="lsm-stats") as stats:
         cache = _TensorCache(plan, stats)
-        for i in it:
+        for i in todo:
             info = write_shard(out, plan, i, cache, hasher)
             atomic_write_json(_part_path(out, info["name"]), info)
+            if on_shard is not None:
+                on_shard()
     return len(todo)
 
 
@@ -423,14 +421,15 @@ def _scan_entry(out_dir: str, worker: int, num_workers: int) -> None:
     scan_shards(plan, worker_todo(out_dir, worker, num_workers))
 
 
-def _worker_entry(out_dir: str, worker: int, num_workers: int, progress: bool) -> int:
+def _worker_entry(out_dir: str, worker: int, num_workers: int) -> int:
     torch.set_num_threads(1)
-    return run_worker(out_dir, worker, num_workers, progress, scanned=True)
+    return run_worker(out_dir, worker, num_workers, scanned=True)  # no bar here: the parent shows one
 
 
 def run_convert(cfg: ConvertConfig, progress: bool = True) -> dict:
     """Plan, scan every tensor, write all shards with ``cfg.num_workers`` local processes,
-    finalize."""
+    finalize. ``progress``: one console bar over the shards (the parent counts the workers'
+    finished parts)."""
     log = get_logger()
     out = Path(cfg.out_dir)
     plan = prepare(cfg)
@@ -441,16 +440,27 @@ def run_convert(cfg: ConvertConfig, progress: bool = True) -> dict:
     n = min(cfg.num_workers, max(len(plan["shards"]), 1))
     log.info("converting %d tensors of %d model(s) into %d shards (format %d) with %d worker(s)",
              len(plan["tensors"]), len(plan["models"]), len(plan["shards"]), plan["format_version"], n)
-    if n == 1:
-        run_worker(out, 0, 1, progress)
-    else:
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(n) as pool:  # every worker scans before any writes
-            for r in [pool.apply_async(_scan_entry, (str(out), w, n)) for w in range(n)]:
-                r.get()
-            res = [pool.apply_async(_worker_entry, (str(out), w, n, progress)) for w in range(n)]
-            for r in res:
-                r.get()
-            pool.close()  # let the workers exit on their own (terminate leaks tqdm's semaphore)
-            pool.join()
+    done = sum(shard_done(out, plan, i) for i in range(len(plan["shards"])))
+    bar = console_progress(total=len(plan["shards"]), initial=done, desc="convert", unit="shard",
+                           disable=not progress)
+    try:
+        if n == 1:
+            run_worker(out, 0, 1, bar.update)
+        else:
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(n) as pool:  # every worker scans before any writes
+                for r in [pool.apply_async(_scan_entry, (str(out), w, n)) for w in range(n)]:
+                    r.get()
+                res = [pool.apply_async(_worker_entry, (str(out), w, n)) for w in range(n)]
+                for r in res:
+                    while not r.ready():
+                        r.wait(0.5)
+                        parts = len(list((out / PARTS).glob("*.json"))) if (out / PARTS).is_dir() else 0
+                        bar.update(max(0, parts - bar.n))
+                    r.get()
+                pool.close()  # let the workers exit on their own
+                pool.join()
+            bar.update(max(0, len(plan["shards"]) - bar.n))
+    finally:
+        bar.close()
     return finalize(out)

@@ -1,7 +1,8 @@
 """Evaluation with lm-eval: generated offline tasks for the zoo's families, resumable scoring
 of checkpoints (or in-memory models), comparison tables, plots and TensorBoard scalars."""
 
-from lsm_dist.evaluate.report import flatten_results, plot_sweep, write_reports
+from lsm_dist.evaluate.plots import plot_sweep
+from lsm_dist.evaluate.report import flatten_results, write_reports
 from lsm_dist.evaluate.run import (
     CheckpointError,
     EvalConfig,

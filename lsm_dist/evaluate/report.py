@@ -1,5 +1,5 @@
 """Evaluation reports: flat metrics from lm-eval results, comparison table (Markdown + CSV),
-bar plot, TensorBoard scalars, and the accuracy-vs-λ sweep plot used by experiments.
+the plots of ``evaluate.plots`` (heatmap, retention, accuracy vs λ) and TensorBoard scalars.
 
 A flat metric key is ``"<task>/<metric>"`` (``"<task>/<metric>[<filter>]"`` when lm-eval's
 filter is not ``none``, e.g. ``lsm_arith_gen/exact_match[strip]``); its standard error is
@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lsm_dist.utils import atomic_open, atomic_write_text
+from lsm_dist.evaluate import plots
+from lsm_dist.utils import atomic_write_text
 
 STDERR = "_stderr"
 
@@ -87,47 +88,6 @@ def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def bar_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Grouped bars: one group per metric column, one bar per checkpoint, stderr whiskers."""
-    plt = _plt()
-    cols = metric_columns(rows)
-    n = max(1, len(rows))
-    width = 0.8 / n
-    fig, ax = plt.subplots(figsize=(min(40.0, max(6.0, 0.5 * len(cols) * (1 + 0.3 * n))), 4.5))
-    for i, r in enumerate(rows):
-        m = r["metrics"]
-        ys = [m.get(c) if m.get(c) is not None else math.nan for c in cols]
-        errs = [m.get(c + STDERR) or 0.0 for c in cols]
-        xs = [j + (i - (n - 1) / 2) * width for j in range(len(cols))]
-        ax.bar(xs, ys, width, yerr=errs, capsize=2, label=r["name"])
-    ax.set_xticks(range(len(cols)))
-    ax.set_xticklabels(cols, rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel("score")
-    ax.set_title(title or "evaluation")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _save(fig, path: str | Path) -> Path:
-    plt = _plt()
-    path = Path(path)
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
-    return path
-
-
 def write_tensorboard(rows: Sequence[Mapping[str, Any]], tb_dir: str | Path, step: int = 0) -> None:
     """One TensorBoard run per checkpoint (``tb_dir/<name>``), tags ``eval/<task>/<metric>``."""
     from torch.utils.tensorboard import SummaryWriter
@@ -173,55 +133,29 @@ def table_note(rows: Sequence[Mapping[str, Any]]) -> str:
             "this out_dir with the same tasks and settings (cached in results/).\n\n")
 
 
-def write_reports(rows: Sequence[Mapping[str, Any]], out_dir: str | Path) -> dict[str, Path]:
-    """``results.md``, ``results.csv``, ``results.png`` and ``tb/`` under ``out_dir``."""
+def write_reports(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, base: str | None = None,
+                  experts: Sequence[str] = ()) -> dict[str, Path]:  # fmt: skip
+    """``results.md``, ``results.csv``, ``results.png`` (the checkpoint × task heatmap) and
+    ``tb/`` under ``out_dir``; with ``experts``, ``results_retention.png`` (each checkpoint's
+    score as a fraction of the best expert per task); when the merges hold λ sweeps,
+    ``results_lambda.png`` (accuracy vs λ per merge family, the base and experts as reference
+    lines). See ``evaluate.plots``."""
     out = Path(out_dir)
     paths = {"md": out / "results.md", "csv": out / "results.csv", "png": out / "results.png"}
     note = table_note(rows) if rows and any("from" in r for r in rows) else ""
     atomic_write_text(paths["md"], note + markdown_table(rows))
     atomic_write_text(paths["csv"], csv_text(rows))
     if rows:
-        bar_plot(rows, paths["png"])
+        names = {r["name"] for r in rows}
+        roles = {**{e: "expert" for e in experts if e in names}, **({base: "base"} if base in names else {})}
+        plots.heatmap(rows, paths["png"], roles=roles)
+        if experts and plots.retention_plot(rows, out / "results_retention.png", list(experts), base):
+            paths["retention"] = out / "results_retention.png"
+        sweep = plots.lambda_sweeps(rows)
+        if sweep:
+            keys = [k for _, k, _ in plots.task_metrics(sweep)]
+            refs = {f"{r['name']} ({roles[r['name']]})": r["metrics"] for r in rows if r["name"] in roles}
+            paths["lambda"] = plots.plot_sweep(sweep, out / "results_lambda.png", x="lambda", metrics=keys,
+                                               group="merge", refs=refs, title="accuracy vs λ of the merges")
         write_tensorboard([r for r in rows if r.get("from", "this call") == "this call"], out / "tb")
     return paths
-
-
-def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path, x: str = "lambda",
-               metrics: Sequence[str] | None = None, group: str | None = None,
-               title: str = "", ylabel: str = "accuracy") -> Path:  # fmt: skip
-    """Line plot of ``metrics`` against ``rows[i][x]`` (e.g. accuracy vs λ), one line per
-    metric (and per value of ``rows[i][group]``, e.g. the merge method), with stderr bars
-    from ``"<metric>_stderr"`` where present. ``metrics`` defaults to every numeric key
-    except ``x``, ``group`` and stderr keys. Rows may also be ``{"metrics": {...}, x: ...}``.
-    """
-    plt = _plt()
-    flat = [{**r.get("metrics", {}), **{k: v for k, v in r.items() if k != "metrics"}}
-            for r in rows]  # fmt: skip
-    if metrics is None:
-        seen: dict[str, None] = {}
-        for r in flat:
-            for k, v in r.items():
-                if k not in (x, group) and not k.endswith(STDERR) and _num(v) is not None:
-                    seen.setdefault(k, None)
-        metrics = list(seen)
-    groups = list(dict.fromkeys(r.get(group) for r in flat)) if group else [None]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for g in groups:
-        sub = sorted((r for r in flat if group is None or r.get(group) == g), key=lambda r: r[x])
-        for m in metrics:
-            pts = [
-                (r[x], r[m], r.get(m + STDERR) or 0.0) for r in sub if _num(r.get(m)) is not None
-            ]
-            if not pts:
-                continue
-            xs, ys, es = zip(*pts)
-            label = m if g is None else f"{g}: {m}"
-            ax.errorbar(xs, ys, yerr=es, marker="o", ms=3, capsize=2, label=label)
-    ax.set_xlabel(x)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title or f"{ylabel} vs {x}")
-    ax.grid(alpha=0.3)
-    if metrics:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, path)

@@ -48,8 +48,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from lsm_dist.checkpoint import (
     AUX_FILES,
     Checkpoint,
@@ -59,6 +57,7 @@ from lsm_dist.checkpoint import (
     read_safetensors_header,
 )
 from lsm_dist.config import ConfigError, check, check_choice, doc
+from lsm_dist.console import progress
 from lsm_dist.evaluate import report
 from lsm_dist.evaluate.tasks import GROUP, PREFIX, tasks_digest, write_tasks
 from lsm_dist.merge.card import record_scores
@@ -107,6 +106,11 @@ class EvalConfig:
     bootstrap_iters: int = doc("lm-eval bootstrap iterations for non-mean metrics' stderr", 1000)
     log_samples: bool = doc("keep per-sample outputs in the result JSON files", False)
     progress: bool = doc("show a progress bar over checkpoints", True)
+    base: str | None = doc("name of the base checkpoint the merges start from (for the "
+                           "retention plot; optional)", None)  # fmt: skip
+    experts: list[str] = doc("names of the expert checkpoints: with them, results_retention.png "
+                             "shows each other checkpoint's score as a fraction of the best expert "
+                             "per task", factory=list)  # fmt: skip
 
     def __post_init__(self):
         check(bool(self.tasks), "tasks", "needs at least one task")
@@ -122,7 +126,11 @@ class EvalConfig:
         check(self.n > 0, "n", "must be > 0")
         check(self.max_gen_toks > 0, "max_gen_toks", "must be > 0")
         check(self.bootstrap_iters >= 0, "bootstrap_iters", "must be >= 0")
-        parse_checkpoints(self.checkpoints)
+        names = [n for n, _ in parse_checkpoints(self.checkpoints)]
+        for field, given in (("base", [self.base] if self.base else []), ("experts", self.experts)):
+            unknown = [x for x in given if x not in names]
+            check(not unknown or not names, field,
+                  f"{unknown} not among the checkpoints' names {names}")  # fmt: skip
 
 
 def parse_checkpoints(specs: Sequence[str]) -> list[tuple[str, Path]]:
@@ -379,7 +387,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     }  # fmt: skip
     rows: list[dict] = []
     failures: dict[str, str] = {}
-    bar = tqdm(ckpts, desc="eval", unit="ckpt", disable=not cfg.progress)
+    bar = progress(ckpts, desc="eval", unit="ckpt", disable=not cfg.progress)
     for name, path in bar:
         bar.set_postfix_str(name)
         try:
@@ -419,7 +427,7 @@ def run_eval(cfg: EvalConfig) -> Path:
             log.info("eval: %s scored in %.1fs -> %s", name, rec["seconds"], rpath)
         rows.append(rec)
     table = report.cumulative_rows(out, rows, scoring)  # cumulative over out_dir/results/
-    report.write_reports(table, out)
+    report.write_reports(table, out, base=cfg.base, experts=cfg.experts)
     record_scores(table)  # results into the model cards lsm_dist wrote
     atomic_write_json(out / "summary.json", {
         "scored": {r["name"]: str(result_path(out, r["name"], r["digest"])) for r in rows},

@@ -218,8 +218,7 @@ class Context:
                 self._zoo = {}
             else:
                 over = [f"out_dir={self.cfg.zoo_dir}"] if self.cfg.zoo_dir else []
-                self._zoo = build_zoo(load_zoo_config(resolve_path(self.cfg.zoo_config), over),
-                                      progress=False)
+                self._zoo = build_zoo(load_zoo_config(resolve_path(self.cfg.zoo_config), over))
         return self._zoo
 
     def path(self, model: str) -> str:
@@ -344,8 +343,7 @@ class Context:
         ckpts = {k: (self.scorable(k) if str(v) == self.path_or_none(k) else v) for k, v in ckpts.items()}
         tasks = list(self.cfg.eval_tasks) + ([PPL_TASK] if self.cfg.ppl else [])
         run_eval(EvalConfig(checkpoints=[f"{k}={v}" for k, v in ckpts.items()], tasks=tasks,
-                            out_dir=str(out), n=self.cfg.eval_n, batch_size=32, seed=self.cfg.seed,
-                            progress=False))
+                            out_dir=str(out), n=self.cfg.eval_n, batch_size=32, seed=self.cfg.seed))
         scored = read_json(out / "summary.json")["scored"]
         res = {}
         for name in ckpts:
@@ -487,9 +485,6 @@ def plt():
 
 
 def save_fig(fig, path: Path) -> Path:
-    from lsm_dist.utils import atomic_open
+    from lsm_dist.evaluate.plots import save
 
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt().close(fig)
-    return path
+    return save(fig, path)  # cropped to what it draws (legends outside the axes included)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lsm_dist.evaluate.plots import palette
 from lsm_dist.experiments.core import (
     Context,
     compare,
@@ -39,22 +40,39 @@ def _csv_cols(cols: list[str], ctx: Context) -> list[str]:
 
 
 def _bars(rows: list[dict], label_key: str, fams: list[str], path: Path, title: str) -> None:
+    """Grouped bars per family (+ mean) with stderr whiskers. A label ``"<kind>/<variant>"`` (e.g.
+    ``ties/latent/delta``, ``MLP only/weight``) is coloured by kind and hatched by variant; a
+    label without ``/`` (an original model) is grey. Legends sit outside the axes."""
+    from matplotlib.patches import Patch
+
     pyplot = plt()
     metrics = [*fams, "mean"]
     n = len(rows)
-    fig, ax = pyplot.subplots(figsize=(max(7.0, 0.9 * len(metrics) * (1 + 0.25 * n)), 4.5))
-    w = 0.8 / max(n, 1)
-    for i, r in enumerate(rows):
+    labels = [str(r[label_key]) for r in rows]
+    kinds = list(dict.fromkeys(lab.split("/", 1)[0] for lab in labels if "/" in lab))
+    variants = list(dict.fromkeys(lab.split("/", 1)[1] for lab in labels if "/" in lab))
+    originals = [lab for lab in labels if "/" not in lab]
+    colors = dict(zip(kinds, palette(len(kinds))))
+    greys = {o: str(0.25 + 0.5 * i / max(len(originals) - 1, 1)) for i, o in enumerate(originals)}
+    hatches = dict(zip(variants, ["", "////", "....", "xxxx", "\\\\", "++++"] * 4))
+    fig, ax = pyplot.subplots(figsize=(max(7.0, 0.5 * len(metrics) * (1 + 0.3 * n)), 4.5))
+    w = 0.85 / max(n, 1)
+    for i, (r, lab) in enumerate(zip(rows, labels)):
+        kind, _, var = lab.partition("/")
         xs = [j + (i - (n - 1) / 2) * w for j in range(len(metrics))]
         errs = [r.get(m + "_se", 0.0) if m != "mean" else mean_se(r, fams) for m in metrics]
         ax.bar(xs, [r[m] for m in metrics], w, yerr=[0.0 if math.isnan(e) else e for e in errs],
-               capsize=2, label=str(r[label_key]))
+               color=colors[kind] if var else greys[lab], hatch=hatches.get(var, ""), edgecolor="white",
+               linewidth=0.4, error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "0.3"})
     ax.set_xticks(range(len(metrics)))
     ax.set_xticklabels(metrics)
+    ax.set_xlim(-0.5, len(metrics) - 0.5)
     ax.set_ylabel("accuracy")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    handles = ([Patch(color=greys[o], label=o) for o in originals] + [Patch(color=colors[k], label=k) for k in kinds]
+               + [Patch(facecolor="0.85", hatch=hatches[v], edgecolor="0.4", label=v) for v in variants])
+    ax.legend(handles=handles, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     save_fig(fig, path)
 
@@ -87,26 +105,31 @@ def run_self_merge(ctx: Context) -> Path:
     panels = ["mean"] + (["ppl"] if cfg.ppl else [])
     pyplot = plt()
     fig, axes = pyplot.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    colors = palette(len(cfg.self_merge_models))
     for ax, metric in zip(axes[0], panels):
-        for i, m in enumerate(cfg.self_merge_models):
+        for i, m in enumerate(cfg.self_merge_models):  # colour: the model; line style: what
             sub = [r for r in rows if r["model"] == m]
-            c = f"C{i}"
-            for dec, style in zip(cfg.decodes, ("-o", "--s")):
+            c = colors[i]
+            for dec, style in zip(cfg.decodes, ("-o", "-.s")):
                 ks = [r for r in sub if r["variant"].startswith("self-merge") and r["decode"] == dec]
-                ax.plot([r["K"] for r in ks], [r[metric] for r in ks], style, color=c,
+                ax.plot([r["K"] for r in ks], [r[metric] for r in ks], style, color=c, ms=5,
                         label=f"{m}: self-merge ({dec})")
-            ax.axhline(sub[0][metric], color=c, ls="--", lw=1, label=f"{m}: original")
+            ax.axhline(sub[0][metric], color=c, ls="--", lw=1.2, label=f"{m}: original")
             rec = [r for r in sub if r["variant"].startswith("VAE recon")]
             if rec:
-                ax.axhline(rec[0][metric], color=c, ls=":", lw=1, label=f"{m}: VAE recon (direct)")
+                ax.axhline(rec[0][metric], color=c, ls=":", lw=1.5, label=f"{m}: VAE recon (direct)")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(list(cfg.samples), [str(k) for k in cfg.samples])
+        ax.xaxis.set_minor_locator(pyplot.NullLocator())
         if metric == "ppl":
             ax.set_yscale("log")
         ax.set_xlabel("posterior samples K")
         ax.set_ylabel("mean accuracy" if metric == "mean" else "word perplexity (English text)")
         ax.set_title(f"self-merge: {'accuracy' if metric == 'mean' else 'perplexity'} vs K")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0), frameon=False,
+               ncol=min(4, len(names)))
     fig.tight_layout()
     save_fig(fig, ctx.out / "results.png")
     obs = []

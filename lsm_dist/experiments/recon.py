@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lsm_dist.evaluate.plots import palette
 from lsm_dist.experiments.core import Context, compare, markdown_table, plt, save_fig, write_report
 
 BLOCKS = ("attn", "mlp")
@@ -296,15 +297,19 @@ def _plot(wide, sets, ratios, path):
         for j, (metric, label) in enumerate((("rel-MSE", "relative MSE (normalized)"),
                                              ("rel-Frob", "relative Frobenius error"))):
             ax = axes[i][j]
-            for sname in sets:
+            for c, sname in zip(palette(len(sets)), sets):  # colour: the model set; style: the code
                 for method, style in (("VAE", "-o"), ("PCA", "--s"), ("SVD", ":^")):
                     ys = [next(w[f"{method} {metric}"] for w in wide
                                if (w["set"], w["block"], w["r"]) == (sname, block, r)) for r in ratios]
-                    ax.plot(ratios, ys, style, label=f"{method} {sname}")
+                    ax.plot(ratios, ys, style, color=c, ms=5, label=f"{method} {sname}")
             ax.set_title(f"{block}: {label}")
             ax.set_xlabel("compression ratio r")
+            ax.set_xticks(list(ratios), [f"{r:g}" for r in ratios])
+            ax.tick_params(labelbottom=True)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0), frameon=False,
+               ncol=len(names))
     fig.tight_layout()
     save_fig(fig, path)
 

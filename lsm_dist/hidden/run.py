@@ -100,19 +100,11 @@ class HiddenMergeConfig:
 
 # --------------------------------------------------------------------------- helpers
 def load_models(paths: Sequence[str], dtype: str = "float32", device: str = "cpu"):
-    from transformers.utils import logging as hf_logging
-
     from lsm_dist.checkpoint import load_causal_lm, load_tokenizer
+    from lsm_dist.utils import quiet_transformers
 
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_transformers():
         models = [load_causal_lm(p, DTYPES[dtype]).to(device).eval() for p in paths]
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
     return models, load_tokenizer(paths[0])
 
 

@@ -35,6 +35,7 @@ import torch
 
 from lsm_dist.checkpoint import DTYPES, Checkpoint, TensorInfo
 from lsm_dist.chunking import STAT_BLOCK, denormalize
+from lsm_dist.console import progress
 from lsm_dist.merge.encode import caches_for, make_cond, role_ids
 from lsm_dist.merge.hetero import align_latents
 from lsm_dist.merge.io import autocast, pick_device, read_meta, release_memory, write_streaming
@@ -200,8 +201,10 @@ def merge_weight_tensor(rp, job, checkpoints: dict[str, Checkpoint]) -> torch.Te
     return out.to(DTYPES[job.dtype])
 
 
-def run_decode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None) -> dict[str, int]:
-    """Write this worker's layer files (skipping finished ones) → {"written", "skipped"}."""
+def run_decode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None,
+               bar: bool = False) -> dict[str, int]:  # fmt: skip
+    """Write this worker's layer files (skipping finished ones) → {"written", "skipped"};
+    ``bar``: a console bar over them."""
     idx, count = worker
     plan = rp.plan
     mine = list(rp.groups)[idx::count]
@@ -222,7 +225,7 @@ def run_decode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None) -
             vaes[tvae] = load_vae(tvae, map_location=device)
         vae = vaes[tvae]
     try:
-        for g in todo:
+        for g in progress(todo, initial=stats["skipped"], desc="merge", unit="layer", disable=not bar):
             jobs = {j.name: j for j in rp.groups[g]}
             infos = [TensorInfo(j.name, "", j.dtype, j.shape, j.layer, j.block, j.role, "weight")
                      for j in jobs.values()]

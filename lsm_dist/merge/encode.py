@@ -27,6 +27,7 @@ from safetensors import safe_open
 
 from lsm_dist.checkpoint import ROLE_BLOCK, Checkpoint
 from lsm_dist.chunking import ChunkSpec, norm_stats, normalize_range
+from lsm_dist.console import progress
 from lsm_dist.merge.io import atomic_save, autocast, pick_device, read_meta, release_memory
 from lsm_dist.model import BLOCK_IDS, TransformerVAE, load_vae
 from lsm_dist.utils import atomic_write_json, get_logger
@@ -208,33 +209,40 @@ def encode_work(rp) -> list[tuple[str, str]]:
 
 
 def run_encode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None,
-               finalize: bool | None = None) -> dict[str, int]:
+               finalize: bool | None = None, bar: bool = False) -> dict[str, int]:
     """This worker's share of the encode work (``worker = (index, count)``, e.g. from
-    ``read_env().worker_slot()``); a single worker also finalizes the manifests."""
+    ``read_env().worker_slot()``); a single worker also finalizes the manifests. ``bar``: a
+    console bar over the tensors (advancing per model)."""
     idx, count = worker
     caches = caches_for(rp)
     device = pick_device(rp.plan.device)
     vaes = {} if vaes is None else vaes
     mine = encode_work(rp)[idx::count]
     totals = {"encoded": 0, "reused": 0, "samples": 0}
-    for mid in rp.models:
-        names = [n for m, n in mine if m == mid]
-        if not names:
-            continue
-        info = rp.models[mid]
-        vae = vaes.get(str(info.vae))
-        if vae is None and any(not caches[mid].has(n, rp.plan.latent_dtype) for n in names):
-            vae = vaes[str(info.vae)] = load_vae(info.vae, map_location=device)
-        if vae is None:  # everything cached: no need to load the VAE
-            totals["reused"] += len(names)
-            continue
-        base = rp.models[rp.plan.base].open() if rp.plan.encoding == "delta" else None
-        with info.open() as ck:
-            s = encode_names(ck, names, vae, info.vae, caches[mid], rp.plan.batch_size, device,
-                             rp.plan.latent_dtype, base)
-        log.info("encode %s: %d tensor(s) encoded, %d reused", mid, s["encoded"], s["reused"])
-        for k in totals:
-            totals[k] += s[k]
+    shown = progress(total=len(mine), desc="encode", unit="tensor", disable=not bar)
+    try:
+        for mid in rp.models:
+            names = [n for m, n in mine if m == mid]
+            if not names:
+                continue
+            info = rp.models[mid]
+            vae = vaes.get(str(info.vae))
+            if vae is None and any(not caches[mid].has(n, rp.plan.latent_dtype) for n in names):
+                vae = vaes[str(info.vae)] = load_vae(info.vae, map_location=device)
+            if vae is None:  # everything cached: no need to load the VAE
+                totals["reused"] += len(names)
+                shown.update(len(names))
+                continue
+            base = rp.models[rp.plan.base].open() if rp.plan.encoding == "delta" else None
+            with info.open() as ck:
+                s = encode_names(ck, names, vae, info.vae, caches[mid], rp.plan.batch_size, device,
+                                 rp.plan.latent_dtype, base)
+            log.info("encode %s: %d tensor(s) encoded, %d reused", mid, s["encoded"], s["reused"])
+            shown.update(len(names))
+            for k in totals:
+                totals[k] += s[k]
+    finally:
+        shown.close()
     if finalize if finalize is not None else count == 1:
         finalize_encode(rp)
     return totals

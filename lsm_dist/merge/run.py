@@ -58,16 +58,17 @@ def run_assemble(rp: ResolvedPlan) -> Path:
                     write_extra=lambda tmp: write_card(tmp, rp))
 
 
-def run_merge(plan: MergePlan | str | Path, overrides: Sequence[str] = ()) -> Path:
-    """The whole merge in this process; returns ``out_dir/model`` (finished and checked)."""
+def run_merge(plan: MergePlan | str | Path, overrides: Sequence[str] = (), bar: bool = False) -> Path:
+    """The whole merge in this process; returns ``out_dir/model`` (finished and checked).
+    ``bar``: console bars over the encoded tensors and the layer files (``lsm merge``)."""
     rp = prepare(plan, overrides)
     if is_complete(rp.model_dir, rp.digest):
         log.info("merge %s: already complete in %s", rp.digest, rp.model_dir)
         return rp.model_dir
     vaes: dict = {}
     if rp.plan.space == "latent":
-        s = run_encode(rp, vaes=vaes)
+        s = run_encode(rp, vaes=vaes, bar=bar)
         log.info("encode: %d tensor(s) encoded, %d reused from the cache", s["encoded"], s["reused"])
-    s = run_decode(rp, vaes=vaes)
+    s = run_decode(rp, vaes=vaes, bar=bar)
     log.info("merge: %d layer file(s) written, %d already done", s["written"], s["skipped"])
     return run_assemble(rp)

@@ -107,6 +107,8 @@ class TrainConfig:
     export: bool = doc("write the plain VAE checkpoint run_dir/vae/ at the end", True)
 
     log_every: int = doc("optimizer steps between train/* and perf/* logs", 10)
+    progress: bool = doc("a console progress bar over the steps on rank 0 (count, ETA, loss); "
+                         "lsm demo sets it", False)
     val_every: int = doc("optimizer steps between validations (0 = only at the end)", 200)
     val_fraction: float = doc(
         "fraction of the corpus' sample blocks held out of training for val/recon (per block "

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from lsm_dist.config import ConfigError, save_resolved, to_dict
+from lsm_dist.console import progress
 from lsm_dist.corpus.reader import Corpus, make_loader
 from lsm_dist.dist import export_torch_env, read_env
 from lsm_dist.model import BLOCK_IDS, TransformerVAE, VAEConfig, per_block_sse, vae_loss
@@ -300,6 +301,8 @@ def run_train(cfg: TrainConfig) -> dict:
     one = torch.ones(1, dtype=torch.float64, device=device)
     win_time, t_log = 0.0, time.perf_counter()
     grad_norm = float("nan")
+    bar = progress(total=prog.end_step(cfg), initial=prog.step, desc="train", unit="step",
+                   disable=not (main and cfg.progress))
     try:
         if main and prog.step == 0:
             writer.log(0, "stage", {"train/stage": 1.0 if prog.stage2_start != 0 else 2.0})
@@ -326,6 +329,9 @@ def run_train(cfg: TrainConfig) -> dict:
                 sse, cnt = per_block_sse(out["x_hat"], x, batch["block"].to(device), NBLOCKS)
                 win += torch.cat([vals, one, one * x.shape[0], sse, cnt])
             prog.step += 1
+            bar.update()
+            if bar.total != prog.end_step(cfg):  # stage 1 plateaued: fewer steps
+                bar.set_total(prog.end_step(cfg))
             gn = engine.get_global_grad_norm()
             grad_norm = float(gn) if gn is not None else float("nan")
             if gn is not None and not math.isfinite(grad_norm):
@@ -359,6 +365,7 @@ def run_train(cfg: TrainConfig) -> dict:
                 if device.type == "cuda":
                     m["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
                 writer.log(prog.step, "train", m)
+                bar.set_postfix_str(f"stage {stage} loss {m['train/loss']:.4g}")
                 prog.metrics |= m
                 log.info("step %d/%d stage %d loss %.6g mse %.6g kl %.4g lr %.3g gnorm %.3g "
                          "%.1f samples/s (%.0fs)", prog.step, end, stage, m["train/loss"],
@@ -406,6 +413,7 @@ def run_train(cfg: TrainConfig) -> dict:
             writer.log(prog.step, "final", dict(prog.metrics), tb=False)  # summary: jsonl only
         return result
     finally:
+        bar.close()
         stop.restore()
         writer.close()
         # a local operation (no collective): frees the rendezvous so a later run in this process

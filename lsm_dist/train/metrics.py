@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-from lsm_dist.utils import atomic_write_text
+from lsm_dist.utils import atomic_write_text, get_logger
 
 # dense bf16 tensor-core peak FLOP/s per GPU (no sparsity)
 PEAK_BF16_FLOPS = {
@@ -43,7 +42,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def rank_logger(run_dir: Path, rank: int) -> logging.Logger:
-    """Each rank logs to ``run_dir/logs/rank<r>.log``; rank 0 also to stderr."""
+    """Each rank logs to ``run_dir/logs/rank<r>.log``; rank 0 also through the project's logger
+    ``lsm`` (the console, or a command's log file inside a ``console.session``)."""
     logger = logging.getLogger(f"lsm.train.rank{rank}")
     for h in list(logger.handlers):
         logger.removeHandler(h)
@@ -53,12 +53,10 @@ def rank_logger(run_dir: Path, rank: int) -> logging.Logger:
     fh = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")
     fh.setFormatter(fmt)
     logger.addHandler(fh)
-    if rank == 0:
-        sh = logging.StreamHandler(sys.stderr)
-        sh.setFormatter(fmt)
-        logger.addHandler(sh)
     logger.setLevel(logging.INFO)
-    logger.propagate = False
+    logger.propagate = rank == 0  # lsm.train.rank0 -> lsm
+    if rank == 0:
+        get_logger()  # ``lsm`` set up
     return logger
 
 

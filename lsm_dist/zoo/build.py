@@ -39,9 +39,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from lsm_dist.config import check, check_choice, doc, load_config, to_dict
+from lsm_dist.console import progress as console_progress
 from lsm_dist.utils import (
     atomic_write_json,
     get_logger,
@@ -298,9 +298,10 @@ def add_lora(model, spec: ZooModelSpec):
     return get_peft_model(model, cfg)
 
 
-def train(model, tokenizer, spec: ZooModelSpec, cfg: ZooConfig, progress: bool = True) -> dict:
+def train(model, tokenizer, spec: ZooModelSpec, cfg: ZooConfig, bar=None) -> dict:
     """Fine-tune ``model`` in place on ``spec.tasks`` (only its trainable parameters: a peft
-    model trains its LoRA factors); returns loss statistics."""
+    model trains its LoRA factors); returns loss statistics. ``bar`` (a ``console.progress``
+    bar) advances by one per step."""
     torch.manual_seed(spec.seed)
     model.train()
     stream = T.train_stream(spec.tasks, seed=spec.seed)
@@ -308,8 +309,7 @@ def train(model, tokenizer, spec: ZooModelSpec, cfg: ZooConfig, progress: bool =
     opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.98),
                             weight_decay=0.0 if spec.finetune == "lora" else 0.01)
     losses: list[float] = []
-    bar = tqdm(range(spec.steps), desc=f"train {spec.name}", disable=not progress, leave=False)
-    for step in bar:
+    for step in range(spec.steps):
         batch = collate([next(stream) for _ in range(cfg.batch_size)], tokenizer, cfg.seq_len)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec.steps, spec.lr)
@@ -319,8 +319,10 @@ def train(model, tokenizer, spec: ZooModelSpec, cfg: ZooConfig, progress: bool =
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if bar is not None:
+            bar.update()
+            if step % 20 == 0:
+                bar.set_postfix_str(f"{spec.name} loss {losses[-1]:.3f}")
     model.eval()
     tail = losses[-max(1, len(losses) // 10) :] if losses else []
     return {
@@ -422,9 +424,10 @@ def load_tokenizer(tokenizer_dir: Path | None, seq_len: int):
 
 
 def build_model(spec: ZooModelSpec, cfg: ZooConfig, dst: Path, h: str, parent_hash: str | None,
-                parent_dir: Path | None, tokenizer, progress: bool = True) -> dict:  # fmt: skip
+                parent_dir: Path | None, tokenizer, bar=None) -> dict:  # fmt: skip
     """Train (or import) one model and move it into ``dst`` (card written last); returns the
-    card. ``tokenizer`` is None for a GGUF import (the file brings its own)."""
+    card. ``tokenizer`` is None for a GGUF import (the file brings its own); ``bar`` counts
+    its training steps."""
     from transformers import GenerationConfig
 
     t0 = time.perf_counter()
@@ -446,7 +449,7 @@ def build_model(spec: ZooModelSpec, cfg: ZooConfig, dst: Path, h: str, parent_ha
             model = load_model(parent_dir, torch.float32)
         if spec.finetune == "lora":
             model = add_lora(model, spec)
-        stats = train(model, tokenizer, spec, cfg, progress) if spec.steps or spec.gguf is None else \
+        stats = train(model, tokenizer, spec, cfg, bar) if spec.steps or spec.gguf is None else \
             {"steps": 0, "first_loss": None, "final_loss": None}
         if spec.finetune == "lora":
             model.save_pretrained(str(tmp / "adapter"))  # peft format: adapter_config + safetensors
@@ -486,7 +489,7 @@ def _build_in_worker(spec: ZooModelSpec, cfg: ZooConfig, dst: Path, h: str,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tok = None if spec.gguf else load_tokenizer(tokenizer_dir, cfg.seq_len)
-    return build_model(spec, cfg, dst, h, parent_hash, parent_dir, tok, progress=False)
+    return build_model(spec, cfg, dst, h, parent_hash, parent_dir, tok)
 
 
 def build_zoo(cfg: ZooConfig, progress: bool = True, force: bool = False) -> dict[str, Path]:
@@ -527,16 +530,27 @@ def build_zoo(cfg: ZooConfig, progress: bool = True, force: bool = False) -> dic
         log.info("zoo: built %s in %.1fs, loss %s, acc %s", name, card["build_seconds"],
                  card["train"]["final_loss"], card["accuracy"])  # fmt: skip
 
-    bar = tqdm(total=len(todo), desc="zoo", disable=not progress or not todo)
+    bar = console_progress(total=sum(s.steps for s in cfg.models), desc="zoo", unit="step",
+                           initial=sum(s.steps for s in cfg.models if s not in todo), disable=not progress)
+    try:
+        _build(cfg, todo, args, tokenizer_dir, done_msg, bar)
+    finally:
+        bar.close()
+    return paths
+
+
+def _build(cfg: ZooConfig, todo: list[ZooModelSpec], args, tokenizer_dir, done_msg, bar) -> None:
+    """Build ``todo`` (parents first) in this process or in spawned workers; ``bar`` counts
+    training steps (per step here, per finished model from a worker)."""
     if cfg.workers <= 1 or len(todo) <= 1:
         old_threads = torch.get_num_threads()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         try:
             for spec in todo:
+                bar.set_postfix_str(spec.name)
                 tok = None if spec.gguf else load_tokenizer(tokenizer_dir(spec), cfg.seq_len)
-                done_msg(spec.name, build_model(*args(spec), tok, progress))
-                bar.update()
+                done_msg(spec.name, build_model(*args(spec), tok, bar))
         finally:
             torch.set_num_threads(old_threads)
     else:
@@ -563,9 +577,8 @@ def build_zoo(cfg: ZooConfig, progress: bool = True, force: bool = False) -> dic
                     name = running.pop(fut)
                     done_msg(name, fut.result())
                     waiting.discard(name)
-                    bar.update()
-    bar.close()
-    return paths
+                    bar.update(next(s.steps for s in cfg.models if s.name == name))
+                    bar.set_postfix_str(f"{name} done")
 
 
 def format_zoo_table(paths: dict[str, Path]) -> str:
