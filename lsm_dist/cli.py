@@ -23,6 +23,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config file (fields of the stage's config)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tokens=8 blocks=[attn]")
     p.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config and overrides, print the resolved config and exit (runs nothing)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="full output on the console (also LSM_VERBOSE=1): every log line, library "
                    "progress bar and warning, instead of the log file in out_dir")
@@ -34,6 +36,18 @@ def _session(args, log_file: Path):
 
     return session(log_file, verbose=True if getattr(args, "verbose", False) else None,
                    title="lsm " + " ".join(sys.argv[1:]))
+
+
+def _dry(args, cfg) -> bool:
+    """``--dry-run``: print the resolved config (as the stage would use it); True if so."""
+    if not getattr(args, "dry_run", False):
+        return False
+    import yaml
+
+    from lsm_dist.config import to_dict
+
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return True
 
 
 def _load(cls, args, default: Path | None = None):
@@ -48,6 +62,8 @@ def cmd_zoo(args) -> int:
     from lsm_dist.zoo.build import ZooConfig, build_zoo, format_zoo_table
 
     cfg = _load(ZooConfig, args, CONFIGS / "zoo" / "default.yaml")
+    if _dry(args, cfg):
+        return 0
     with _session(args, Path(cfg.out_dir) / "zoo.log"):
         paths = build_zoo(cfg)
     print(format_zoo_table(paths))
@@ -61,6 +77,8 @@ def cmd_convert(args) -> int:
     from lsm_dist.dist import read_env
 
     cfg = _load(ConvertConfig, args)
+    if _dry(args, cfg):
+        return 0
     if args.worker:  # one share of a parallel conversion (srun rank or Slurm array task)
         idx, count = read_env().worker_slot()
         prepare(cfg)
@@ -86,6 +104,8 @@ def cmd_stats(args) -> int:
     from lsm_dist.stats import StatsConfig, run_stats
 
     cfg = _load(StatsConfig, args)
+    if _dry(args, cfg):
+        return 0
     summary = run_stats(cfg)
     print(Path(summary).read_text())
     return 0
@@ -100,7 +120,8 @@ def cmd_train(args) -> int:
         extra = [f"--{k}={v}" for k in ("checkpoint", "out") if (v := getattr(args, k))]
         return train_main(args.overrides + extra)
     argv = (["--config", args.config] if args.config else []) + list(args.overrides)
-    return train_main(argv + (["--help-config"] if args.help_config else []))
+    return train_main(argv + (["--help-config"] if args.help_config else [])
+                      + (["--dry-run"] if args.dry_run else []))
 
 
 def cmd_demo(args) -> int:
@@ -108,6 +129,8 @@ def cmd_demo(args) -> int:
 
     over = [*args.overrides, *(["quick=true"] if args.quick else []), *(["real=true"] if args.real else [])]
     cfg = _load(DemoConfig, argparse.Namespace(**{**vars(args), "overrides": over}))
+    if _dry(args, cfg):
+        return 0
     save_resolved(cfg, Path(cfg.out_dir) / "demo.resolved.yaml")
     with _session(args, Path(cfg.out_dir) / LOG_NAME):
         return run_demo(cfg)
@@ -135,7 +158,10 @@ def cmd_encode(args) -> int:
     from lsm_dist.dist import read_env
     from lsm_dist.merge import finalize_encode, prepare, run_encode
 
-    rp = prepare(_load_plan(args))
+    plan = _load_plan(args)
+    if _dry(args, plan):
+        return 0
+    rp = prepare(plan)
     if args.finalize:
         caches = finalize_encode(rp)
         print("\n".join(f"{m}: {c.dir}" for m, c in caches.items()))
@@ -151,6 +177,8 @@ def cmd_merge(args) -> int:
     from lsm_dist.merge import prepare, run_decode, run_merge
 
     plan = _load_plan(args)
+    if _dry(args, plan):
+        return 0
     if args.worker:  # this rank's / array task's layer files (encode must be finalized)
         idx, count = read_env().worker_slot()
         s = run_decode(prepare(plan), worker=(idx, count))
@@ -165,7 +193,10 @@ def cmd_merge(args) -> int:
 def cmd_assemble(args) -> int:
     from lsm_dist.merge import prepare, run_assemble
 
-    print(run_assemble(prepare(_load_plan(args))))
+    plan = _load_plan(args)
+    if _dry(args, plan):
+        return 0
+    print(run_assemble(prepare(plan)))
     return 0
 
 
@@ -177,6 +208,8 @@ def cmd_eval(args) -> int:
     cfg = _load(EvalConfig, args)
     cfg.checkpoints = [*cfg.checkpoints, *(args.model or [])]
     cfg.__post_init__()  # validate the names added by --model
+    if _dry(args, cfg):
+        return 0
     out = Path(cfg.out_dir)
     save_resolved(cfg, out / "eval.resolved.yaml")
     try:
@@ -200,6 +233,8 @@ def cmd_experiment(args) -> int:
         print("\n".join(describe(ExperimentConfig)))
         return 0
     cfg = load_experiment_config(args.config, [*args.overrides, *(["quick=true"] if args.quick else [])])
+    if _dry(args, cfg):
+        return 0
     with _session(args, Path(cfg.out_dir) / "experiment.log"):
         result = run_experiment(cfg)
     print(Path(result).read_text())
@@ -213,6 +248,8 @@ def cmd_hidden_merge(args) -> int:
     from lsm_dist.hidden.run import HiddenMergeConfig, run_hidden_merge
 
     cfg = _load(HiddenMergeConfig, args)
+    if _dry(args, cfg):
+        return 0
     run_hidden_merge(cfg)
     print((Path(cfg.out_dir) / "report.md").read_text())
     return 0

@@ -40,12 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", "-c", help="YAML config (configs/train/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. batch_size=64 model.d_model=256")
     p.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    p.add_argument("--dry-run", action="store_true", help="check the config, print it resolved and exit")
     a = p.parse_args(argv)
     if a.help_config:
         print("\n".join(describe(TrainConfig)))
         return 0
     try:
         cfg = load_train_config(a.config, a.overrides)
+        if a.dry_run:
+            import yaml
+
+            from lsm_dist.config import to_dict
+
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
         result = run_train(cfg)
     except ConfigError as e:
         print(f"lsm train: invalid config: {e}", file=sys.stderr)
