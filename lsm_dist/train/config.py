@@ -88,8 +88,10 @@ class TrainConfig:
     beta_warmup_steps: int = doc("stage-2 steps over which beta rises linearly from 0 (0 = fixed)",
                                  0)
     recon: str = doc(
-        f"reconstruction loss: one of {list(RECON_KINDS)}. mse_tail (default) had lower held-out "
-        "error than mse on trained weights, overall and on the |x|>3 tail", "mse_tail")
+        f"reconstruction loss: one of {list(RECON_KINDS)}. mse_tail (default): on SmolLM2-135M its "
+        "delta-decoded latent merges kept more of the experts' skills than mse's (mean accuracy "
+        "0.706 vs 0.645 over lerp / task arithmetic / TIES / DARE) at a higher reconstruction "
+        "MSE (0.509 vs 0.497, r = 2); docs/experiments.md", "mse_tail")
     tail_weight: float = doc("alpha of recon=mse_tail (weight grows with |x|)", 1.0)
     huber_delta: float = doc("delta of recon=huber", 1.0)
 
