@@ -33,15 +33,15 @@ PRESETS = {
     "default": dict(zoo_config="configs/zoo/default.yaml", base="llama-base",
                     experts=["llama-arith", "llama-recall"], heldout="llama-reverse",
                     hetero_source="gemma3-base", stage1_steps=600, stage2_steps=200, eval_n=100,
-                    eval_tasks=ZOO_TASKS),
+                    eval_tasks=ZOO_TASKS, ppl=False),
     "quick": dict(zoo_config="configs/zoo/tiny.yaml", base="llama-tiny-base",
                   experts=["llama-tiny-arith", "llama-tiny-reverse"], heldout=None,
                   hetero_source="qwen2-tiny-base", stage1_steps=60, stage2_steps=20, eval_n=24,
-                  eval_tasks=ZOO_TASKS),
+                  eval_tasks=ZOO_TASKS, ppl=True),  # the path, for CI
     "real": dict(zoo_config="configs/zoo/real.yaml", base="smollm2-135m",
                  experts=["smollm2-arith", "smollm2-reverse"], heldout=None, hetero_source=None,
                  stage1_steps=600, stage2_steps=100, eval_n=100,
-                 eval_tasks=["lsm_arith_mc", "lsm_reverse_mc"],
+                 eval_tasks=["lsm_arith_mc", "lsm_reverse_mc"], ppl=True,
                  # a 135M model costs ~1 CPU-minute per lm-eval run: the comparison that matters
                  merges=["vae-recon-direct", "latent-lerp", "latent-task-arith", "latent-ties",
                          "latent-self-merge", "weight-lerp", "weight-task-arith", "weight-ties",
@@ -67,7 +67,9 @@ class DemoConfig:
     hetero_lambda: float = doc("λ of the heterogeneous OT merge (paper: 0.05-0.2)", 0.1)
     eval_n: int | None = doc("held-out test rows per task family; None: the preset's", None)
     eval_tasks: list[str] | None = doc("lm-eval tasks (None: the preset's multiple-choice tasks)", None)
-    ppl: bool = doc("also score word perplexity on a fixed English text (lsm_english_ppl)", True)
+    ppl: bool | None = doc("also score word perplexity on a fixed English text (lsm_english_ppl); "
+                           "None: the preset's (on with --real and --quick, off for the zoo, whose "
+                           "models are not English models)", None)
 
     def __post_init__(self) -> None:
         check(0.0 <= self.lambda_ <= 1.0, "lambda_", "must be in [0, 1]")
@@ -75,6 +77,8 @@ class DemoConfig:
         check(not (self.quick and self.real), "real", "--quick and --real exclude each other")
         if self.eval_tasks is None:
             self.eval_tasks = list(self.preset["eval_tasks"])
+        if self.ppl is None:
+            self.ppl = self.preset["ppl"]
         if self.out_dir is None:
             self.out_dir = "runs/demo-real" if self.real else "runs/demo"
 
@@ -135,7 +139,7 @@ def run_demo(cfg: DemoConfig) -> int:
     from lsm_dist.merge.plan import load_plan
     from lsm_dist.merge.run import run_merge
     from lsm_dist.train import load_train_config, run_train
-    from lsm_dist.zoo import build_zoo, load_zoo_config
+    from lsm_dist.zoo import build_zoo, load_zoo_config, trained_tasks
 
     log = get_logger()
     p = cfg.preset
@@ -196,7 +200,8 @@ def run_demo(cfg: DemoConfig) -> int:
 
     echo()
     echo(table.read_text())
-    echo(retention_summary(eval_dir, p["base"], p["experts"], list(merged), cfg.eval_tasks))
+    echo(retention_summary(eval_dir, p["base"], p["experts"], list(merged), cfg.eval_tasks,
+                           {e: trained_tasks(zoo[e]) for e in p["experts"]}))
     total = time.perf_counter() - t_all
     echo("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {total:.0f}s")
     echo(f"outputs: {out} (plans/, merges/<name>/model, eval/results.md|csv|png|_retention.png, vae_run/tb"
@@ -205,15 +210,20 @@ def run_demo(cfg: DemoConfig) -> int:
 
 
 def retention_summary(eval_dir: Path, base: str, experts: list[str], merges: list[str],
-                      tasks: list[str]) -> str:
+                      tasks: list[str], trained: dict[str, list[str]] | None = None) -> str:
     """What every merge keeps of each expert's gain over the base on that expert's own task,
-    ``(merge − base) / (expert − base)``, best first (the demo's last table)."""
+    ``(merge − base) / (expert − base)``, best first (the demo's last table). An expert's own
+    task: the one of ``tasks`` it was fine-tuned on (``trained``: its zoo card's tasks), else
+    the one where it gains most."""
     from lsm_dist.utils import read_json
 
     scored = read_json(eval_dir / "summary.json")["scored"]
     metrics = {n: read_json(p)["metrics"] for n, p in scored.items()}
     acc = {n: {t: float(m.get(f"{t}/acc", "nan")) for t in tasks} for n, m in metrics.items()}
-    own = {e: max(tasks, key=lambda t, e=e: acc[e][t] - acc[base][t]) for e in experts}
+    own = {}
+    for e in experts:
+        mine = [t for t in tasks if any(t in (f"lsm_{x}_mc", f"lsm_{x}_gen") for x in (trained or {}).get(e, []))]
+        own[e] = mine[0] if len(mine) == 1 else max(tasks, key=lambda t, e=e: acc[e][t] - acc[base][t])
     lines = ["how much of each expert's gain over the base a merge keeps, (merge - base) / (expert - base):",
              "| merge | " + " | ".join(f"{e} ({own[e]})" for e in experts) + " | min |",
              "|---|" + "---|" * (len(experts) + 1)]

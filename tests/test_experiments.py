@@ -236,3 +236,17 @@ def test_noise_quick_on_a_user_checkpoint(exp_root, tiny_zoo):
     with pytest.raises(ConfigError, match="neither in `models`"):
         run_experiment(ExperimentConfig(name="noise", quick=True, out_dir=str(exp_root / "n2"),
                                         noise_models=["nope"], zoo_config="none"))
+
+
+def test_retention_on_the_task_an_expert_was_trained_for():
+    """Retention (merge - base) / (expert - base) is read on each expert's own task: the one it
+    was fine-tuned on when known, else the one where it gains most."""
+    from lsm_dist.experiments.merges import retention
+
+    base = {"arith": 0.5, "recall": 0.2}
+    ea = {"arith": 0.6, "recall": 0.4}  # trained for arith, gains more on recall
+    eb = {"arith": 0.5, "recall": 0.6}
+    rows = [{"label": "m", "arith": 0.55, "recall": 0.5}]
+    fams = ["arith", "recall"]
+    assert retention(base, ea, eb, rows, fams)["m"] == pytest.approx([1.5, 0.75])
+    assert retention(base, ea, eb, rows, fams, own=["arith", None])["m"] == pytest.approx([0.5, 0.75])

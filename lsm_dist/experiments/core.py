@@ -56,7 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         tokens=8, chunk=64, stage1_steps=800, stage2_steps=200, eval_n=100, samples=[1, 4, 16],
         lambdas=[0.0, 0.05, 0.1, 0.2, 0.5, 1.0],
         methods=["lerp", "soup", "task_arithmetic", "ties", "dare"], eval_tasks=list(TASKS),
-        noise_models=["llama-base"], noise_levels=[0.003, 0.01, 0.03, 0.1, 0.3]),
+        noise_models=["llama-base"], noise_levels=[0.003, 0.01, 0.03, 0.1, 0.3], ppl=False),
     # the real pretrained SmolLM2-135M-Instruct and its LoRA experts (configs/zoo/real.yaml)
     "real": dict(
         zoo_config="configs/zoo/real.yaml",
@@ -68,7 +68,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         lambdas=[0.0, 0.05, 0.1, 0.2, 0.5, 1.0],
         methods=["lerp", "task_arithmetic", "ties", "dare"],  # soup [0.5, 0.5] is lerp 0.5
         eval_tasks=["lsm_arith_mc", "lsm_reverse_mc"],
-        noise_models=["smollm2-135m", "smollm2-arith"], noise_levels=[0.001, 0.003, 0.01, 0.03, 0.1]),
+        noise_models=["smollm2-135m", "smollm2-arith"], noise_levels=[0.001, 0.003, 0.01, 0.03, 0.1],
+        ppl=True),
     "quick": dict(
         zoo_config="configs/zoo/tiny.yaml",
         train_models=["llama-tiny-base", "llama-tiny-arith", "llama-tiny-reverse", "qwen2-tiny-base"],
@@ -78,7 +79,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         hetero_target="llama-tiny-base", hetero_sources=["qwen2-tiny-base"],
         tokens=4, chunk=32, stage1_steps=30, stage2_steps=10, eval_n=8, samples=[1, 4],
         lambdas=[0.0, 0.1, 1.0], methods=["lerp", "ties"], eval_tasks=list(TASKS),
-        noise_models=["llama-tiny-base"], noise_levels=[0.01, 0.1]),
+        noise_models=["llama-tiny-base"], noise_levels=[0.01, 0.1], ppl=True),  # the path, for CI
 }
 
 
@@ -112,7 +113,9 @@ class ExperimentConfig:
     ratios: list[float] = doc("recon_ratio: compression ratios compared", factory=lambda: [1.6, 2.0, 4.0])
     eval_n: int | None = doc("test rows per task family (None: preset)", None)
     eval_tasks: list[str] | None = doc("lm-eval tasks (accuracy columns; None: preset)", None)
-    ppl: bool = doc("also score word perplexity on the fixed English text (lsm_english_ppl)", True)
+    ppl: bool | None = doc("also score word perplexity on the fixed English text (lsm_english_ppl); "
+                           "None: the preset's (real and quick: on; default: off, the zoo's models "
+                           "are not English models: set ppl=true for your own checkpoints)", None)
     decodes: list[str] = doc("latent merges decoded with: delta (W_t + D(z) - D(z_t)) and/or direct "
                              "(D(z), the paper's)", factory=lambda: list(DECODES))
     encodings: list[str] = doc("expert_merge: latent merges of the weights (full, a VAE trained on the "
@@ -370,6 +373,14 @@ class Context:
             return self.path(model)
         except ConfigError:
             return None
+
+    def expert_task(self, model: str) -> str | None:
+        """The one task family ``model`` was fine-tuned on, from its zoo card (None when it has no
+        card, several tasks, or one not scored here)."""
+        from lsm_dist.zoo import trained_tasks
+
+        tasks = [t for t in trained_tasks(self.path(model)) if t in self.families()]
+        return tasks[0] if len(tasks) == 1 else None
 
     def families(self) -> list[str]:
         return [family(t) for t in self.cfg.eval_tasks]

@@ -239,7 +239,7 @@ def run_expert_merge(ctx: Context) -> Path:
                    f"for {losses}/{n} operators (mean difference {np.mean(diffs):+.3f}); the paper finds "
                    f"latent-space merging more robust than weight-space merging — {verdict}.")
     keep = [r for r in rows if r["space"] != "(original)"]
-    kept = retention(rows[0], sc[a], sc[b], keep, fams)
+    kept = retention(rows[0], sc[a], sc[b], keep, fams, own=[ctx.expert_task(e) for e in (a, b)])
     top = max(kept, key=lambda k: min((x for x in kept[k] if not math.isnan(x)), default=-math.inf))
     obs.append(f"gain retention (merge − base) / (expert − base) on each expert's task: best (highest minimum) "
                f"{top} " + "/".join(f"{x:.2f}" for x in kept[top]) + "; "
@@ -263,10 +263,13 @@ def run_expert_merge(ctx: Context) -> Path:
                         obs, {"results": (rows, _csv_cols(cols, ctx))}, t0)
 
 
-def retention(base: dict, ea: dict, eb: dict, rows: list[dict], fams: list[str]) -> dict[str, list[float]]:
+def retention(base: dict, ea: dict, eb: dict, rows: list[dict], fams: list[str],
+              own: list[str | None] | None = None) -> dict[str, list[float]]:
     """Per merge: the share of each expert's gain over the base it keeps on that expert's own
-    task, ``(merge − base) / (expert − base)`` (an expert's task = the family where it gains most)."""
-    tasks = [max(fams, key=lambda f: e[f] - base[f]) for e in (ea, eb)]
+    task, ``(merge − base) / (expert − base)`` (an expert's task: ``own`` — the one it was
+    fine-tuned on — else the family where it gains most)."""
+    own = own or [None, None]
+    tasks = [o if o in fams else max(fams, key=lambda f: e[f] - base[f]) for o, e in zip(own, (ea, eb))]
     out = {}
     for r in rows:
         out[r["label"]] = [(r[f] - base[f]) / (e[f] - base[f]) if e[f] - base[f] > 0 else math.nan

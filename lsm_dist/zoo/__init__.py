@@ -14,6 +14,7 @@ from lsm_dist.zoo.build import (
     load_zoo_config,
     param_count,
     read_card,
+    trained_tasks,
 )
 from lsm_dist.zoo.tasks import (
     TASK_NAMES,
@@ -44,6 +45,7 @@ __all__ = [
     "multiple_choice",
     "param_count",
     "read_card",
+    "trained_tasks",
     "train_stream",
     "write_task_jsonl",
 ]

@@ -598,3 +598,14 @@ def format_zoo_table(paths: dict[str, Path]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def trained_tasks(model_dir: str | Path) -> list[str]:
+    """The tasks a zoo model was trained or fine-tuned on (its ``zoo_card.json`` spec), or []
+    for a checkpoint the zoo did not build. Read as JSON only; a malformed card gives []."""
+    try:
+        tasks = (read_card(model_dir) or {})["spec"]["tasks"]
+    except (OSError, KeyError, TypeError):
+        return []
+    return [t for t in tasks if isinstance(t, str)] if isinstance(tasks, list) else []
+
