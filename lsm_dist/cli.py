@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lsm {args.command}: error: {msg}", file=sys.stderr)
         return 1
     except (OSError, RuntimeError) as e:  # disk full, symlink loops, permissions: no traceback
-        from lsm_dist.utils import os_error_message
+        from lsm_dist.errors import os_error_message
 
         msg = os_error_message(e)
         if msg is None:

@@ -402,7 +402,7 @@ def session(log_file: str | Path | None, verbose: bool | None = None,
         log_file.parent.mkdir(parents=True, exist_ok=True)
         f = open(log_file, "a", encoding="utf-8", errors="replace")  # noqa: SIM115 -- closed below, or by the reader
     except OSError as e:  # e.g. out_dir a symlink loop: the command's own checks name the problem
-        from lsm_dist.utils import os_error_message
+        from lsm_dist.errors import os_error_message
 
         lsm_logger().warning("console: cannot write the log file (%s); showing everything",
                                          os_error_message(e))

@@ -10,11 +10,11 @@ import sys
 from lsm_dist.config import ConfigError, describe
 from lsm_dist.corpus.convert import CorpusError
 from lsm_dist.dist import read_env
+from lsm_dist.errors import os_error_message
 from lsm_dist.model import VAECheckpointError
 from lsm_dist.train.checkpointing import CheckpointError, export_vae
 from lsm_dist.train.config import TrainConfig, load_train_config
 from lsm_dist.train.loop import TrainingDiverged, run_train
-from lsm_dist.utils import os_error_message
 
 
 def main(argv: list[str] | None = None) -> int:
