@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lsm_dist.config import ConfigError, describe, load_config, save_resolved
+from lsm_dist.config import ConfigError, describe, load_config, resolved_yaml, save_resolved
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -42,11 +42,7 @@ def _dry(args, cfg) -> bool:
     """``--dry-run``: print the resolved config (as the stage would use it); True if so."""
     if not getattr(args, "dry_run", False):
         return False
-    import yaml
-
-    from lsm_dist.config import to_dict
-
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    print(resolved_yaml(cfg), end="")
     return True
 
 

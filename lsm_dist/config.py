@@ -230,8 +230,13 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
+def resolved_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (what ``save_resolved`` writes and ``--dry-run`` prints)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_resolved(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically) into a run directory."""
     from lsm_dist.utils import atomic_write_text
 
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(Path(path), resolved_yaml(cfg))

@@ -215,15 +215,17 @@ def retention_summary(eval_dir: Path, base: str, experts: list[str], merges: lis
     ``(merge − base) / (expert − base)``, best first (the demo's last table). An expert's own
     task: the one of ``tasks`` it was fine-tuned on (``trained``: its zoo card's tasks), else
     the one where it gains most."""
+    from lsm_dist.evaluate.report import gain_retention, own_tasks
     from lsm_dist.utils import read_json
 
     scored = read_json(eval_dir / "summary.json")["scored"]
     metrics = {n: read_json(p)["metrics"] for n, p in scored.items()}
     acc = {n: {t: float(m.get(f"{t}/acc", "nan")) for t in tasks} for n, m in metrics.items()}
-    own = {}
-    for e in experts:
-        mine = [t for t in tasks if any(t in (f"lsm_{x}_mc", f"lsm_{x}_gen") for x in (trained or {}).get(e, []))]
-        own[e] = mine[0] if len(mine) == 1 else max(tasks, key=lambda t, e=e: acc[e][t] - acc[base][t])
+    trained = trained or {}
+    mine = [[t for t in tasks if any(t in (f"lsm_{x}_mc", f"lsm_{x}_gen") for x in trained.get(e, []))]
+            for e in experts]
+    own = dict(zip(experts, own_tasks(acc[base], [acc[e] for e in experts], tasks,
+                                      [m[0] if len(m) == 1 else None for m in mine])))
     lines = ["how much of each expert's gain over the base a merge keeps, (merge - base) / (expert - base):",
              "| merge | " + " | ".join(f"{e} ({own[e]})" for e in experts) + " | min |",
              "|---|" + "---|" * (len(experts) + 1)]
@@ -231,8 +233,7 @@ def retention_summary(eval_dir: Path, base: str, experts: list[str], merges: lis
     for n in merges:
         if n not in acc:
             continue
-        keep = [(acc[n][own[e]] - acc[base][own[e]]) / (acc[e][own[e]] - acc[base][own[e]])
-                if acc[e][own[e]] > acc[base][own[e]] else float("nan") for e in experts]
+        keep = gain_retention(acc[base], [acc[e] for e in experts], acc[n], [own[e] for e in experts])
         rows.append((min(keep), n, keep))
     for worst, n, keep in sorted(rows, key=lambda r: -r[0] if r[0] == r[0] else 1e9):
         lines.append(f"| {n} | " + " | ".join(f"{k:.0%}" for k in keep) + f" | {worst:.0%} |")

@@ -88,6 +88,22 @@ def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def own_tasks(base: Mapping[str, float], experts: Sequence[Mapping[str, float]], tasks: Sequence[str],
+              trained: Sequence[str | None] | None = None) -> list[str]:
+    """Each expert's own task: the one it was fine-tuned on (``trained``, when it is among
+    ``tasks``), else the one of ``tasks`` where it gains most over ``base``."""
+    trained = list(trained or [None] * len(experts))
+    return [t if t in tasks else max(tasks, key=lambda f, e=e: e[f] - base[f]) for t, e in zip(trained, experts)]
+
+
+def gain_retention(base: Mapping[str, float], experts: Sequence[Mapping[str, float]],
+                   merged: Mapping[str, float], tasks: Sequence[str]) -> list[float]:
+    """The share of each expert's gain over the base a merge keeps on that expert's task
+    ``tasks[i]``: ``(merge − base) / (expert − base)`` (NaN where the expert does not gain)."""
+    return [(merged[t] - base[t]) / (e[t] - base[t]) if e[t] - base[t] > 0 else math.nan
+            for t, e in zip(tasks, experts)]
+
+
 def write_tensorboard(rows: Sequence[Mapping[str, Any]], tb_dir: str | Path, step: int = 0) -> None:
     """One TensorBoard run per checkpoint (``tb_dir/<name>``), tags ``eval/<task>/<metric>``."""
     from torch.utils.tensorboard import SummaryWriter

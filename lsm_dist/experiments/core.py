@@ -41,7 +41,6 @@ REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = ("noise", "recon_ratio", "self_merge", "expert_merge", "cross_arch", "blocks")
 TASKS = ["lsm_arith_mc", "lsm_recall_mc", "lsm_reverse_mc"]
 DECODES = ("delta", "direct")
-CONSOLE_ONLY = ("progress",)  # TrainConfig fields left out of a cached VAE's digest
 log = get_logger("lsm.experiments")
 
 # Model roles and run sizes; an ExperimentConfig field left at None takes its preset's value.
@@ -287,10 +286,10 @@ class Context:
         request = {**base, **request}
         # over the resolved trainer config, so a changed default (not only a changed request)
         # makes a new VAE instead of reusing a cached one
-        from lsm_dist.train.config import TrainConfig
+        from lsm_dist.train.config import PRESENTATION_FIELDS, TrainConfig
 
         resolved = to_dict(from_dict(TrainConfig, {**request, "run_dir": "-"}))
-        for k in CONSOLE_ONLY:  # how the run shows itself does not change the VAE
+        for k in PRESENTATION_FIELDS:  # how the run shows itself does not change the VAE
             resolved.pop(k, None)
         digest = sha256_json({"request": resolved, "corpus": read_json(train_c / "manifest.json")["plan_digest"]})[:10]
         run_dir = self.shared / f"vae{'-delta' if kind == 'delta' else ''}-r{ratio:g}-{digest}"

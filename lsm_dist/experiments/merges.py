@@ -265,16 +265,13 @@ def run_expert_merge(ctx: Context) -> Path:
 
 def retention(base: dict, ea: dict, eb: dict, rows: list[dict], fams: list[str],
               own: list[str | None] | None = None) -> dict[str, list[float]]:
-    """Per merge: the share of each expert's gain over the base it keeps on that expert's own
-    task, ``(merge − base) / (expert − base)`` (an expert's task: ``own`` — the one it was
-    fine-tuned on — else the family where it gains most)."""
-    own = own or [None, None]
-    tasks = [o if o in fams else max(fams, key=lambda f: e[f] - base[f]) for o, e in zip(own, (ea, eb))]
-    out = {}
-    for r in rows:
-        out[r["label"]] = [(r[f] - base[f]) / (e[f] - base[f]) if e[f] - base[f] > 0 else math.nan
-                           for f, e in zip(tasks, (ea, eb))]
-    return out
+    """Per merge (``rows`` by ``label``): the share of each expert's gain over the base it keeps
+    on that expert's own task (``evaluate.report.own_tasks``: ``own``, the one it was fine-tuned
+    on, else the family where it gains most)."""
+    from lsm_dist.evaluate.report import gain_retention, own_tasks
+
+    tasks = own_tasks(base, (ea, eb), fams, own)
+    return {r["label"]: gain_retention(base, (ea, eb), r, tasks) for r in rows}
 
 
 # ---- blocks (Table 6) ----------------------------------------------------------------------

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from lsm_dist.config import ConfigError, describe
+from lsm_dist.config import ConfigError, describe, resolved_yaml
 from lsm_dist.corpus.convert import CorpusError
 from lsm_dist.dist import read_env
 from lsm_dist.errors import os_error_message
@@ -48,11 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_train_config(a.config, a.overrides)
         if a.dry_run:
-            import yaml
-
-            from lsm_dist.config import to_dict
-
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            print(resolved_yaml(cfg), end="")
             return 0
         result = run_train(cfg)
     except ConfigError as e:

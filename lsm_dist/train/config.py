@@ -53,6 +53,11 @@ class PlateauConfig:
               f"must be in [0, 1), got {self.min_rel_improvement}")
 
 
+# TrainConfig fields that change how a run shows itself, not what it trains (left out of the
+# keys under which trained VAEs are cached and reused)
+PRESENTATION_FIELDS = ("progress",)
+
+
 @dataclass
 class TrainConfig:
     run_dir: str = doc("run directory: config.yaml, checkpoints/, tb/, metrics.jsonl, logs/, vae/",
