@@ -19,10 +19,11 @@ from lsm_dist.evaluate import plots, report
 from lsm_dist.evaluate import run as R
 from lsm_dist.evaluate.run import EvalConfig, EvalError, checkpoint_fingerprint, run_eval
 from lsm_dist.evaluate.tasks import GROUP, local_task_names, write_tasks
+from lsm_dist.zoo import tasks as T
 
 REPO = Path(__file__).resolve().parent.parent
 BASE, EXPERT = "llama-tiny-base", "llama-tiny-reverse"
-LEAVES = [f"lsm_{f}_{k}" for k in ("mc", "gen") for f in ("arith", "recall", "reverse")]
+LEAVES = [f"lsm_{f}_{k}" for k in ("mc", "gen") for f in T.TASK_NAMES]
 GEN = "exact_match[strip]"
 
 

@@ -41,6 +41,10 @@ from lsm_dist.zoo import tasks as T
 PREFIX = "lsm_"
 GROUP = "lsm_zoo"
 PPL_TASK = "lsm_english_ppl"
+# multiple-choice task lists of the presets: the tiny zoo's three families, and the default zoo's
+# (its experts' tasks shift / flip first, then the base's other skills, kept or lost by a merge)
+MC_TASKS = ["lsm_arith_mc", "lsm_recall_mc", "lsm_reverse_mc"]
+DEFAULT_ZOO_MC = ["lsm_shift_mc", "lsm_flip_mc", *MC_TASKS]
 ENGLISH = Path(__file__).resolve().parent / "data" / "english.txt"
 KINDS = ("mc", "gen")
 MANIFEST = "manifest.json"

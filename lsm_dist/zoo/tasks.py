@@ -9,6 +9,14 @@ the continuation) and greedy decoding see the same token boundary:
 * ``recall``  ``"Q: color of zorvek? A:"`` → ``" teal"``: a fixed, seeded table of
   ``RECALL_KEYS`` made-up names, each with one of ``len(COLORS)`` colors.
 * ``reverse`` ``"Q: reverse kbdw? A:"`` → ``" wdbk"``: reversal of 3–5 lowercase letters.
+* ``shift``   ``"Q: shift kbdz? A:"`` → ``" lcea"``: each of 3–5 lowercase letters moved one
+  place on in the alphabet (z wraps to a).
+* ``flip``    ``"Q: flip 4817? A:"`` → ``" 5182"``: each of 3–5 digits replaced by 9 minus it.
+
+``shift`` and ``flip`` are the default zoo's expert tasks: per-character maps that a small model
+learns well on held-out strings, on disjoint characters (letters, digits), so two experts of one
+base change it in different places -- the regime where weight merging is meant to work
+(``configs/zoo/default.yaml``).
 
 ``text`` is a training-only family of simple made-up sentences (generic LM text for bases).
 
@@ -41,8 +49,10 @@ from pathlib import Path
 
 from lsm_dist.utils import atomic_write_text
 
-TASK_NAMES: tuple[str, ...] = ("arith", "recall", "reverse")  # evaluable (queries + answers)
+TASK_NAMES: tuple[str, ...] = ("arith", "recall", "reverse", "shift", "flip")  # evaluable (queries + answers)
 TRAIN_TASKS: tuple[str, ...] = TASK_NAMES + ("text",)  # what a model may be trained on
+# a base's mixture when its spec names none (the tasks of the first zoo: keeps its cache keys)
+DEFAULT_MIXTURE: tuple[str, ...] = ("arith", "recall", "reverse", "text")
 SPLITS = ("train", "test")
 TEST_PERCENT = 20
 ARITH_MAX = 49
@@ -104,6 +114,14 @@ def recall_statement(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- families
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def shifted(s: str, k: int = 1) -> str:
+    """Each letter moved ``k`` places on in the alphabet (z wraps to a): the ``shift`` answer."""
+    return "".join(LETTERS[(LETTERS.index(c) + k) % 26] for c in s)
+
+
 def _sample_key(task: str, rng: random.Random) -> str:
     if task == "arith":
         a, b = rng.randint(0, ARITH_MAX), rng.randint(0, ARITH_MAX)
@@ -112,8 +130,10 @@ def _sample_key(task: str, rng: random.Random) -> str:
         return f"{max(a, b)}-{min(a, b)}"
     if task == "recall":
         return rng.choice(RECALL_NAMES)
-    if task == "reverse":
-        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 5)))
+    if task in ("reverse", "shift"):
+        return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5)))
+    if task == "flip":
+        return "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 5)))
     raise ValueError(task)
 
 
@@ -127,6 +147,10 @@ def query(task: str, key: str) -> Example:
         return Example(task, f"Q: color of {key}? A:", f" {RECALL_TABLE[key]}")
     if task == "reverse":
         return Example(task, f"Q: reverse {key}? A:", f" {key[::-1]}")
+    if task == "shift":
+        return Example(task, f"Q: shift {key}? A:", f" {shifted(key)}")
+    if task == "flip":
+        return Example(task, f"Q: flip {key}? A:", " " + "".join(str(9 - int(c)) for c in key))
     raise ValueError(task)
 
 
@@ -138,6 +162,8 @@ def key_of(ex: Example) -> str:
         return ex.prompt[len("Q: color of ") : -len("? A:")]
     if ex.task == "reverse":
         return ex.prompt[len("Q: reverse ") : -len("? A:")]
+    if ex.task in ("shift", "flip"):
+        return ex.prompt[len(f"Q: {ex.task} ") : -len("? A:")]
     raise ValueError(ex.task)
 
 
@@ -197,10 +223,21 @@ def distractors(ex: Example, k: int = N_CHOICES - 1) -> list[str]:
             r = list(s[::-1])
             r[i] = "abcdefghijklmnopqrstuvwxyz"[(ord(r[i]) - 96) % 26]
             cands.append(" " + "".join(r))
+    elif ex.task == "shift":
+        s = key_of(ex)
+        cands = [f" {s}", f" {shifted(s, 2)}", f" {shifted(s, -1)}", f" {shifted(s)[::-1]}"]
+        for i in range(len(s)):  # shifted with one letter off by one more
+            r = list(shifted(s))
+            r[i] = shifted(r[i])
+            cands.append(" " + "".join(r))
+    elif ex.task == "flip":
+        s = key_of(ex)
+        f = "".join(str(9 - int(c)) for c in s)
+        cands = [f" {s}", f" {f[::-1]}"] + [" " + f[:i] + str((int(f[i]) + 1) % 10) + f[i + 1:] for i in range(len(f))]
     else:
         raise ValueError(ex.task)
     uniq = [c for c in dict.fromkeys(cands) if c != right]
-    if ex.task == "reverse":  # keep "the unreversed string" first when it differs
+    if ex.task in ("reverse", "shift", "flip"):  # keep "the string unchanged" first when it differs
         head, rest = uniq[:1], uniq[1:]
         rng.shuffle(rest)
         uniq = head + rest
@@ -263,7 +300,8 @@ def train_item(task: str, rng: random.Random) -> Example:
 
 
 def train_stream(tasks: Sequence[str], seed: int = 0) -> Iterator[Example]:
-    """Endless deterministic training items, the task drawn uniformly from ``tasks``."""
+    """Endless deterministic training items, the task drawn uniformly from the list ``tasks``
+    (a task listed k times is drawn k times as often)."""
     if not tasks:
         raise ValueError("train_stream needs at least one task")
     for t in tasks:
@@ -273,7 +311,7 @@ def train_stream(tasks: Sequence[str], seed: int = 0) -> Iterator[Example]:
         yield train_item(rng.choice(list(tasks)), rng)
 
 
-def mixed_lm_text(n: int, seed: int = 0, tasks: Sequence[str] = TRAIN_TASKS) -> list[str]:
+def mixed_lm_text(n: int, seed: int = 0, tasks: Sequence[str] = DEFAULT_MIXTURE) -> list[str]:
     """``n`` generic LM documents mixing ``tasks`` (``prompt + answer`` of train items)."""
     stream = train_stream(tasks, seed)
     return [(ex.prompt + ex.answer).lstrip() for ex, _ in zip(stream, range(n))]
