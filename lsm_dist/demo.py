@@ -23,21 +23,21 @@ import yaml
 
 from lsm_dist.config import check, doc
 from lsm_dist.console import begin_stage, echo, end_stage, progress
+from lsm_dist.evaluate.tasks import DEFAULT_ZOO_MC, MC_TASKS
 from lsm_dist.utils import atomic_write_text, get_logger
 
 REPO = Path(__file__).resolve().parent.parent
 LOG_NAME = "demo.log"  # in out_dir: everything the console does not show (console.session)
-ZOO_TASKS = ["lsm_arith_mc", "lsm_recall_mc", "lsm_reverse_mc"]
 PRESETS = {
     # zoo config, base, two experts, held-out model (VAE generalization), hetero source
     "default": dict(zoo_config="configs/zoo/default.yaml", base="llama-base",
-                    experts=["llama-arith", "llama-recall"], heldout="llama-reverse",
+                    experts=["llama-shift", "llama-flip"], heldout="llama-reverse",
                     hetero_source="gemma3-base", stage1_steps=600, stage2_steps=200, eval_n=100,
-                    eval_tasks=ZOO_TASKS, ppl=False),
+                    eval_tasks=DEFAULT_ZOO_MC, ppl=False),
     "quick": dict(zoo_config="configs/zoo/tiny.yaml", base="llama-tiny-base",
                   experts=["llama-tiny-arith", "llama-tiny-reverse"], heldout=None,
                   hetero_source="qwen2-tiny-base", stage1_steps=60, stage2_steps=20, eval_n=24,
-                  eval_tasks=ZOO_TASKS, ppl=True),  # the path, for CI
+                  eval_tasks=MC_TASKS, ppl=True),  # the path, for CI
     "real": dict(zoo_config="configs/zoo/real.yaml", base="smollm2-135m",
                  experts=["smollm2-arith", "smollm2-reverse"], heldout=None, hetero_source=None,
                  stage1_steps=600, stage2_steps=100, eval_n=100,
@@ -127,8 +127,26 @@ def _plans(cfg: DemoConfig, zoo: dict[str, Path], vae: Path) -> dict[str, dict]:
     out = Path(cfg.out_dir)
     for name, plan in plans.items():
         plan.update(vae=str(vae), out_dir=str(out / "merges" / name), cache_dir=str(out / "latent_cache"),
-                    batch_size=4096)
+                    batch_size=4096, overwrite=True)  # the demo's own merge of earlier inputs
     return plans
+
+
+def _drop_stale_vae_run(run_dir: Path, corpus: Path, log) -> None:
+    """Remove the demo's VAE run if its checkpoints were trained on another corpus (the zoo
+    changed since): resuming it is refused, and the demo wrote it. Anything else stays."""
+    import shutil
+
+    from lsm_dist.corpus.reader import Corpus
+    from lsm_dist.train.checkpointing import find_resume, read_state
+    from lsm_dist.train.loop import corpus_digest
+
+    last = find_resume(run_dir, "auto") if run_dir.is_dir() else None
+    if last is None:
+        return
+    old = read_state(last).get("data", {}).get("corpus_digest")
+    if old is not None and old != corpus_digest(Corpus(corpus)):
+        log.info("demo: %s was trained on another corpus (digest %s): training a new VAE", run_dir, old)
+        shutil.rmtree(run_dir)
 
 
 def run_demo(cfg: DemoConfig) -> int:
@@ -154,7 +172,10 @@ def run_demo(cfg: DemoConfig) -> int:
 
     t = _stage(log, "2/5 weight corpus (lsm convert)")
     train_models = [p["base"], *p["experts"]]
-    conv = dict(tokens=cfg.tokens, chunk=cfg.chunk, block_samples=256, shard_samples=1024, num_workers=2)
+    # overwrite: a corpus of an earlier zoo in the demo's own out_dir is replaced (convert only
+    # removes files a conversion wrote); so are the VAE run and the merges made from it
+    conv = dict(tokens=cfg.tokens, chunk=cfg.chunk, block_samples=256, shard_samples=1024, num_workers=2,
+                overwrite=True)
     run_convert(ConvertConfig(models=[f"{m}={zoo[m]}" for m in train_models], out_dir=str(out / "corpus"), **conv))
     log.info("%s", Corpus(out / "corpus").summary())
     heldout = None
@@ -172,6 +193,7 @@ def run_demo(cfg: DemoConfig) -> int:
         f"val_every={max((s1 + s2) // 10, 5)}", f"log_every={max((s1 + s2) // 20, 5)}", "progress=true",
         *([f"heldout_corpus={heldout}"] if heldout else []),
     ])
+    _drop_stale_vae_run(Path(tcfg.run_dir), out / "corpus", log)
     metrics = run_train(tcfg)
     vae = Path(metrics["vae"])
     log.info("VAE: %s (val recon %.4g)", vae, metrics.get("val/recon", float("nan")))

@@ -59,3 +59,23 @@ def test_demo_quick_end_to_end(tmp_path, tiny_zoo, capfd, monkeypatch):
     for name in expected - {"llama-tiny-base", "llama-tiny-arith", "llama-tiny-reverse"}:
         assert (tmp_path / "demo" / "merges" / name / "model" / "model.safetensors.index.json").is_file()
     assert list((tmp_path / "demo" / "vae_run" / "tb").rglob("events.out.tfevents.*"))
+    # a VAE run trained on another corpus (the zoo changed since) is dropped before training;
+    # one trained on this corpus stays (what a re-run of the demo sees)
+    import json
+    import shutil
+
+    from lsm_dist.demo import _drop_stale_vae_run
+    from lsm_dist.utils import get_logger
+
+    run = tmp_path / "demo" / "vae_run"
+    same, other = tmp_path / "same_run", tmp_path / "other_run"
+    shutil.copytree(run, same)
+    shutil.copytree(run, other)
+    for state in (other / "checkpoints").glob("step-*/trainer_state.json"):
+        d = json.loads(state.read_text())
+        d["data"]["corpus_digest"] = "0" * 16
+        state.write_text(json.dumps(d))
+    _drop_stale_vae_run(same, tmp_path / "demo" / "corpus", get_logger())
+    _drop_stale_vae_run(other, tmp_path / "demo" / "corpus", get_logger())
+    assert same.is_dir() and not other.exists()
+    _drop_stale_vae_run(tmp_path / "absent", tmp_path / "demo" / "corpus", get_logger())  # nothing there

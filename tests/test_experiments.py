@@ -82,7 +82,7 @@ def test_config_presets_and_validation():
     assert q.zoo_config == "configs/zoo/tiny.yaml" and q.out_dir == "runs/experiments-quick/cross_arch"
     assert q.shared_dir == "runs/experiments-quick/shared"
     full = ExperimentConfig(name="expert_merge", eval_n=10)
-    assert full.eval_n == 10 and full.experts == ["llama-arith", "llama-recall"]
+    assert full.eval_n == 10 and full.experts == ["llama-shift", "llama-flip"]
     with pytest.raises(ConfigError, match="name"):
         ExperimentConfig(name="nope")
     with pytest.raises(ConfigError, match="lambdas"):

@@ -35,11 +35,12 @@ from lsm_dist.config import (
     to_dict,
 )
 from lsm_dist.dist import launch_env
+from lsm_dist.evaluate.tasks import DEFAULT_ZOO_MC, MC_TASKS
 from lsm_dist.utils import atomic_write_json, atomic_write_text, get_logger, read_json, sha256_json
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = ("noise", "recon_ratio", "self_merge", "expert_merge", "cross_arch", "blocks")
-TASKS = ["lsm_arith_mc", "lsm_recall_mc", "lsm_reverse_mc"]
+TASKS = MC_TASKS
 DECODES = ("delta", "direct")
 log = get_logger("lsm.experiments")
 
@@ -47,14 +48,14 @@ log = get_logger("lsm.experiments")
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         zoo_config="configs/zoo/default.yaml",
-        train_models=["llama-base", "llama-arith", "llama-recall", "qwen2-base", "gemma3-base"],
+        train_models=["llama-base", "llama-shift", "llama-flip", "qwen2-base", "gemma3-base"],
         heldout_models=["llama-reverse", "llama-deep-base", "qwen2-reverse", "gemma3-recall"],
-        base="llama-base", experts=["llama-arith", "llama-recall"],
-        self_merge_models=["llama-arith", "llama-reverse"], recon_models=["llama-base", "llama-reverse"],
+        base="llama-base", experts=["llama-shift", "llama-flip"],
+        self_merge_models=["llama-shift", "llama-reverse"], recon_models=["llama-base", "llama-reverse"],
         hetero_target="llama-base", hetero_sources=["qwen2-base", "gemma3-base", "llama-deep-base"],
         tokens=8, chunk=64, stage1_steps=800, stage2_steps=200, eval_n=100, samples=[1, 4, 16],
         lambdas=[0.0, 0.05, 0.1, 0.2, 0.5, 1.0],
-        methods=["lerp", "soup", "task_arithmetic", "ties", "dare"], eval_tasks=list(TASKS),
+        methods=["lerp", "soup", "task_arithmetic", "ties", "dare"], eval_tasks=list(DEFAULT_ZOO_MC),
         noise_models=["llama-base"], noise_levels=[0.003, 0.01, 0.03, 0.1, 0.3], ppl=False),
     # the real pretrained SmolLM2-135M-Instruct and its LoRA experts (configs/zoo/real.yaml)
     "real": dict(
