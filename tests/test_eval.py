@@ -293,6 +293,10 @@ def test_retention_and_report_files(tmp_path):
     assert tasks == ["a/acc", "b/acc"]
     assert frac == {"base": {"a/acc": pytest.approx(0.25), "b/acc": pytest.approx(0.4)},
                     "merge": {"a/acc": pytest.approx(0.75), "b/acc": pytest.approx(0.5)}}
+    # with standard errors, a gain within two of them is no skill of the expert's: b (0.5 vs
+    # 0.2, se 0.1 each: 0.3 > 2 x 0.141) stays, a (0.8 vs 0.2, se 0.3 each: 0.6 < 0.85) goes
+    noisy = [{**r, "metrics": {**r["metrics"], "a/acc_stderr": 0.3, "b/acc_stderr": 0.1}} for r in rows]
+    assert plots.retention(noisy, ["ea", "eb"], base="base")[0] == ["b/acc"]
     paths = report.write_reports(rows, tmp_path / "with", base="base", experts=["ea", "eb"])
     assert paths["retention"].read_bytes()[:4] == b"\x89PNG" and "lambda" not in paths
     paths = report.write_reports(rows, tmp_path / "without")

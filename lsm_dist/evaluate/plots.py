@@ -172,13 +172,17 @@ def retention(rows: Sequence[Mapping[str, Any]], experts: Sequence[str],
     """``(tasks, {name: {task: score / best expert's score}})`` over the accuracy tasks, for
     every checkpoint that is not an expert. With a ``base``, only the tasks where the best expert
     beats it (the experts' own tasks: on the others "a fraction of the best expert" says
-    nothing); a task no expert scores above 0 is left out."""
+    nothing) -- by more than two standard errors of the difference where the rows carry
+    ``<metric>_stderr`` (a gain within noise is no skill of the expert's); a task no expert
+    scores above 0 is left out."""
     by = {r["name"]: r["metrics"] for r in rows}
     tasks, best = [], {}
     for _task, k, lower in task_metrics(rows):
-        b = max((_num(by[e].get(k)) for e in experts if e in by), default=math.nan)
-        if base in by and not b > _num(by[base].get(k)):
-            continue
+        b, who = max(((_num(by[e].get(k)), e) for e in experts if e in by), default=(math.nan, None))
+        if base in by:
+            se = math.hypot(_num(by[base].get(f"{k}_stderr")), _num(by[who].get(f"{k}_stderr"))) if who else math.nan
+            if not b - _num(by[base].get(k)) > (2 * se if se == se else 0.0):
+                continue
         if not lower and b > 0:
             tasks.append(k)
             best[k] = b
