@@ -202,7 +202,10 @@ def run_demo(cfg: DemoConfig) -> int:
     t = _stage(log, "4/5 merges (latent space and weight-space baselines)")
     plans_dir = out / "plans"
     merged: dict[str, Path] = {}
-    for name, plan in progress(_plans(cfg, zoo, vae).items(), unit="merge"):
+    plans = _plans(cfg, zoo, vae)
+    # the retention table compares merges of both experts (not the one-model self-merge, nor OT)
+    of_both = [n for n, pl in plans.items() if set(p["experts"]) <= set(pl["models"])]
+    for name, plan in progress(plans.items(), unit="merge"):
         path = plans_dir / f"{name}.yaml"
         atomic_write_text(path, yaml.safe_dump(plan, sort_keys=False))
         merged[name] = run_merge(load_plan(path))
@@ -222,7 +225,7 @@ def run_demo(cfg: DemoConfig) -> int:
 
     echo()
     echo(table.read_text())
-    echo(retention_summary(eval_dir, p["base"], p["experts"], list(merged), cfg.eval_tasks,
+    echo(retention_summary(eval_dir, p["base"], p["experts"], of_both, cfg.eval_tasks,
                            {e: trained_tasks(zoo[e]) for e in p["experts"]}))
     total = time.perf_counter() - t_all
     echo("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {total:.0f}s")

@@ -22,6 +22,9 @@ def test_demo_quick_end_to_end(tmp_path, tiny_zoo, capfd, monkeypatch):
     assert main(["demo", "--quick", f"out_dir={tmp_path / 'demo'}", f"zoo_dir={zoo_dir}"]) == 0
     out, err = capfd.readouterr()  # fd-level: subprocesses and C code included
     assert "| checkpoint |" in out and "stage times:" in out and "of each expert's gain" in out
+    kept = out.split("of each expert's gain")[1].split("stage times:")[0]  # the retention table
+    assert "| weight-task-arith |" in kept and "| latent-lerp |" in kept
+    assert "latent-self-merge" not in kept and "hetero-ot" not in kept  # not merges of both experts
     # the console: one bar per stage (redraws of one line) and the tables, nothing else
     console = out + err
     for noise in NOISE:
