@@ -137,13 +137,10 @@ def _drop_stale_vae_run(run_dir: Path, corpus: Path, log) -> None:
     import shutil
 
     from lsm_dist.corpus.reader import Corpus
-    from lsm_dist.train.checkpointing import find_resume, read_state
+    from lsm_dist.train.checkpointing import trained_corpus_digest
     from lsm_dist.train.loop import corpus_digest
 
-    last = find_resume(run_dir, "auto") if run_dir.is_dir() else None
-    if last is None:
-        return
-    old = read_state(last).get("data", {}).get("corpus_digest")
+    old = trained_corpus_digest(run_dir)
     if old is not None and old != corpus_digest(Corpus(corpus)):
         log.info("demo: %s was trained on another corpus (digest %s): training a new VAE", run_dir, old)
         shutil.rmtree(run_dir)

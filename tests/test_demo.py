@@ -1,12 +1,16 @@
 """The README's main job, end to end, in its --quick form (tiny zoo, short runs)."""
 
 import csv
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
 from lsm_dist.cli import main
+from lsm_dist.demo import _drop_stale_vae_run
+from lsm_dist.utils import get_logger
 
 # what transformers / lm-eval / datasets / deepspeed / git print when nothing silences them
 NOISE = ("Loading weights", "Writing model shards", "de-quantizing", "Running loglikelihood",
@@ -64,12 +68,6 @@ def test_demo_quick_end_to_end(tmp_path, tiny_zoo, capfd, monkeypatch):
     assert list((tmp_path / "demo" / "vae_run" / "tb").rglob("events.out.tfevents.*"))
     # a VAE run trained on another corpus (the zoo changed since) is dropped before training;
     # one trained on this corpus stays (what a re-run of the demo sees)
-    import json
-    import shutil
-
-    from lsm_dist.demo import _drop_stale_vae_run
-    from lsm_dist.utils import get_logger
-
     run = tmp_path / "demo" / "vae_run"
     same, other = tmp_path / "same_run", tmp_path / "other_run"
     shutil.copytree(run, same)

@@ -179,9 +179,10 @@ def retention(rows: Sequence[Mapping[str, Any]], experts: Sequence[str],
     tasks, best = [], {}
     for _task, k, lower in task_metrics(rows):
         b, who = max(((_num(by[e].get(k)), e) for e in experts if e in by), default=(math.nan, None))
-        if base in by:
-            se = math.hypot(_num(by[base].get(f"{k}_stderr")), _num(by[who].get(f"{k}_stderr"))) if who else math.nan
-            if not b - _num(by[base].get(k)) > (2 * se if se == se else 0.0):
+        if base in by and who is not None:
+            se = math.hypot(_num(by[base].get(f"{k}_stderr")), _num(by[who].get(f"{k}_stderr")))
+            margin = 0.0 if math.isnan(se) else 2 * se
+            if not b - _num(by[base].get(k)) > margin:
                 continue
         if not lower and b > 0:
             tasks.append(k)

@@ -40,7 +40,6 @@ from lsm_dist.utils import atomic_write_json, atomic_write_text, get_logger, rea
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = ("noise", "recon_ratio", "self_merge", "expert_merge", "cross_arch", "blocks")
-TASKS = MC_TASKS
 DECODES = ("delta", "direct")
 log = get_logger("lsm.experiments")
 
@@ -78,7 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         self_merge_models=["llama-tiny-arith"], recon_models=["llama-tiny-base"],
         hetero_target="llama-tiny-base", hetero_sources=["qwen2-tiny-base"],
         tokens=4, chunk=32, stage1_steps=30, stage2_steps=10, eval_n=8, samples=[1, 4],
-        lambdas=[0.0, 0.1, 1.0], methods=["lerp", "ties"], eval_tasks=list(TASKS),
+        lambdas=[0.0, 0.1, 1.0], methods=["lerp", "ties"], eval_tasks=list(MC_TASKS),
         noise_models=["llama-tiny-base"], noise_levels=[0.01, 0.1], ppl=True),  # the path, for CI
 }
 

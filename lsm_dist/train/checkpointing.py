@@ -192,6 +192,13 @@ def _write_failure(tmp: Path, step: int, err: BaseException) -> CheckpointError:
         "The partial directory is never resumed from; free space and rerun (resume=auto)")
 
 
+def trained_corpus_digest(run_dir: str | Path) -> str | None:
+    """The corpus digest the newest complete checkpoint of ``run_dir`` was trained on (None: no
+    checkpoint, or one that does not record it). Reads ``trainer_state.json`` only."""
+    last = find_resume(run_dir, "auto") if Path(run_dir).is_dir() else None
+    return None if last is None else read_state(last).get("data", {}).get("corpus_digest")
+
+
 def check_same_corpus(state: dict, path: Path, corpus: str | Path, corpus_digest: str) -> None:
     """Refuse to resume a run on another corpus (the checkpoint's data position, held-out set
     and normalization belong to the corpus it was trained on)."""

@@ -12,10 +12,11 @@ and must match their parent's shape. Models of the zoo share its character-level
 a model descending from a GGUF base uses that base's own tokenizer.
 
 Training: AdamW (betas 0.9/0.98, weight decay 0.01; 0 for LoRA factors), linear warm-up then
-cosine decay to 10% of ``lr``, gradient clipping at 1.0, in float32 on CPU. Items are drawn uniformly
-from the ``tasks`` list (a task listed k times is drawn k times as often), one per row (right-padded, at most ``seq_len``
-tokens): ``<bos> prompt answer <eos>``. **The loss is on the answer and the closing ``<eos>`` only** (prompts are context); plain-text items (``text`` sentences,
-``recall`` statements) have an empty prompt, so they are trained on as a whole.
+cosine decay to 10% of ``lr``, gradient clipping at 1.0, in float32 on CPU. Items are drawn
+uniformly from the ``tasks`` list (a task listed k times is drawn k times as often), one per row
+(right-padded, at most ``seq_len`` tokens): ``<bos> prompt answer <eos>``. **The loss is on the
+answer and the closing ``<eos>`` only** (prompts are context); plain-text items (``text``
+sentences, ``recall`` statements) have an empty prompt, so they are trained on as a whole.
 Deterministic: the data stream and the init are seeded from ``spec.seed``.
 
 Output ``<out_dir>/<name>/``: ``config.json``, ``generation_config.json``, sharded

@@ -122,6 +122,11 @@ def shifted(s: str, k: int = 1) -> str:
     return "".join(LETTERS[(LETTERS.index(c) + k) % 26] for c in s)
 
 
+def flipped(s: str) -> str:
+    """Each digit d replaced by 9 - d: the ``flip`` answer."""
+    return "".join(str(9 - int(c)) for c in s)
+
+
 def _sample_key(task: str, rng: random.Random) -> str:
     if task == "arith":
         a, b = rng.randint(0, ARITH_MAX), rng.randint(0, ARITH_MAX)
@@ -150,7 +155,7 @@ def query(task: str, key: str) -> Example:
     if task == "shift":
         return Example(task, f"Q: shift {key}? A:", f" {shifted(key)}")
     if task == "flip":
-        return Example(task, f"Q: flip {key}? A:", " " + "".join(str(9 - int(c)) for c in key))
+        return Example(task, f"Q: flip {key}? A:", f" {flipped(key)}")
     raise ValueError(task)
 
 
@@ -232,8 +237,10 @@ def distractors(ex: Example, k: int = N_CHOICES - 1) -> list[str]:
             cands.append(" " + "".join(r))
     elif ex.task == "flip":
         s = key_of(ex)
-        f = "".join(str(9 - int(c)) for c in s)
-        cands = [f" {s}", f" {f[::-1]}"] + [" " + f[:i] + str((int(f[i]) + 1) % 10) + f[i + 1:] for i in range(len(f))]
+        f = flipped(s)
+        cands = [f" {s}", f" {f[::-1]}"]
+        for i in range(len(f)):  # flipped with one digit one higher
+            cands.append(f" {f[:i]}{(int(f[i]) + 1) % 10}{f[i + 1:]}")
     else:
         raise ValueError(ex.task)
     uniq = [c for c in dict.fromkeys(cands) if c != right]
