@@ -123,7 +123,11 @@ def cmd_train(args) -> int:
 def cmd_demo(args) -> int:
     from lsm_dist.demo import LOG_NAME, DemoConfig, run_demo
 
-    over = [*args.overrides, *(["quick=true"] if args.quick else []), *(["real=true"] if args.real else [])]
+    flags = [f for f in ("zoo", "quick", "real") if getattr(args, f)]
+    if len(flags) > 1:
+        print(f"lsm demo: --{' and --'.join(flags)} exclude each other", file=sys.stderr)
+        return 2
+    over = [*args.overrides, *(f"preset={f}" for f in flags)]
     cfg = _load(DemoConfig, argparse.Namespace(**{**vars(args), "overrides": over}))
     if _dry(args, cfg):
         return 0
@@ -306,11 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a checkpoint to score (repeatable; added to checkpoints=[...])")
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("demo", help="the end-to-end demo on models the project builds")
+    s = sub.add_parser("demo", help="the end-to-end demo: the real SmolLM2-135M-Instruct and its "
+                       "LoRA experts, merged in weight and latent space, scored, with verdicts")
     _add_common(s)
-    s.add_argument("--quick", action="store_true", help="smallest settings (CI)")
-    s.add_argument("--real", action="store_true",
-                   help="the real pretrained SmolLM2-135M-Instruct and its LoRA experts")
+    s.add_argument("--zoo", action="store_true",
+                   help="the small zoo trained here from scratch (a fast look; its scores depend on the CPU)")
+    s.add_argument("--quick", action="store_true", help="tiny zoo, short runs (CI: the code path)")
+    s.add_argument("--real", action="store_true", help="the real model (the default; kept for old scripts)")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("experiment", help="a paper experiment at small scale: table, CSV, plot")

@@ -1,4 +1,5 @@
-"""The README's main job, end to end, in its --quick form (tiny zoo, short runs)."""
+"""The README's main job, end to end, in its --quick form (tiny zoo, short runs: the code path),
+and its verdicts on a constructed case. The real chain and its verdicts: tests/test_demo_real.py."""
 
 import csv
 import json
@@ -29,6 +30,13 @@ def test_demo_quick_end_to_end(tmp_path, tiny_zoo, capfd, monkeypatch):
     kept = out.split("of each expert's gain")[1].split("stage times:")[0]  # the retention table
     assert "| weight-task-arith |" in kept and "| latent-lerp |" in kept
     assert "latent-self-merge" not in kept and "hetero-ot" not in kept  # not merges of both experts
+    # verdicts computed from this run, as sentences and as data; the models named by digest
+    assert "verdicts of this run" in out and "latent vs weight space, task-arith:" in out
+    assert re.search(r"^models used: llama-tiny-base [0-9a-f]{16}, ", out, re.M)
+    v = json.loads((tmp_path / "demo" / "verdicts.json").read_text())
+    assert set(v["experts"]) == {"llama-tiny-arith", "llama-tiny-reverse"} and v["n"] == 24
+    assert {"latent-lerp-direct", "latent-task-arith-direct"} <= set(v["direct_vs_delta"])
+    assert v["models"]["llama-tiny-base"]["build"]["threads"] == 1
     # the console: one bar per stage (redraws of one line) and the tables, nothing else
     console = out + err
     for noise in NOISE:
@@ -52,7 +60,8 @@ def test_demo_quick_end_to_end(tmp_path, tiny_zoo, capfd, monkeypatch):
     rows = list(csv.DictReader((tmp_path / "demo" / "eval" / "results.csv").open()))
     names = {r["checkpoint"] for r in rows}
     expected = {"llama-tiny-base", "llama-tiny-arith", "llama-tiny-reverse", "vae-recon-direct",
-                "latent-lerp-direct", "latent-lerp", "latent-task-arith", "latent-ties",
+                "latent-lerp-direct", "latent-lerp", "latent-task-arith", "latent-ties", "latent-dare",
+                "latent-task-arith-direct",
                 "latent-self-merge", "weight-lerp", "weight-slerp", "weight-task-arith",
                 "weight-ties", "weight-dare", "hetero-ot"}
     assert expected <= names, expected - names
@@ -80,3 +89,38 @@ def test_demo_quick_end_to_end(tmp_path, tiny_zoo, capfd, monkeypatch):
     _drop_stale_vae_run(other, tmp_path / "demo" / "corpus", get_logger())
     assert same.is_dir() and not other.exists()
     _drop_stale_vae_run(tmp_path / "absent", tmp_path / "demo" / "corpus", get_logger())  # nothing there
+
+
+def test_verdicts_of_a_constructed_run():
+    """The demo's verdicts from scores built by hand: a gain within noise is no gain to keep (the
+    table says so, never a ratio of noise); retention, latent-vs-weight and direct-vs-delta
+    follow the one rule of noise (2 standard errors of the difference)."""
+    from lsm_dist.demo import retention_table, verdict_lines, verdicts
+
+    def row(t1, t2, ppl, se=0.04):
+        return {"t1": t1, "t1_se": se, "t2": t2, "t2_se": se, "ppl": ppl}
+
+    sc = {"base": row(0.30, 0.70, 10.0), "e1": row(0.90, 0.70, 11.0), "e2": row(0.30, 0.75, 10.5),
+          "latent-task-arith": row(0.80, 0.72, 12.0), "weight-task-arith": row(0.60, 0.72, 12.5),
+          "latent-task-arith-direct": row(0.25, 0.25, 5e6), "latent-dare": row(0.86, 0.70, 11.0),
+          "weight-dare": row(0.84, 0.70, 11.0)}
+    merges = ["latent-task-arith", "weight-task-arith", "latent-task-arith-direct", "latent-dare", "weight-dare"]
+    v = verdicts(sc, "base", ["e1", "e2"], merges, merges, ["t1", "t2"], {"e1": ["t1"], "e2": ["t2"]})
+    assert v["experts"]["e1"]["beyond_noise"] and v["experts"]["e1"]["task"] == "t1"
+    assert v["experts"]["e1"]["gain"] == pytest.approx(0.6)
+    assert v["experts"]["e1"]["se"] == pytest.approx((2 * 0.04**2) ** 0.5)
+    assert not v["experts"]["e2"]["beyond_noise"]  # +0.05 < 2·0.057
+    assert v["retention"]["latent-task-arith"] == {"e1": pytest.approx(0.5 / 0.6), "e2": None}
+    assert v["keeps_both"] == []  # e2 has no gain: no merge keeps "both"
+    table = retention_table(v, ["e1", "e2"])
+    assert "| latent-task-arith | 83% | no gain to keep | 83% |" in table  # min over the real gains
+    assert "| latent-task-arith-direct | -8% | no gain to keep | -8% |" in table  # below the base: < 0
+    assert table.count("no gain to keep") == 1 + 5  # the header's note, then every e2 cell
+    lw = v["latent_vs_weight"]
+    assert lw["task-arith"]["verdict"] == "better"  # 0.80 vs 0.60 on t1, 0.72 vs 0.72 on t2
+    assert lw["dare"]["verdict"] == "within noise"
+    d = v["direct_vs_delta"]["latent-task-arith-direct"]
+    assert d["destroyed"] and not d["delta_destroyed"] and d["delta"] == "latent-task-arith"
+    text = verdict_lines(v)
+    assert "e2 does NOT gain" in text and "e1 gains" in text and "destroys the model" in text
+    assert "latent vs weight space, task-arith: better" in text

@@ -272,28 +272,34 @@ def test_parent_change_rebuilds_children(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["b", "e"]
 
 
-# --------------------------------------------------------------------------- the default zoo
-@pytest.mark.slow
-@pytest.mark.timeout(3600)
-def test_default_zoo_experts_beat_bases():
-    """Builds (or reuses, via the card hashes) the default zoo at its configured out_dir."""
-    cfg = B.load_zoo_config(ROOT / "configs/zoo/default.yaml")
-    cfg.out_dir = str(ROOT / cfg.out_dir)
-    paths = build_zoo(cfg, progress=False)
-    by_name = {m.name: m for m in cfg.models}
-    checked = 0
-    for m in cfg.models:
-        if m.parent is None or len(m.tasks) != 1:
-            continue
-        task = m.tasks[0]
-        acc_e = read_card(paths[m.name])["accuracy"][task]
-        acc_b = read_card(paths[by_name[m.parent].name])["accuracy"][task]
-        # every LoRA expert beats its base on its task; the demo's two by a clear margin
-        margin = 0.15 if m.name in ("llama-shift", "llama-flip") else 0.0
-        assert acc_e > acc_b + margin, (m.name, task, acc_e, acc_b)
-        assert (paths[m.name] / "adapter" / "adapter_config.json").is_file(), m.name
-        checked += 1
-    assert checked >= 5
+# --------------------------------------------------------------------------- what holds on any CPU
+def test_cards_record_build_and_digest_and_training_helps(tiny_zoo):
+    """What the zoo guarantees on any machine. The scores of models trained here from random
+    weights are not among them: another CPU (AVX2 vs AVX-512, other threads) rounds differently
+    and trains other weights from the same seeds (the default zoo's base scored 0.73 on shift on
+    one machine, 0.99 on another), so no test asserts the default zoo's scores; the README's
+    claims stand on the real model (tests/test_demo_real.py)."""
+    import torch
+
+    from lsm_dist.checkpoint import Checkpoint, content_digest
+
+    for name, path in tiny_zoo.items():
+        card = read_card(path)
+        with Checkpoint(path) as ck:
+            assert card["digest"] == content_digest(ck), name  # the files as saved
+        assert card["build"] == {"torch": torch.__version__,
+                                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                 "threads": 1}, name  # configs/zoo/tiny.yaml: threads 1
+        train = card["train"]
+        assert train["final_loss"] < train["first_loss"], (name, train)  # training lowers the loss
+
+
+def test_seed_offset_moves_every_trained_model_and_its_hash():
+    cfg = B.load_zoo_config(ROOT / "configs/zoo/real.yaml")
+    moved = B.load_zoo_config(ROOT / "configs/zoo/real.yaml", ["seed_offset=10"])
+    for a, b in zip(cfg.models, moved.models):
+        assert b.seed == a.seed + (10 if a.steps else 0), a.name  # the GGUF import does not train
+    assert B.spec_hash(moved.models[1], moved, "p") != B.spec_hash(cfg.models[1], cfg, "p")
 
 
 # --------------------------------------------------------------------------- GGUF bases, LoRA experts

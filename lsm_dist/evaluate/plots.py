@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lsm_dist.evaluate.verdict import gains
 from lsm_dist.utils import atomic_open
 
 STDERR = "_stderr"
@@ -179,11 +180,9 @@ def retention(rows: Sequence[Mapping[str, Any]], experts: Sequence[str],
     tasks, best = [], {}
     for _task, k, lower in task_metrics(rows):
         b, who = max(((_num(by[e].get(k)), e) for e in experts if e in by), default=(math.nan, None))
-        if base in by and who is not None:
-            se = math.hypot(_num(by[base].get(f"{k}_stderr")), _num(by[who].get(f"{k}_stderr")))
-            margin = 0.0 if math.isnan(se) else 2 * se
-            if not b - _num(by[base].get(k)) > margin:
-                continue
+        if base in by and who is not None and not gains(
+                b, _num(by[who].get(f"{k}_stderr")), _num(by[base].get(k)), _num(by[base].get(f"{k}_stderr"))):
+            continue
         if not lower and b > 0:
             tasks.append(k)
             best[k] = b

@@ -97,11 +97,19 @@ def own_tasks(base: Mapping[str, float], experts: Sequence[Mapping[str, float]],
 
 
 def gain_retention(base: Mapping[str, float], experts: Sequence[Mapping[str, float]],
-                   merged: Mapping[str, float], tasks: Sequence[str]) -> list[float]:
+                   merged: Mapping[str, float], tasks: Sequence[str],
+                   se_base: Mapping[str, float] | None = None,
+                   se_experts: Sequence[Mapping[str, float]] | None = None) -> list[float]:
     """The share of each expert's gain over the base a merge keeps on that expert's task
-    ``tasks[i]``: ``(merge − base) / (expert − base)`` (NaN where the expert does not gain)."""
-    return [(merged[t] - base[t]) / (e[t] - base[t]) if e[t] - base[t] > 0 else math.nan
-            for t, e in zip(tasks, experts)]
+    ``tasks[i]``: ``(merge − base) / (expert − base)``; NaN where the expert does not gain
+    beyond noise (``evaluate.verdict.retention``; without standard errors: where it does not
+    gain at all)."""
+    from lsm_dist.evaluate.verdict import retention
+
+    se_base = se_base or {}
+    se_experts = se_experts or [{}] * len(experts)
+    return [retention(base[t], se_base.get(t), e[t], se_e.get(t), merged[t])
+            for t, e, se_e in zip(tasks, experts, se_experts)]
 
 
 def write_tensorboard(rows: Sequence[Mapping[str, Any]], tb_dir: str | Path, step: int = 0) -> None:

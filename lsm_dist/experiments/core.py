@@ -450,13 +450,11 @@ def mean_se(row: dict, fams: list[str]) -> float:
 
 
 def compare(a: float, b: float, se: float, exact_b: bool = False) -> str:
-    """'above' / 'below' / 'within noise of' for a vs b: noise = 2 standard errors of the
-    difference (se·√2 for two measurements with standard error se; se alone if b is exact)."""
-    if math.isnan(a) or math.isnan(b):
-        return "not comparable"
-    if abs(a - b) <= (2 * se * (1.0 if exact_b else math.sqrt(2)) if not math.isnan(se) else 1e-12):
-        return "within noise of"
-    return "above" if a > b else "below"
+    """'above' / 'below' / 'within noise of' for a vs b, both measured with standard error se
+    (b exact with ``exact_b``): ``evaluate.verdict.compare``'s rule."""
+    from lsm_dist.evaluate.verdict import compare as verdict
+
+    return verdict(a, se, b, 0.0 if exact_b else se)
 
 
 def write_report(ctx: Context, title: str, sections: list[str], observations: list[str],

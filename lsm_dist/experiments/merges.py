@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from lsm_dist.evaluate.plots import palette
+from lsm_dist.evaluate.verdict import fmt_share
 from lsm_dist.experiments.core import (
     Context,
     compare,
@@ -242,8 +243,8 @@ def run_expert_merge(ctx: Context) -> Path:
     kept = retention(rows[0], sc[a], sc[b], keep, fams, own=[ctx.expert_task(e) for e in (a, b)])
     top = max(kept, key=lambda k: min((x for x in kept[k] if not math.isnan(x)), default=-math.inf))
     obs.append(f"gain retention (merge − base) / (expert − base) on each expert's task: best (highest minimum) "
-               f"{top} " + "/".join(f"{x:.2f}" for x in kept[top]) + "; "
-               + ", ".join(f"{k} " + "/".join(f"{x:.2f}" for x in v) for k, v in kept.items()) + ".")
+               f"{top} " + "/".join(map(fmt_share, kept[top])) + "; "
+               + ", ".join(f"{k} " + "/".join(map(fmt_share, v)) for k, v in kept.items()) + ".")
     best_w = max((r for r in keep if r["space"] == "weight"), key=lambda r: r["mean"])
     for lab in [lab for lab, sp, *_ in variants if sp == "latent"]:
         best_l = max((r for r in keep if r["space"] == lab), key=lambda r: r["mean"])
@@ -271,7 +272,11 @@ def retention(base: dict, ea: dict, eb: dict, rows: list[dict], fams: list[str],
     from lsm_dist.evaluate.report import gain_retention, own_tasks
 
     tasks = own_tasks(base, (ea, eb), fams, own)
-    return {r["label"]: gain_retention(base, (ea, eb), r, tasks) for r in rows}
+
+    def se(r: dict) -> dict:
+        return {f: r.get(f + "_se", math.nan) for f in fams}
+
+    return {r["label"]: gain_retention(base, (ea, eb), r, tasks, se(base), (se(ea), se(eb))) for r in rows}
 
 
 # ---- blocks (Table 6) ----------------------------------------------------------------------

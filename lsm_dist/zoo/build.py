@@ -22,7 +22,9 @@ Deterministic: the data stream and the init are seeded from ``spec.seed``.
 Output ``<out_dir>/<name>/``: ``config.json``, ``generation_config.json``, sharded
 safetensors (``max_shard_size``) with ``model.safetensors.index.json``, the tokenizer, and
 ``zoo_card.json`` (spec, hash, source, training losses, greedy exact-match accuracy per task on
-``eval_samples`` test queries, measured on the model as saved). A model is built in a
+``eval_samples`` test queries, measured on the model as saved; the content digest of the saved
+files and the build environment -- torch version, CPU capability, threads -- since another CPU
+rounds differently and trains another model from the same seeds). A model is built in a
 temporary sibling dir and moved into place with ``os.replace``; a dir whose card hash
 matches the spec (which includes the parent's hash) is reused without training. Only the zoo's
 own models (a directory with ``zoo_card.json``) are ever replaced: a same-named directory
@@ -41,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from lsm_dist.checkpoint import Checkpoint, content_digest
 from lsm_dist.config import check, check_choice, doc, load_config, to_dict
 from lsm_dist.console import progress as console_progress
 from lsm_dist.utils import (
@@ -142,7 +145,10 @@ class ZooConfig:
     threads: int = doc("torch CPU threads while building (0 = leave as is); tiny models gain "
                        "nothing from more and suffer badly on a busy machine", 1)
     eval_samples: int = doc("test queries per task for the card's exact-match accuracy", 64)
+    card_tasks: list[str] | None = doc("tasks the card's accuracy is measured on (None: all)", None)
     workers: int = doc("models trained at once, each in its own process (1 = in-process)", 1)
+    seed_offset: int = doc("added to the seed of every model that trains (another init and data "
+                           "order of the same recipe: how much a result depends on the build)", 0)
 
     def __post_init__(self):
         check(self.seq_len >= 32, "seq_len", "must be >= 32")
@@ -150,6 +156,8 @@ class ZooConfig:
         check(self.threads >= 0, "threads", "must be >= 0")
         check(self.eval_samples >= 0, "eval_samples", "must be >= 0")
         check(self.workers >= 1, "workers", "must be >= 1")
+        for t in self.card_tasks or ():
+            check_choice(t, "card_tasks", T.TASK_NAMES)
         names = [m.name for m in self.models]
         dup = sorted({n for n in names if names.count(n) > 1})
         check(not dup, "models", f"duplicate names {dup}")
@@ -158,6 +166,9 @@ class ZooConfig:
             check(m.parent is None or m.parent in by_name, f"{m.name}.parent",
                   f"{m.parent!r} is not a model of this zoo; known: {sorted(by_name)}")  # fmt: skip
         self.models = [_resolve(by_name[n], by_name) for n in topo_order(self.models)]
+        if self.seed_offset:  # applied once, here; the offset seeds enter the models' hashes
+            self.models = [dataclasses.replace(m, seed=m.seed + self.seed_offset) if m.steps else m
+                           for m in self.models]
 
 
 def topo_order(models: Sequence[ZooModelSpec]) -> list[str]:
@@ -220,6 +231,7 @@ def spec_hash(spec: ZooModelSpec, cfg: ZooConfig, parent_hash: str | None) -> st
         "batch_size": cfg.batch_size, "max_shard_size": cfg.max_shard_size,
         "eval_samples": cfg.eval_samples, "tasks_version": T.TASKS_VERSION,
         "build_version": BUILD_VERSION, "vocab_size": VOCAB_SIZE,
+        **({"card_tasks": cfg.card_tasks} if cfg.card_tasks is not None else {}),
     })  # fmt: skip
 
 
@@ -469,19 +481,31 @@ def build_model(spec: ZooModelSpec, cfg: ZooConfig, dst: Path, h: str, parent_ha
         del model
         saved = load_model(tmp, torch.float32)  # evaluate what was saved
         acc = {t: evaluate_exact_match(saved, tokenizer, t, cfg.eval_samples)
-               for t in T.TASK_NAMES} if cfg.eval_samples else {}  # fmt: skip
+               for t in (cfg.card_tasks or T.TASK_NAMES)} if cfg.eval_samples else {}  # fmt: skip
+        with Checkpoint(tmp) as ck:
+            digest = content_digest(ck)
         card = {
             "name": spec.name, "hash": h, "parent_hash": parent_hash,
             "spec": dataclasses.asdict(spec), "source": source, "params": params,
             "train": stats, "accuracy": acc, "eval_samples": cfg.eval_samples,
             "build_seconds": round(time.perf_counter() - t0, 2),
             "zoo": {k: v for k, v in to_dict(cfg).items() if k in _CARD_ZOO_KEYS},
+            "digest": digest, "build": build_environment(),
+            "architecture": read_json(tmp / "config.json").get("model_type"),
         }  # fmt: skip
         atomic_write_json(tmp / CARD_NAME, card)  # last: marks the model complete
         _move_into_place(tmp, dst)
         return card
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_environment() -> dict:
+    """What changes a CPU-trained model's float rounding between machines: torch version, the
+    CPU capability its kernels dispatch to (``torch.backends.cpu.get_cpu_capability()``:
+    AVX512 / AVX2 / ...) and the threads in use (recorded on every card)."""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
 
 
 def _build_in_worker(spec: ZooModelSpec, cfg: ZooConfig, dst: Path, h: str,
@@ -591,7 +615,7 @@ def format_zoo_table(paths: dict[str, Path]) -> str:
         spec, acc = card.get("spec", {}), card.get("accuracy", {})
         loss = card.get("train", {}).get("final_loss")
         rows.append([
-            name, str(spec.get("family") or card.get("source", {}).get("architecture")),
+            name, str(spec.get("family") or card.get("architecture") or card.get("source", {}).get("architecture")),
             str(spec.get("parent") or "-"),
             f"{card.get('params', 0):,}", str(spec.get("dtype")),
             "-" if loss is None else f"{loss:.3f}",
