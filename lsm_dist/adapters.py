@@ -54,14 +54,19 @@ def split_model_ref(ref: str) -> tuple[str, str | None]:
     """``"BASE+ADAPTER"`` (mergekit's syntax) → ``(BASE, ADAPTER)``; a plain path → ``(path, None)``.
 
     A ``+`` inside an existing path is part of the path: the string splits only when it does
-    not exist as a whole and both sides do.
+    not exist as a whole and both sides do. A GGUF base (``*.gguf`` or ``PACKAGE:FILE.gguf``)
+    becomes its float32 safetensors import (``zoo.gguf.import_cached``: once, then cached).
     """
-    if "+" not in ref or Path(ref).exists():
-        return ref, None
-    base, _, lora = ref.rpartition("+")
-    if base and lora and Path(base).exists() and Path(lora).exists():
-        return base, lora
-    return ref, None
+    from lsm_dist.zoo.gguf import import_cached, is_gguf_ref
+
+    base, lora = ref, None
+    if "+" in ref and not Path(ref).exists():
+        b, _, a = ref.rpartition("+")
+        if b and a and (Path(b).exists() or is_gguf_ref(b)) and Path(a).exists():
+            base, lora = b, a
+    if is_gguf_ref(base):
+        base = str(import_cached(base))
+    return base, lora
 
 
 def _pattern_value(patterns: dict, module: str, default):

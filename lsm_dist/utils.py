@@ -117,6 +117,17 @@ def read_json(path: str | Path) -> Any:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
+def cache_root() -> Path:
+    """The project's cache of derived files shared across runs (GGUF files assembled from
+    chunk packages, GGUF imports, calibration activations): ``$LSM_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/lsm_dist``, else ``~/.cache/lsm_dist``."""
+    env = os.environ.get("LSM_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "lsm_dist"
+
+
 def sha256_file(path: str | Path, bufsize: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

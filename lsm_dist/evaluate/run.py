@@ -153,7 +153,12 @@ def parse_checkpoints(specs: Sequence[str]) -> list[tuple[str, Path]]:
 # --------------------------------------------------------------------------- checkpoints
 def resolve_checkpoint(path: str | Path) -> Path:
     """The real path of a checkpoint directory (symlinks followed, once): what is
-    fingerprinted, loaded and recorded. ``CheckpointError`` for a missing path or a loop."""
+    fingerprinted, loaded and recorded. ``CheckpointError`` for a missing path or a loop. A
+    GGUF file (``*.gguf``, ``PACKAGE:FILE.gguf``) is scored as its cached safetensors import."""
+    from lsm_dist.zoo.gguf import import_cached, is_gguf_ref
+
+    if is_gguf_ref(path):
+        path = import_cached(str(path))
     try:
         real = Path(path).resolve(strict=True)
     except FileNotFoundError:

