@@ -102,14 +102,32 @@ def card_text(rp) -> str:
         shape = f"samples {c.tokens}×{c.chunk}, latent {tuple(c.latent_shape)}" if c is not None else ""
         lines.append(f"- `{path}` (digest `{i.vae_digest}`): {shape}")
     a = plan.alignment
-    lines += ["", "## Alignment", "",
+    lines += ["", "## Alignment", "", *(_activations_lines(rp.alignment_report) if rp.alignment_report else [
               f"- `{a.method}`" + (f" (reg {a.reg}, max_samples {a.max_samples})" if a.method != "none" else "")
-              + (f"; heterogeneous merge, layer map `{plan.layer_map}`" if rp.heterogeneous else ""),
+              + (f"; heterogeneous merge, layer map `{plan.layer_map}`" if rp.heterogeneous else "")]),
               "", "## Provenance", "",
               f"- plan digest `{rp.digest}`; resolved plan: [`{PLAN_FILE}`]({PLAN_FILE})",
               f"- lsm_dist version {_version()}" + (f"; read from `{plan.origin}`" if plan.origin else ""),
               f"- {len(rp.jobs)} tensor(s) written by the merge, {len(rp.outputs)} in the checkpoint", ""]
     return "\n".join(lines) + "\n"
+
+
+def _activations_lines(report: dict) -> list[str]:
+    """The card's account of a functional alignment (``merge.functional``)."""
+    c = report["config"]
+    lines = [f"- `activations` (functional alignment, lsm_dist.merge.functional): depth map `{c['depth']}`, "
+             f"{c['calibration_items']} calibration items per task beside the English text"
+             + (f"; task vector carried relative to `{c['source_base']}`" if c.get("source_base") else ""),
+             "- the sources' MLPs (gate / up / down) are transported into the target's basis by OT couplings of "
+             "their units' activations; attention, embeddings and norms are the target's (head shapes of "
+             "different families do not correspond). Measured outcomes: docs/experiments.md (cross_arch)."]
+    for m, r in report["models"].items():
+        q = r["quality"]
+        mean = {s: sum(v) / len(v) for s, v in q.items() if v}
+        lines.append(f"- `{m}` → target: layer map `{r['layer_map']}`; source layers read by no target layer: "
+                     f"`{r['dropped_source_layers'] or 'none'}`; {r['positions']} calibration positions; mean |corr| "
+                     "of coupled units " + ", ".join(f"{s} {v:.3f}" for s, v in mean.items()))
+    return lines
 
 
 def write_card(model_dir: str | Path, rp) -> None:

@@ -110,7 +110,7 @@ def merge_latent_tensor(rp, job, caches, vae: TransformerVAE, device: torch.devi
     plan, tid = rp.plan, rp.plan.target
     op = get_operator(plan.method)
     z_t = None
-    align = rp.heterogeneous or plan.alignment.method != "none"
+    align = rp.heterogeneous or plan.alignment.latent_ot
 
     def operand(mid: str):
         nonlocal z_t

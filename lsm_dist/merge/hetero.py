@@ -39,20 +39,42 @@ import torch
 
 from lsm_dist.config import check, check_choice, doc
 
-ALIGNMENTS = ("none", "gaussian", "emd", "sinkhorn")
+LATENT_OT = ("gaussian", "emd", "sinkhorn")
+ALIGNMENTS = ("none", *LATENT_OT, "activations")
+DEPTHS = ("proportional", "cka")
 
 
 @dataclass
 class AlignConfig:
-    method: str = doc("OT alignment of source latents to the target's: none | gaussian | emd | sinkhorn", "none")
+    method: str = doc("alignment of another model onto the target: none | gaussian | emd | sinkhorn "
+                      "(the paper's: OT of source latents onto the target's, per tensor pair) | "
+                      "activations (functional: match MLP units by activation correlation on a "
+                      "calibration text and transport the source's weights into the target's basis; "
+                      "lsm_dist.merge.functional)", "none")
     reg: float = doc("gaussian: covariance regularization; sinkhorn: entropic regularization "
                      "(on the cost matrix scaled to max 1)", 1e-3)
     max_samples: int = doc("points (latent-token vectors) per side used to fit a map", 2048)
+    depth: str = doc("activations: source layer per target layer: proportional | cka (the "
+                     "non-decreasing map maximizing the layers' CKA)", "proportional")
+    source_base: str | None = doc("activations: carry each source's task vector (source − this "
+                                  "model, transported) onto the target instead of the source itself",
+                                  None)
+    calibration_items: int = doc("activations: items of each zoo task in the calibration text (beside "
+                                 "the English text)", 200)
 
     def __post_init__(self) -> None:
         check_choice(self.method, "alignment.method", ALIGNMENTS)
         check(self.reg > 0 and math.isfinite(self.reg), "alignment.reg", f"must be > 0, got {self.reg!r}")
         check(self.max_samples >= 2, "alignment.max_samples", f"must be >= 2, got {self.max_samples!r}")
+        check_choice(self.depth, "alignment.depth", DEPTHS)
+        check(self.calibration_items >= 0, "alignment.calibration_items", "must be >= 0")
+        check(self.source_base is None or self.method == "activations", "alignment.source_base",
+              "only alignment: activations carries a task vector")
+
+    @property
+    def latent_ot(self) -> bool:
+        """The paper's OT of latents (fitted per tensor pair at merge time)."""
+        return self.method in LATENT_OT
 
 
 # ----------------------------------------------------------------------------- layers
@@ -175,7 +197,7 @@ def nearest_displacement(x: torch.Tensor, fit_x: torch.Tensor, fit_y: torch.Tens
 def fit_and_apply(xs: torch.Tensor, xt: torch.Tensor, cfg: AlignConfig, gen: torch.Generator,
                   what: str = "") -> torch.Tensor:
     """Map every source point (n_s, D) towards the target distribution (n_t, D); float64."""
-    if cfg.method == "none":
+    if not cfg.latent_ot:
         return xs
     fs, idx = _subsample(xs, cfg.max_samples, gen)
     ft, _ = _subsample(xt, cfg.max_samples, gen)

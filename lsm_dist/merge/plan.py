@@ -219,8 +219,9 @@ class MergePlan:
             check(v is None or v in SAFETENSORS_DTYPES, name, f"{v!r} is not one of {list(SAFETENSORS_DTYPES)}")
         if self.space == "weight":
             check(not op.latent_only, "method", f"{self.method!r} needs posterior latents: use space: latent")
-            check(self.alignment.method == "none", "alignment",
-                  "OT alignment works on latents: use space: latent (weight space needs identical shapes)")
+            check(not self.alignment.latent_ot, "alignment",
+                  "OT alignment works on latents: use space: latent, or alignment: activations (which "
+                  "transports the weights themselves)")
         else:
             missing = [m for m, e in self.models.items() if e.vae is None] if self.vae is None else []
             check(not missing, "vae", f"space: latent needs a VAE: set `vae` (or models.<id>.vae for {missing})")
@@ -318,6 +319,9 @@ class ResolvedPlan:
     outputs: list[TensorInfo] = field(default_factory=list)  # the merged checkpoint's tensors, in order
     config_patch: dict = field(default_factory=dict)  # config.json keys the output changes
     groups: dict[str, list[TensorJob]] = field(default_factory=dict)
+    # alignment: activations: {"config": the plan's alignment, "models": per source, its report}
+    # (the plan above names the transported checkpoints and alignment none)
+    alignment_report: dict | None = None
 
     def __post_init__(self) -> None:
         for j in self.jobs:
@@ -374,7 +378,8 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
             why = f"{name} is {_shape_desc(shape)} in {mid}, {_shape_desc(ref)} in the output"
             check(j.space == "latent", "space" if plan.space == "weight" else "rest",
                   f"heterogeneous models ({why}): weight-space merges need identical shapes; "
-                  + ("use space: latent with an alignment" if plan.space == "weight" else
+                  + ("use alignment: activations (functional alignment), or space: latent with an OT "
+                     "alignment" if plan.space == "weight" else
                      "tensors outside `blocks` are merged in weight space (rest: weight); use rest: target"))
             hetero_why = hetero_why or why
         if j.space == "latent":
@@ -388,10 +393,10 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
     if hetero_why is not None:
         check(plan.space == "latent", "space",
               f"heterogeneous models ({hetero_why}): weight-space merges need identical shapes; "
-              "use space: latent with an alignment")
-        check(plan.alignment.method != "none", "alignment",
+              "use alignment: activations (functional alignment), or space: latent with an OT alignment")
+        check(plan.alignment.latent_ot, "alignment",
               f"heterogeneous models ({hetero_why}) need an OT alignment: set `alignment: gaussian` "
-              "(or emd / sinkhorn)")
+              "(or emd / sinkhorn), or `alignment: activations` (functional alignment)")
         if get_operator(plan.method).needs_logvar:
             check(plan.inputs == [tid], "inputs", "self_merge of a heterogeneous model: use the target")
     infos = _model_infos(plan, checkpoints, maps, jobs)
@@ -500,6 +505,7 @@ def write_plan_record(rp: ResolvedPlan) -> None:
                           if k != "vae_cfg"}} for m, i in rp.models.items()},
         "tensors": len(rp.jobs),
         "groups": list(rp.groups),
+        **({"alignment_report": rp.alignment_report} if rp.alignment_report else {}),
     })
 
 

@@ -27,6 +27,7 @@ from lsm_dist.merge.encode import run_encode
 from lsm_dist.merge.plan import (
     MergePlan,
     ResolvedPlan,
+    check_out_dir,
     load_plan,
     parse_size,
     resolve_plan,
@@ -38,10 +39,24 @@ log = get_logger("lsm.merge")
 
 
 def prepare(plan: MergePlan | str | Path, overrides: Sequence[str] = ()) -> ResolvedPlan:
-    """Load (if a path) and resolve a plan, then claim its out_dir (all checks, no heavy work)."""
+    """Load (if a path) and resolve a plan, then claim its out_dir (all checks; no heavy work,
+    except the one-time transport of ``alignment: activations``, cached, after the checks of
+    the out_dir)."""
     if not isinstance(plan, MergePlan):
         plan = load_plan(plan, overrides)
+    report = None
+    if plan.alignment.method == "activations":
+        from lsm_dist.config import to_dict
+        from lsm_dist.merge.functional import dropped_note, transport_plan
+
+        check_out_dir(plan)
+        original = to_dict(plan.alignment)
+        plan, models = transport_plan(plan)
+        report = {"config": original, "models": models}
+        for line in dropped_note(models):
+            log.warning("alignment: %s", line)
     rp = resolve_plan(plan)
+    rp.alignment_report = report
     write_plan_record(rp)
     return rp
 
