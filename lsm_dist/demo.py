@@ -207,7 +207,9 @@ def run_demo(cfg: DemoConfig) -> int:
 
     t = _stage(log, "1/5 model zoo (build or reuse)")
     zoo_over = [*([f"out_dir={cfg.zoo_dir}"] if cfg.zoo_dir else []), *cfg.zoo_overrides]
-    zoo = build_zoo(load_zoo_config(REPO / p["zoo_config"], zoo_over))
+    needed = [p["base"], *p["experts"], *([p["heldout"]] if p["heldout"] else []),
+              *([p["hetero_source"]] if p["hetero_source"] else [])]
+    zoo = build_zoo(load_zoo_config(REPO / p["zoo_config"], zoo_over), only=needed)
     timings["zoo"] = time.perf_counter() - t
 
     t = _stage(log, "2/5 weight corpus (lsm convert)")

@@ -198,10 +198,23 @@ def test_cross_arch_quick_cli_and_resume(exp_root, tiny_zoo, capsys):
     assert "cross_arch" in capsys.readouterr().out
     out = exp_root / "cross_arch"
     rows = _rows(out)
-    lam = [float(r["λ"]) for r in rows if r["λ"] != ""]
-    assert lam == [0.0, 0.1, 1.0]
     _check_acc(rows)
-    assert "OT only" in (out / "results.md").read_text()
+    # both directions; every variant of the quick preset at each of its λ
+    assert {r["direction"] for r in rows} == {"llama-tiny-base ← qwen2-tiny-base", "qwen2-tiny-base ← llama-tiny-base"}
+    d = [r for r in rows if r["direction"] == "llama-tiny-base ← qwen2-tiny-base" and r["variant"]]
+    assert [(r["variant"], float(r["λ"])) for r in d] == [
+        ("gaussian/latent/delta", 0.0), ("gaussian/latent/delta", 0.1), ("gaussian/latent/delta", 1.0),
+        ("gaussian/latent/direct", 0.1), ("activations/weight", 0.1), ("activations/weight", 0.5),
+        ("activations/latent/delta/cka", 0.1)]
+    target = next(r for r in rows if r["what"] == "target llama-tiny-base")
+    same = d[0]  # λ = 0, delta decoding: the target itself, scored once, not merged again
+    assert same["what"].startswith("= the target") and same["arith"] == target["arith"]
+    assert all(r["verdict"] for r in d[1:])
+    # the reverse direction carries the llama reverse expert's task vector into qwen2
+    skill = [r for r in rows if r["what"] == "skill of llama-tiny-reverse carried"]
+    assert [(r["variant"], float(r["λ"])) for r in skill] == [("activations/weight", 1.0), ("gaussian/latent/delta", 1.0)]
+    text = (out / "results.md").read_text()
+    assert "skill transfer" in text and ("beats the target" in text or "beat the target" in text)
     # a re-run reuses the VAE, merges and scores: no training, same numbers
     assert main(argv) == 0
     again = json.loads((out / "result.json").read_text())

@@ -7,7 +7,8 @@
   attention vs MLP, against PCA at the same ratio (paper Tables 7 & 8);
 - ``self_merge``   — base vs VAE reconstruction vs K-sample self-merge (Table 2);
 - ``expert_merge`` — two experts merged in latent vs weight space, five operators (Table 3);
-- ``cross_arch``   — heterogeneous OT merge, accuracy vs λ (Table 5, Fig. 4);
+- ``cross_arch``   — merging another family both ways: the paper's latent OT and functional
+  alignment, accuracy and perplexity vs λ, skill transfer (Table 5, Fig. 4);
 - ``blocks``       — merging MLP only / attention only / both (Table 6).
 
 ``run_experiment(load_experiment_config("configs/experiments/recon_ratio.yaml"))`` or
@@ -41,11 +42,11 @@ def load_experiment_config(path: str | Path | None = None, overrides: Sequence[s
 def run_experiment(cfg: ExperimentConfig) -> Path:
     """Run experiment ``cfg.name``; returns ``<out_dir>/results.md`` (CSV / PNG / JSON beside)."""
     from lsm_dist.config import save_resolved
-    from lsm_dist.experiments import merges, noise, recon
+    from lsm_dist.experiments import cross_arch, merges, noise, recon
 
     ctx = Context(cfg)
     save_resolved(cfg, ctx.out / "experiment.resolved.yaml")
     run = {"noise": noise.run, "recon_ratio": recon.run, "self_merge": merges.run_self_merge,
-           "expert_merge": merges.run_expert_merge, "cross_arch": merges.run_cross_arch,
+           "expert_merge": merges.run_expert_merge, "cross_arch": cross_arch.run,
            "blocks": merges.run_blocks}[cfg.name]
     return run(ctx)

@@ -55,20 +55,35 @@ PRESETS: dict[str, dict[str, Any]] = {
         tokens=8, chunk=64, stage1_steps=800, stage2_steps=200, eval_n=100, samples=[1, 4, 16],
         lambdas=[0.0, 0.05, 0.1, 0.2, 0.5, 1.0],
         methods=["lerp", "soup", "task_arithmetic", "ties", "dare"], eval_tasks=list(DEFAULT_ZOO_MC),
-        noise_models=["llama-base"], noise_levels=[0.003, 0.01, 0.03, 0.1, 0.3], ppl=False),
+        noise_models=["llama-base"], noise_levels=[0.003, 0.01, 0.03, 0.1, 0.3], ppl=False,
+        reverse=False, transfers={}, transfer_variants=[]),
     # the real pretrained SmolLM2-135M-Instruct and its LoRA experts (configs/zoo/real.yaml)
     "real": dict(
         zoo_config="configs/zoo/real.yaml",
         train_models=["smollm2-135m"], heldout_models=[],
         base="smollm2-135m", experts=["smollm2-arith", "smollm2-reverse"],
         self_merge_models=["smollm2-arith"], recon_models=["smollm2-135m"],
-        hetero_target=None, hetero_sources=[],
+        hetero_target="smollm2-135m", hetero_sources=["gemma3-270m"],
         tokens=8, chunk=64, stage1_steps=1500, stage2_steps=200, eval_n=100, samples=[1, 4, 16],
         lambdas=[0.0, 0.05, 0.1, 0.2, 0.5, 1.0],
         methods=["lerp", "task_arithmetic", "ties", "dare"],  # soup [0.5, 0.5] is lerp 0.5
         eval_tasks=["lsm_arith_mc", "lsm_reverse_mc"],
         noise_models=["smollm2-135m", "smollm2-arith"], noise_levels=[0.001, 0.003, 0.01, 0.03, 0.1],
-        ppl=True),
+        ppl=True,
+        # cross_arch: both directions between the two real families, the paper's latent OT (its
+        # variants at λ 0.1) and the functional aligner, and each family's experts carried into the
+        # other family's base; one VAE trained on both bases
+        reverse=True, hetero_train_models=["smollm2-135m", "gemma3-270m"],
+        variants=[{"alignment": "gaussian", "decode": "delta", "lambdas": [0.05, 0.1, 0.2]},
+                  {"alignment": "gaussian", "decode": "direct", "lambdas": [0.1]},
+                  {"alignment": "emd", "lambdas": [0.1]}, {"alignment": "sinkhorn", "lambdas": [0.1]},
+                  {"alignment": "none", "lambdas": [0.1]},
+                  {"alignment": "activations", "space": "weight", "lambdas": [0.05, 0.1, 0.2, 0.5]},
+                  {"alignment": "activations", "space": "latent", "lambdas": [0.1]}],
+        transfers={"smollm2-arith": "smollm2-135m", "smollm2-reverse": "smollm2-135m",
+                   "gemma3-arith": "gemma3-270m", "gemma3-reverse": "gemma3-270m"},
+        transfer_variants=[{"alignment": "activations", "space": "weight", "lambdas": [0.5, 1.0]},
+                           {"alignment": "gaussian", "lambdas": [1.0]}]),
     "quick": dict(
         zoo_config="configs/zoo/tiny.yaml",
         train_models=["llama-tiny-base", "llama-tiny-arith", "llama-tiny-reverse", "qwen2-tiny-base"],
@@ -78,8 +93,45 @@ PRESETS: dict[str, dict[str, Any]] = {
         hetero_target="llama-tiny-base", hetero_sources=["qwen2-tiny-base"],
         tokens=4, chunk=32, stage1_steps=30, stage2_steps=10, eval_n=8, samples=[1, 4],
         lambdas=[0.0, 0.1, 1.0], methods=["lerp", "ties"], eval_tasks=list(MC_TASKS),
-        noise_models=["llama-tiny-base"], noise_levels=[0.01, 0.1], ppl=True),  # the path, for CI
+        noise_models=["llama-tiny-base"], noise_levels=[0.01, 0.1], ppl=True,  # the path, for CI
+        reverse=True, transfers={"llama-tiny-reverse": "llama-tiny-base"},
+        variants=[{"alignment": "gaussian", "decode": "delta", "lambdas": [0.0, 0.1, 1.0]},
+                  {"alignment": "gaussian", "decode": "direct", "lambdas": [0.1]},
+                  {"alignment": "activations", "space": "weight", "lambdas": [0.1, 0.5]},
+                  {"alignment": "activations", "space": "latent", "lambdas": [0.1], "depth": "cka"}],
+        transfer_variants=[{"alignment": "activations", "space": "weight", "lambdas": [1.0]},
+                           {"alignment": "gaussian", "lambdas": [1.0]}]),
 }
+
+
+@dataclass
+class HeteroVariant:
+    """One way of merging a model of another family into a target (cross_arch)."""
+
+    alignment: str = doc("none | gaussian | emd | sinkhorn (the paper's: OT of the source's latents onto "
+                         "the target's) | activations (functional: the source's MLP units matched to "
+                         "the target's by activation correlation, its weights transported)", "gaussian")
+    space: str = doc("latent | weight (weight space needs alignment: activations)", "latent")
+    decode: str = doc("latent space: delta | direct", "delta")
+    lambdas: list[float] = doc("λ values: W_t + λ(T(W_s) − W_t), or its latent version", factory=lambda: [0.1])
+    depth: str = doc("activations: proportional | cka depth map", "proportional")
+
+    def __post_init__(self) -> None:
+        from lsm_dist.merge.hetero import ALIGNMENTS, DEPTHS
+
+        check_choice(self.alignment, "variants.alignment", ALIGNMENTS)
+        check_choice(self.space, "variants.space", ("latent", "weight"))
+        check_choice(self.decode, "variants.decode", DECODES)
+        check_choice(self.depth, "variants.depth", DEPTHS)
+        check(self.space == "latent" or self.alignment == "activations", "variants.space",
+              "weight space merges another family only after alignment: activations")
+        check(bool(self.lambdas) and all(0.0 <= x <= 1.0 for x in self.lambdas), "variants.lambdas",
+              f"must be a non-empty list in [0, 1], got {self.lambdas}")
+
+    @property
+    def label(self) -> str:
+        return "/".join([self.alignment, self.space] + ([self.decode] if self.space == "latent" else [])
+                        + (["cka"] if self.depth == "cka" else []))
 
 
 @dataclass
@@ -143,7 +195,26 @@ class ExperimentConfig:
     density: float = doc("TIES density", 0.5)
     drop_p: float = doc("DARE drop probability", 0.5)
     delta_weights: list[float] | None = doc("task_arithmetic / ties / dare delta scales (None: 1.0 each)", None)
-    alignment: str = doc("cross_arch OT alignment: gaussian | emd | sinkhorn", "gaussian")
+    alignment: str = doc("cross_arch: the OT alignment of the default variants (gaussian | emd | "
+                         "sinkhorn), swept over `lambdas` with every decode of `decodes`", "gaussian")
+    alignment_reg: float = doc("cross_arch: latent OT regularization (gaussian: covariance; "
+                               "sinkhorn: entropic)", 1e-3)
+    alignment_max_samples: int = doc("cross_arch: latent points per side a latent OT map is fitted on", 2048)
+    variants: list[HeteroVariant] | None = doc(
+        "cross_arch: the merges compared per direction (None: the preset's, else `alignment` over "
+        "`lambdas` × `decodes`): [{alignment, space, decode, lambdas, depth}]", None)
+    reverse: bool | None = doc("cross_arch: also each source as the target of the target (both "
+                               "directions); None: the preset's", None)
+    transfers: dict[str, str] | None = doc(
+        "cross_arch skill transfer: expert → its base; each expert of a source's family has its "
+        "task vector (expert − base) carried into the other family's target (None: the preset's)", None)
+    transfer_variants: list[HeteroVariant] | None = doc(
+        "cross_arch: how the task vectors are carried: activations → W_t + λ·T(W_e − W_b); latent OT → "
+        "z_t + λ(T(z_e) − T(z_b)) (None: the preset's)", None)
+    hetero_train_models: list[str] | None = doc("cross_arch: models of the VAE's training corpus "
+                                                "(None: the preset's, else train_models)", None)
+    max_ppl_increase: float = doc("cross_arch: a merge counts as beating its target only with word "
+                                  "perplexity at most this fraction above the target's", 0.10)
     seed: int = doc("seed of posterior samples, DARE masks, eval rows", 0)
 
     def __post_init__(self) -> None:
@@ -168,6 +239,18 @@ class ExperimentConfig:
         for key, value in preset.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if self.variants is None:  # the paper's sweep: one OT aligner, every decode
+            self.variants = [{"alignment": self.alignment, "decode": d, "lambdas": list(self.lambdas)}
+                             for d in self.decodes]
+        self.variants = [v if isinstance(v, HeteroVariant) else from_dict(HeteroVariant, v, "variants")
+                         for v in self.variants]
+        self.transfer_variants = [v if isinstance(v, HeteroVariant) else from_dict(HeteroVariant, v, "transfer_variants")
+                                  for v in self.transfer_variants]
+        if self.hetero_train_models is None:
+            self.hetero_train_models = list(self.train_models)
+        check(self.alignment_reg > 0, "alignment_reg", "must be > 0")
+        check(self.alignment_max_samples >= 2, "alignment_max_samples", "must be >= 2")
+        check(self.max_ppl_increase >= 0, "max_ppl_increase", "must be >= 0")
         if self.out_dir is None:
             suffix = "" if self.preset == "default" else f"-{self.preset}"
             self.out_dir = f"runs/experiments{suffix}/{self.name}"
@@ -251,7 +334,7 @@ class Context:
         from lsm_dist.corpus import ConvertConfig, run_convert
 
         models = {"train": self.cfg.train_models, "heldout": self.cfg.heldout_models,
-                  "delta": self.cfg.experts}[kind]
+                  "delta": self.cfg.experts, "hetero": self.cfg.hetero_train_models}[kind]
         base = {"base": self.scorable(self.cfg.base)} if kind == "delta" else {}
         key = sha256_json({"models": {m: self.path(m) for m in models}, **base,
                            "tokens": self.cfg.tokens, "chunk": self.cfg.chunk})[:10]
@@ -264,9 +347,12 @@ class Context:
 
     def vae(self, ratio: float | None = None, kind: str = "train") -> Path:
         """The VAE of compression ``ratio`` (default ``cfg.ratio``), trained once and cached, on
-        the training corpus (``kind="train"``) or on the experts' delta corpus (``"delta"``)."""
+        the training corpus (``kind="train"``), on the experts' delta corpus (``"delta"``) or on
+        the models of both families of cross_arch (``"hetero"``: ``hetero_train_models``)."""
         cfg = self.cfg
         ratio = cfg.ratio if ratio is None else ratio
+        if kind == "hetero" and list(cfg.hetero_train_models) == list(cfg.train_models):
+            kind = "train"
         train_c = self.corpus(kind)
         held_c = self.corpus("heldout") if cfg.heldout_models and kind == "train" else None
         s1, s2 = cfg.stage1_steps, cfg.stage2_steps
@@ -292,7 +378,7 @@ class Context:
         for k in PRESENTATION_FIELDS:  # how the run shows itself does not change the VAE
             resolved.pop(k, None)
         digest = sha256_json({"request": resolved, "corpus": read_json(train_c / "manifest.json")["plan_digest"]})[:10]
-        run_dir = self.shared / f"vae{'-delta' if kind == 'delta' else ''}-r{ratio:g}-{digest}"
+        run_dir = self.shared / f"vae{'' if kind == 'train' else '-' + kind}-r{ratio:g}-{digest}"
         done = run_dir / "experiment_vae.json"
         if done.is_file() and (run_dir / "vae" / "config.json").is_file():
             self.vae_metrics[ratio] = read_json(done)["metrics"]
@@ -388,16 +474,18 @@ class Context:
         """Accuracy per family, their mean, and perplexity when scored."""
         return [*self.families(), "mean", *(["ppl"] if self.cfg.ppl else [])]
 
+    def chance_of(self, fam: str) -> float:
+        """Accuracy of uniform guessing on task family ``fam`` (NaN for tasks not generated here)."""
+        f = self.shared / "eval" / "tasks" / "data" / f"{fam}_test.jsonl"
+        if not f.is_file():
+            return math.nan
+        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        return sum(1.0 / len(r["choices"]) for r in rows) / max(len(rows), 1)
+
     def chance(self) -> float:
         """Mean accuracy of uniform guessing over the scored families (1/choices per test row
         of the generated lsm_* tasks; NaN for other tasks)."""
-        levels = []
-        for fam in self.families():
-            f = self.shared / "eval" / "tasks" / "data" / f"{fam}_test.jsonl"
-            if not f.is_file():
-                return math.nan
-            rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-            levels.append(sum(1.0 / len(r["choices"]) for r in rows) / max(len(rows), 1))
+        levels = [self.chance_of(fam) for fam in self.families()]
         return sum(levels) / len(levels) if levels else math.nan
 
     def chance_note(self, rows: list[dict], label) -> str:

@@ -1,5 +1,5 @@
-"""The merge experiments: ``self_merge`` (Table 2), ``expert_merge`` (Table 3), ``cross_arch``
-(Table 5 / Fig. 4) and ``blocks`` (Table 6). Each builds merge plans, runs them through
+"""The merge experiments: ``self_merge`` (Table 2), ``expert_merge`` (Table 3) and ``blocks``
+(Table 6); ``cross_arch`` (Table 5 / Fig. 4) has its own module. Each builds merge plans, runs them through
 ``run_merge``, scores every checkpoint with lm-eval and writes its table, plot and
 observations (computed from the numbers; differences within ~2 standard errors of the
 difference are reported as noise)."""
@@ -330,85 +330,3 @@ def run_blocks(ctx: Context) -> Path:
                         ["## Accuracy\n", f"lerp λ={cfg.lambda_} of {a} (target) and {b}; only the named blocks are "
                          f"merged, every other tensor is {a}'s original; latent merges decoded with {dec} decoding. "
                          "Weight-space lerp of the same blocks for reference.\n", markdown_table(rows, cols)], obs, {"results": (rows, _csv_cols(cols, ctx))}, t0)
-
-
-# ---- cross_arch (Table 5, Fig. 4) ----------------------------------------------------------
-def run_cross_arch(ctx: Context) -> Path:
-    cfg, t0 = ctx.cfg, time.perf_counter()
-    tgt = cfg.hetero_target
-    from lsm_dist.config import check
-
-    check(bool(tgt) and bool(cfg.hetero_sources), "hetero_target",
-          f"cross_arch needs hetero_target and hetero_sources (preset {cfg.preset} has none)")
-    ckpts = {tgt: ctx.path(tgt)}
-    keys = []
-    for src in cfg.hetero_sources:
-        ckpts[src] = ctx.path(src)
-        for lam in cfg.lambdas:
-            key = f"cross_arch.{src}.l{lam:g}"
-            plan = {"models": {tgt: ctx.path(tgt), src: ctx.path(src)}, "target": tgt, "method": "lerp",
-                    "params": {"lambda": float(lam)}, "space": "latent", "layer_map": "proportional",
-                    "alignment": {"method": cfg.alignment, "reg": 1e-3}, "decode": cfg.decodes[0]}
-            ckpts[key] = ctx.merge(f"{src}-l{lam:g}", plan)
-            keys.append((src, lam, key))
-    sc = ctx.scores(ckpts)
-    fams = ctx.families()
-
-    def what(lam):
-        return ("target through the VAE" if lam == 0 else "OT only (aligned source decoded alone)"
-                if lam == 1 else "OT + interpolation")
-
-    rows = [{"source": "—", "λ": "", "merge": f"target {tgt} (original)", **sc[tgt]}]
-    for src in cfg.hetero_sources:
-        rows.append({"source": src, "λ": "", "merge": f"source {src} (original, reference)", **sc[src]})
-        rows += [{"source": src, "λ": lam, "merge": what(lam), **sc[key]} for s, lam, key in keys if s == src]
-    cols = ["source", "λ", "merge", *_acc_cols(ctx)]
-    pyplot = plt()
-    ncol = 2 if len(fams) + 1 > 2 else len(fams) + 1
-    nrow = math.ceil((len(fams) + 1) / ncol)
-    fig, axes = pyplot.subplots(nrow, ncol, figsize=(5.5 * ncol, 3.6 * nrow), sharey=True, squeeze=False)
-    axes = axes.reshape(-1)
-    for ax in axes[len(fams) + 1:]:
-        ax.set_visible(False)
-    for ax, metric in zip(axes, [*fams, "mean"]):
-        for i, src in enumerate(cfg.hetero_sources):
-            pts = [(lam, sc[key][metric]) for s, lam, key in keys if s == src]
-            ax.plot(*zip(*pts), "-o", color=f"C{i}", ms=3, label=src)
-        ax.axhline(sc[tgt][metric], color="k", ls="--", lw=1, label=f"{tgt} (original)")
-        ax.set_xscale("symlog", linthresh=0.05, linscale=0.5)
-        ax.set_xticks(sorted(set(cfg.lambdas)), [f"{x:g}" for x in sorted(set(cfg.lambdas))], minor=False)
-        ax.xaxis.set_minor_locator(pyplot.NullLocator())
-        ax.set_title(metric)
-        ax.set_xlabel("λ")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"heterogeneous merge into {tgt}: accuracy vs λ ({cfg.alignment} OT)")
-    fig.tight_layout()
-    save_fig(fig, ctx.out / "results.png")
-    obs = []
-    se = mean_se(sc[tgt], fams)
-    for src in cfg.hetero_sources:
-        pts = {lam: sc[key] for s, lam, key in keys if s == src}
-        inner = {lam: r for lam, r in pts.items() if 0 < lam < 1}
-        line = f"{src} → {tgt}: " + ", ".join(f"λ={lam:g} {r['mean']:.3f}" for lam, r in pts.items())
-        if inner:
-            bl = max(inner, key=lambda x: inner[x]["mean"])
-            line += (f"; best OT+interpolation λ={bl:g} ({inner[bl]['mean']:.3f}) is "
-                     f"{compare(inner[bl]['mean'], sc[tgt]['mean'], se)} the original target ({sc[tgt]['mean']:.3f})")
-            if 0.0 in pts:
-                line += f" and {compare(inner[bl]['mean'], pts[0.0]['mean'], se)} λ=0 ({pts[0.0]['mean']:.3f})"
-            line += (" — the paper's gain at small λ (0.05–0.2) is " + (
-                "reproduced" if bl <= 0.2 and compare(inner[bl]['mean'], sc[tgt]['mean'], se) == "above"
-                else "not reproduced") + " here")
-        if 1.0 in pts:
-            line += f"; OT only (λ=1) {pts[1.0]['mean']:.3f} vs source original {sc[src]['mean']:.3f}"
-        obs.append(line + ".")
-    obs.append(ctx.chance_note([r for r in rows if r["λ"] != ""], lambda r: f"{r['source']} λ={r['λ']:g}"))
-    return write_report(ctx, "cross_arch — heterogeneous merge with OT alignment (paper Table 5, Fig. 4)",
-                        ["## Accuracy vs λ\n", f"Target {tgt}; each source of another width / depth / family is "
-                         f"layer-paired proportionally, its latents resampled to the target's size and mapped by a "
-                         f"per-tensor {cfg.alignment} OT map T; z = z_t + λ(T(z_s) − z_t) is decoded with the VAE "
-                         f"({cfg.decodes[0]} decoding; target's mean/std). λ=0: the target through the VAE; λ=1 ('OT only'): T(z_s) alone, "
-                         "decoded into the target's shapes; the target's embeddings/norms are kept.\n",
-                         markdown_table(rows, cols)], obs, {"results": (rows, _csv_cols(cols, ctx))}, t0)

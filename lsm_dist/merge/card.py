@@ -105,11 +105,24 @@ def card_text(rp) -> str:
     lines += ["", "## Alignment", "", *(_activations_lines(rp.alignment_report) if rp.alignment_report else [
               f"- `{a.method}`" + (f" (reg {a.reg}, max_samples {a.max_samples})" if a.method != "none" else "")
               + (f"; heterogeneous merge, layer map `{plan.layer_map}`" if rp.heterogeneous else "")]),
+              *_dropped_lines(rp),
               "", "## Provenance", "",
               f"- plan digest `{rp.digest}`; resolved plan: [`{PLAN_FILE}`]({PLAN_FILE})",
               f"- lsm_dist version {_version()}" + (f"; read from `{plan.origin}`" if plan.origin else ""),
               f"- {len(rp.jobs)} tensor(s) written by the merge, {len(rp.outputs)} in the checkpoint", ""]
     return "\n".join(lines) + "\n"
+
+
+def _dropped_lines(rp) -> list[str]:
+    from lsm_dist.merge.plan import dropped_layers
+
+    out = []
+    for m, i in rp.models.items():
+        d = dropped_layers(i.layer_map, i.num_layers)
+        if d:
+            out.append(f"- `{m}`: {len(d)} of its {i.num_layers} layers are read by no target layer "
+                       f"(layer map `{i.layer_map}`): `{d}`")
+    return out
 
 
 def _activations_lines(report: dict) -> list[str]:

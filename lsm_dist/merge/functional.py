@@ -107,6 +107,7 @@ def capture(model_dir: str | Path, docs: Sequence[str], max_tokens: int = 512) -
         model = load_causal_lm(model_dir, torch.float32).eval()
         tok = load_tokenizer(model_dir)
     layers = decoder_layers(model)
+    body = model.model
     max_tokens = min(max_tokens, getattr(model.config, "max_position_embeddings", None) or max_tokens)
     rows: dict[int, dict[str, list]] = {i: {s: [] for s in SITES} for i in range(len(layers))}
     where: list[int] = []
@@ -131,7 +132,7 @@ def capture(model_dir: str | Path, docs: Sequence[str], max_tokens: int = 512) -
                 continue
             where[:] = list(ends.values())
             keys += [(d, c) for c in ends]
-            model(input_ids=torch.tensor([enc["input_ids"]]), use_cache=False)
+            body(input_ids=torch.tensor([enc["input_ids"]]), use_cache=False)  # no LM head: not needed
     finally:
         for h in hooks:
             h.remove()
@@ -261,11 +262,18 @@ def fit(keys_t: list, acts_t: dict, keys_s: list, acts_s: dict, depth: str = "pr
 
     it, is_ = shared_rows(keys_t, keys_s)
     nt, ns = len(acts_t), len(acts_s)
-    sim = np.array([[linear_cka(acts_t[t]["in"][it], acts_s[s]["in"][is_]) for s in range(ns)] for t in range(nt)])
-    lmap = cka_layer_map(sim) if depth == "cka" else proportional_layer_map(nt, ns)
+
+    def cka(t: int, s: int) -> float:
+        return linear_cka(acts_t[t]["in"][it], acts_s[s]["in"][is_])
+
+    if depth == "cka":
+        sim = np.array([[cka(t, s) for s in range(ns)] for t in range(nt)])
+        lmap = cka_layer_map(sim)
+    else:
+        lmap = proportional_layer_map(nt, ns)
     couplings = [tuple(couple(acts_t[t][site][it], acts_s[s][site][is_]) for site in SITES)
                  for t, s in enumerate(lmap)]
-    return Fitted(lmap, couplings, [float(sim[t, s]) for t, s in enumerate(lmap)], len(it))
+    return Fitted(lmap, couplings, [cka(t, s) for t, s in enumerate(lmap)], len(it))
 
 
 def transported_tensors(fitted: Fitted, source, target, base=None) -> dict[str, torch.Tensor]:

@@ -41,8 +41,9 @@ from lsm_dist.merge.layout import SAFETENSORS_DTYPES, TensorJob, build_layout, d
 from lsm_dist.merge.operators import OPERATORS, MergeParams, get_operator
 from lsm_dist.merge.settings import PER_INPUT, check_settings
 from lsm_dist.model import VAEConfig, read_vae_config, vae_digest
-from lsm_dist.utils import atomic_write_json, read_json, sha256_json
+from lsm_dist.utils import atomic_write_json, get_logger, read_json, sha256_json
 
+log = get_logger("lsm.merge")
 PLAN_RECORD = "merge_plan.json"
 SPACES = ("latent", "weight")
 ENCODINGS = ("full", "delta")
@@ -391,6 +392,10 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
             if ck.num_layers != tck.num_layers and hetero_why is None:
                 hetero_why = f"{mid} has {ck.num_layers} layers, {tid} has {tck.num_layers}"
     if hetero_why is not None:
+        check(plan.encoding == "full", "encoding",
+              f"heterogeneous models ({hetero_why}): delta encoding encodes task vectors W − W_base, which "
+              f"need every model in the base's shapes; carry another family's task vector with "
+              "alignment: {method: activations, source_base: <its base>} instead")
         check(plan.space == "latent", "space",
               f"heterogeneous models ({hetero_why}): weight-space merges need identical shapes; "
               "use alignment: activations (functional alignment), or space: latent with an OT alignment")
@@ -399,6 +404,11 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
               "(or emd / sinkhorn), or `alignment: activations` (functional alignment)")
         if get_operator(plan.method).needs_logvar:
             check(plan.inputs == [tid], "inputs", "self_merge of a heterogeneous model: use the target")
+    for mid, m in maps.items():
+        dropped = dropped_layers(m, checkpoints[mid].num_layers)
+        if dropped:
+            log.warning("layer map: %d of the %d layers of %s are read by no layer of the target %s: %s",
+                        len(dropped), checkpoints[mid].num_layers, mid, tid, dropped)
     infos = _model_infos(plan, checkpoints, maps, jobs)
     check_untouched_finite(plan, tck, {j.name for j in jobs}, infos[tid].digest)
     digest = sha256_json({
@@ -413,6 +423,11 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
     for ck in checkpoints.values():
         ck.close()
     return ResolvedPlan(plan, infos, jobs, hetero_why is not None, digest, outputs, patch)
+
+
+def dropped_layers(layer_map: list[int] | None, num_layers: int) -> list[int]:
+    """The layers of a model that no target layer reads under ``layer_map``."""
+    return [] if layer_map is None else sorted(set(range(num_layers)) - set(layer_map))
 
 
 def _model_infos(plan, checkpoints, maps, jobs) -> dict[str, ModelInfo]:

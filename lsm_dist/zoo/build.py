@@ -518,12 +518,24 @@ def _build_in_worker(spec: ZooModelSpec, cfg: ZooConfig, dst: Path, h: str,
     return build_model(spec, cfg, dst, h, parent_hash, parent_dir, tok)
 
 
-def build_zoo(cfg: ZooConfig, progress: bool = True, force: bool = False) -> dict[str, Path]:
-    """Build (or reuse) every model of ``cfg``, parents first; returns name → model dir.
+def build_zoo(cfg: ZooConfig, progress: bool = True, force: bool = False,
+              only: Sequence[str] | None = None) -> dict[str, Path]:  # fmt: skip
+    """Build (or reuse) every model of ``cfg`` -- or only the models named in ``only`` and their
+    ancestors -- parents first; returns name → model dir (of the models built or reused).
 
     With ``cfg.workers > 1`` models whose parents are ready train concurrently in spawned
     processes (results are identical: every model is seeded on its own).
     """
+    if only is not None:
+        by = {m.name: m for m in cfg.models}
+        unknown = sorted(set(only) - set(by))
+        check(not unknown, "only", f"{unknown} are not models of this zoo; known: {sorted(by)}")
+        need: set[str] = set()
+        for n in only:
+            while n is not None and n not in need:
+                need.add(n)
+                n = by[n].parent
+        cfg = dataclasses.replace(cfg, models=[m for m in cfg.models if m.name in need], seed_offset=0)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {m.name: out / m.name for m in cfg.models}
