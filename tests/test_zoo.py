@@ -397,3 +397,26 @@ def test_trained_tasks_from_the_card_only(tmp_path):
         (d / "zoo_card.json").write_text(text)
         assert trained_tasks(d) == [], name
     assert trained_tasks(tmp_path / "absent") == []
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_labels_head_gives_the_same_loss(family):
+    """head: labels computes the LM head only where the loss reads; the loss is transformers' own
+    (Gemma's final logit soft-capping included)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.merge_helpers import hf_config
+
+    torch.manual_seed(0)
+    cfg = hf_config(family, 32, 2, 64)
+    if family == "gemma3":
+        cfg.final_logit_softcapping = 30.0
+    model = AutoModelForCausalLM.from_config(cfg)
+    ids = torch.randint(3, 100, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    labels = ids.clone()
+    labels[:, :6] = -100
+    labels[1, 9:] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    torch.testing.assert_close(B.labels_loss(model, batch), model(**batch).loss, rtol=1e-6, atol=1e-6)

@@ -96,6 +96,9 @@ class ZooModelSpec:
     lora_rank: int = doc("LoRA rank r", 8)
     lora_alpha: float = doc("LoRA alpha (scale = alpha / r)", 16.0)
     lora_targets: list[str] = doc("modules given LoRA factors", factory=lambda: list(LORA_TARGETS))
+    head: str = doc("full (the LM head on every position, as transformers computes the loss) | labels "
+                    "(the head only where the loss reads: the same loss, far less compute for a large "
+                    "vocabulary such as Gemma-3's 262K)", "full")
 
     def __post_init__(self):
         check(bool(self.name) and "/" not in self.name and not self.name.startswith("."),
@@ -115,6 +118,7 @@ class ZooModelSpec:
             self.steps = 200
         check(self.steps >= 0, f"{self.name}.steps", "must be >= 0")
         check_choice(self.finetune, f"{self.name}.finetune", FINETUNES)
+        check_choice(self.head, f"{self.name}.head", ("full", "labels"))
         if self.finetune == "lora":
             check(self.parent is not None, f"{self.name}.finetune", "lora needs a parent to adapt")
             check(self.lora_rank > 0, f"{self.name}.lora_rank", "must be > 0")
@@ -220,6 +224,8 @@ def spec_hash(spec: ZooModelSpec, cfg: ZooConfig, parent_hash: str | None) -> st
     if spec.finetune == "full":  # LoRA settings do not enter a full fine-tune's hash
         for k in ("finetune", "lora_rank", "lora_alpha", "lora_targets"):
             d.pop(k)
+    if spec.head == "full":  # the default does not enter the hash (older zoos keep theirs)
+        d.pop("head")
     if spec.gguf is None:
         d.pop("gguf")
     else:  # the file's content, not only its name
@@ -327,7 +333,7 @@ def train(model, tokenizer, spec: ZooModelSpec, cfg: ZooConfig, bar=None) -> dic
         batch = collate([next(stream) for _ in range(cfg.batch_size)], tokenizer, cfg.seq_len)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec.steps, spec.lr)
-        loss = model(**batch).loss
+        loss = model(**batch).loss if spec.head == "full" else labels_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -346,6 +352,20 @@ def train(model, tokenizer, spec: ZooModelSpec, cfg: ZooConfig, bar=None) -> dic
     }
 
 
+def labels_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The causal-LM loss of ``model(**batch).loss`` with the LM head applied only at the
+    positions whose next token is a label (final logit soft-capping included, as Gemma has)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    target = batch["labels"][:, 1:]
+    keep = target != -100
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep])
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.nn.functional.cross_entropy(logits.float(), target[keep])
+
+
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8) -> list[str]:
@@ -362,7 +382,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
         x = torch.tensor([enc[i] for i in idx], device=device)
         start = x.shape[1]
         for _ in range(max_new_tokens):
-            nxt = model(input_ids=x, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            nxt = model(input_ids=x, use_cache=False, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
             x = torch.cat([x, nxt], dim=1)
             if (x[:, start:] == eos).any(dim=1).all():
                 break
@@ -454,6 +474,8 @@ def build_model(spec: ZooModelSpec, cfg: ZooConfig, dst: Path, h: str, parent_ha
         if spec.gguf is not None:
             from lsm_dist.zoo.gguf import gguf_summary, import_gguf, resolve_gguf
 
+            if bar is not None:
+                bar.set_postfix_str(f"{spec.name}: importing {Path(spec.gguf).name} (no training steps)")
             path = resolve_gguf(spec.gguf)
             source = {"kind": "gguf", "ref": spec.gguf, **gguf_summary(path)}
             model, tokenizer = import_gguf(path, tmp, SAVE_DTYPES[spec.dtype], cfg.max_shard_size)
@@ -479,6 +501,8 @@ def build_model(spec: ZooModelSpec, cfg: ZooConfig, dst: Path, h: str, parent_ha
             tokenizer.save_pretrained(tmp)
         params = param_count(model)
         del model
+        if bar is not None and cfg.eval_samples:
+            bar.set_postfix_str(f"{spec.name}: card accuracy")
         saved = load_model(tmp, torch.float32)  # evaluate what was saved
         acc = {t: evaluate_exact_match(saved, tokenizer, t, cfg.eval_samples)
                for t in (cfg.card_tasks or T.TASK_NAMES)} if cfg.eval_samples else {}  # fmt: skip
