@@ -90,30 +90,39 @@ def bench_cpu(root: Path, steps: int) -> None:
     print(f"  scaling 2 vs 1 process: {res[2] / res[1]:.2f}x (ideal 2.00x)")
 
 
-def plain_loop_sps(cfg_path: Path, batch: int, steps: int, warmup: int = 10) -> tuple[float, float]:
-    """fp32 eager PyTorch: AdamW, MSE, z = mu; batches resident on the GPU."""
+def plain_loop_sps(cfg_path: Path, batch: int, steps: int, warmup: int = 10, device: torch.device | None = None,
+                   precision: str = "fp32", compile: bool = False) -> tuple[float, float]:
+    """A plain PyTorch loop over the same model: AdamW, MSE, z = mu, batches resident on the
+    device; fp32 eager by default, or bf16 autocast and ``torch.compile`` (the ceiling).
+    Returns (samples/s, MFU vs the bf16 peak; NaN without a known peak)."""
     from lsm_dist.config import load_config
     from lsm_dist.model import TransformerVAE, VAEConfig
     from lsm_dist.train.metrics import peak_flops
 
     cfg = load_config(VAEConfig, cfg_path)
-    dev = torch.device("cuda")
+    dev = device or torch.device("cuda")
     torch.manual_seed(0)
     model = TransformerVAE(cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
     xs = torch.randn(8, batch, cfg.tokens, cfg.chunk, device=dev)
-    for i in range(warmup + steps):
-        if i == warmup:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        x = xs[i % len(xs)]
-        out = model(x, sample=False)
-        loss = torch.nn.functional.mse_loss(out["x_hat"], x)
+
+    def step(x):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(x, sample=False)
+            loss = torch.nn.functional.mse_loss(out["x_hat"].float(), x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+
+    run = torch.compile(step) if compile else step
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
+        run(xs[i % len(xs)])
+    sync()
     sps = steps * batch / (time.perf_counter() - t0)
     peak = peak_flops(dev) or float("nan")
     return sps, sps * model.flops_per_sample(training=True) / peak

@@ -347,7 +347,9 @@ def verdicts(sc: dict[str, dict[str, float]], base: str, experts: list[str], mer
                             "verdict": compare(sc[n][own[e]], sc[n][own[e] + "_se"], sc[w][own[e]],
                                                sc[w][own[e] + "_se"])} for e in experts}
             out["latent_vs_weight"][n[7:]] = {"latent": n, "weight": w, "tasks": per,
-                                              "verdict": overall([x["verdict"] for x in per.values()])}
+                                              "verdict": overall([x["verdict"] for x in per.values()]),
+                                              **({"ppl_latent": sc[n]["ppl"], "ppl_weight": sc[w]["ppl"]}
+                                                 if "ppl" in b else {})}
         if n.endswith("-direct") and n[: -len("-direct")] in sc and n in sc:
             dl = n[: -len("-direct")]
             rec = {"direct": n, "delta": dl}
@@ -394,7 +396,8 @@ def verdict_lines(v: dict) -> str:
                      + (f": {', '.join(keep)}" if keep else ""))
     for op, x in v["latent_vs_weight"].items():
         parts = ", ".join(f"{t} {d['diff'][0]:+.2f} ± {2 * d['diff'][1]:.2f}" for t, d in x["tasks"].items())
-        lines.append(f"- latent vs weight space, {op}: {x['verdict']} ({x['latent']} - {x['weight']}: {parts})")
+        ppl = (f"; word perplexity {x['ppl_latent']:.3g} vs {x['ppl_weight']:.3g}" if "ppl_latent" in x else "")
+        lines.append(f"- latent vs weight space, {op}: {x['verdict']} ({x['latent']} - {x['weight']}: {parts}{ppl})")
     for n, x in v["direct_vs_delta"].items():
         if "ppl_direct" in x:
             what = "destroys the model" if x["destroyed"] else "keeps a usable model"

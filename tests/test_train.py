@@ -45,7 +45,7 @@ RUN = ["--config", "configs/train/tiny.yaml", "stage1_steps=24", "stage2_steps=1
        "val_every=8", "ckpt_every=8", "keep_last_k=2", "warmup_steps=3", "beta_warmup_steps=3"]
 TB_TAGS = {"train/loss", "train/recon", "train/recon_loss", "train/kl", "train/beta", "train/lr", "train/grad_norm",
            "train/recon_attn", "train/recon_mlp", "train/stage", "val/recon", "val/recon_attn",
-           "val/recon_mlp", "heldout/recon", "perf/samples_per_s", "perf/tokens_per_s"}
+           "val/recon_mlp", "heldout/recon", "perf/samples_per_s", "perf/tokens_per_s", "perf/data_wait_ms"}
 
 
 # ---- fixtures -----------------------------------------------------------------------------------

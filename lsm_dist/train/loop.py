@@ -299,7 +299,7 @@ def run_train(cfg: TrainConfig) -> dict:
     # on the device (NCCL reduces device tensors; no host sync per micro-batch)
     win = torch.zeros(5 + 2 * NBLOCKS, dtype=torch.float64, device=device)  # loss recon kl micro n sse cnt
     one = torch.ones(1, dtype=torch.float64, device=device)
-    win_time, t_log = 0.0, time.perf_counter()
+    win_time, t_log, data_wait, last_logged = 0.0, time.perf_counter(), 0.0, prog.step
     grad_norm = float("nan")
     bar = progress(total=prog.end_step(cfg), initial=prog.step, desc="train", unit="step",
                    disable=not (main and cfg.progress))
@@ -314,7 +314,9 @@ def run_train(cfg: TrainConfig) -> dict:
             t0 = time.perf_counter()
             bad = torch.zeros(2, dtype=torch.float64, device=device)  # [non-finite, stop requested]
             for _ in range(cfg.grad_accum):
+                td = time.perf_counter()
                 batch = next(batches)
+                data_wait += time.perf_counter() - td
                 x = batch["x"].to(device, non_blocking=True)
                 if cfg.debug_nan_at_step == prog.step + 1 and rank == 0:
                     x = x * float("nan")
@@ -358,7 +360,9 @@ def run_train(cfg: TrainConfig) -> dict:
                      "train/kl": tot[2].item() / n, "train/beta": beta,
                      "train/lr": lr, "train/grad_norm": grad_norm,
                      "train/stage": float(stage), "perf/samples_per_s": sps,
-                     "perf/tokens_per_s": sps * cfg.model.tokens}
+                     "perf/tokens_per_s": sps * cfg.model.tokens,
+                     # this rank's wait for its next batch, per optimizer step in the window
+                     "perf/data_wait_ms": 1e3 * data_wait / max(prog.step - last_logged, 1)}
                 m |= _block_metrics("train", tot[5:5 + NBLOCKS], tot[5 + NBLOCKS:])
                 if peak:
                     m["perf/mfu"] = sps * flops_per_sample / (peak * world)
@@ -372,7 +376,7 @@ def run_train(cfg: TrainConfig) -> dict:
                          m["train/recon"], m["train/kl"], m["train/lr"], grad_norm, sps,
                          time.perf_counter() - t_log)
                 win.zero_()
-                win_time = 0.0
+                win_time, data_wait, last_logged = 0.0, 0.0, prog.step
 
             if (cfg.val_every and prog.step % cfg.val_every == 0) or prog.step == end:
                 vm = validate()
