@@ -330,6 +330,13 @@ class Checkpoint:
             by_file: dict[Path, set[str]] = {}
             for name, fname in weight_map.items():
                 by_file.setdefault(p / fname, set()).add(name)
+            single = p / "model.safetensors"
+            if (single.exists() or single.is_symlink()) and single not in by_file:
+                # transformers loads model.safetensors and ignores the index; lsm read the shards:
+                # one rule for every reader -- an ambiguous directory is refused
+                raise CheckpointError(f"{p}: holds both {single.name} and the sharded index {INDEX_NAME}, which "
+                                      f"does not list it (transformers would load {single.name}, the index names "
+                                      "other files): remove one of them")
             for f in by_file:
                 if not f.is_file():
                     raise CheckpointError(f"{index}: points to shard {f.name}, which does not exist")
@@ -340,7 +347,7 @@ class Checkpoint:
         found = sorted(p.glob("*.safetensors"))
         if not found:
             bins = sorted(p.glob("*.bin")) + sorted(p.glob("*.pt"))
-            hint = f" (found {bins[0].name}: convert it to safetensors first)" if bins else ""
+            hint = f" ({bins[0].name} is a pickle file, never loaded: convert it to safetensors)" if bins else ""
             raise CheckpointError(f"{p}: no safetensors files{hint}")
         return {f: None for f in found}
 
@@ -399,8 +406,11 @@ class Checkpoint:
                 else:
                     unknown.append(t.name)
                 continue
-            if t.block in blocks and t.param in params and t.dtype in FLOAT_DTYPES:
+            if t.block in blocks and t.param in params:
                 out.append(t)
+        bad = self.weight_dtype_problems(out)
+        if bad:
+            raise CheckpointError(f"{self.path}: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
         if unknown and strict:
             lora = any(".lora_" in n for n in unknown)
             raise UnknownTensorError(
@@ -409,6 +419,24 @@ class Checkpoint:
                 + (" (lora_A / lora_B are adapter factors, not model weights: merge the adapter "
                    "into its base model first)" if lora else "")
             )
+        return out
+
+    def weight_dtype_problems(self, infos: Iterable[TensorInfo] | None = None) -> list[str]:
+        """What is wrong with the dtypes of the attention / MLP weight matrices (all of them, or
+        ``infos``): an integer or boolean dtype in a weight position (a float tensor whose header
+        was relabelled to a type of the same size reads as garbage), or a dtype that differs
+        from the one most of the model's weights have."""
+        ws = [t for t in (infos if infos is not None else self.tensors.values())
+              if t.block in ("attn", "mlp") and t.param == "weight"]
+        out = [f"tensor {t.name!r} has dtype {t.dtype} in a weight position (weights are floating point; "
+               "a relabelled header?)" for t in ws if t.dtype not in FLOAT_DTYPES]
+        floats = [t for t in ws if t.dtype in FLOAT_DTYPES]
+        if floats:
+            from collections import Counter
+
+            common, n = Counter(t.dtype for t in floats).most_common(1)[0]
+            out += [f"tensor {t.name!r} has dtype {t.dtype}, the model's other {n} weights {common}"
+                    for t in floats if t.dtype != common]
         return out
 
     # -- data -------------------------------------------------------------------------

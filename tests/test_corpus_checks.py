@@ -214,11 +214,17 @@ def test_nan_found_before_any_shard_is_written(tmp_path, workers):
 
 
 def test_other_dtypes_refused_by_name(tmp_path):
+    ts = {k: v.double() for k, v in llama_tensors(layers=1, dtype=torch.float32).items()}  # a float64 model
+    m = write_checkpoint(tmp_path / "f64", ts)
+    with pytest.raises(ValueError, match=r"tensor model\.layers\.0\.\w+\.\w+\.weight has dtype F64; corpus "
+                                         r"format 2 stores BF16/F16/F32 values only"):
+        run_convert(cfg(tmp_path, [m]), progress=False)
+    # one float64 weight among float32 ones: named as the odd one out (checkpoint.weight_dtype_problems)
     ts = llama_tensors(layers=1, dtype=torch.float32)
     ts["model.layers.0.mlp.up_proj.weight"] = ts["model.layers.0.mlp.up_proj.weight"].double()
-    m = write_checkpoint(tmp_path / "f64", ts)
-    with pytest.raises(ValueError, match=r"tensor model\.layers\.0\.mlp\.up_proj\.weight has dtype F64; corpus "
-                                         r"format 2 stores BF16/F16/F32 values only"):
+    m = write_checkpoint(tmp_path / "mixed", ts)
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight' has dtype F64, the model's "
+                                         r"other \d+ weights F32"):
         run_convert(cfg(tmp_path, [m]), progress=False)
 
 

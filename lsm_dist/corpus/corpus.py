@@ -117,7 +117,10 @@ class Corpus:
                 f"{mpath}: corpus format version {m.get('format_version')!r}; this lsm_dist reads versions "
                 f"{list(READ_VERSIONS)}. Convert the checkpoints again: {convert_command(m)}")
         self.version = m["format_version"]
-        if "manifest_digest" in m and manifest_digest(m) != m["manifest_digest"]:
+        if "manifest_digest" not in m:  # every version lsm convert writes records it
+            raise CorpusError(f"{mpath}: has no content digest (manifest_digest): edited after conversion, or "
+                              f"not written by lsm convert; convert the checkpoints again: {convert_command(m)}")
+        if manifest_digest(m) != m["manifest_digest"]:
             raise CorpusError(f"{mpath}: edited after conversion: its content digest is {manifest_digest(m)}, "
                               f"the manifest records {m['manifest_digest']} (re-run lsm convert)")
         self._check_layout()

@@ -50,6 +50,7 @@ from typing import Any
 
 from lsm_dist.checkpoint import (
     AUX_FILES,
+    INDEX_NAME,
     Checkpoint,
     CheckpointError,
     load_causal_lm,
@@ -101,6 +102,9 @@ class EvalConfig:
     max_gen_toks: int = doc("max generated tokens in the lsm_*_gen tasks", 8)
     include_path: list[str] = doc("extra folders of lm-eval task YAMLs", factory=list)
     include_defaults: bool = doc("also resolve names in lm-eval's bundled task registry", True)
+    allow_task_code: bool = doc("run the Python code task files name (lm-eval's `!function` tags, "
+                                "`trust_remote_code`): task folders and YAML handed in are code; "
+                                "without this they are refused, naming the file and line", False)
     fingerprint: str = doc("checkpoint digest: stat (headers, sizes, mtimes) | content (sha256)",
                            "stat")  # fmt: skip
     bootstrap_iters: int = doc("lm-eval bootstrap iterations for non-mean metrics' stderr", 1000)
@@ -204,27 +208,17 @@ def checkpoint_fingerprint(path: str | Path, mode: str = "stat") -> dict[str, An
     if not isinstance(cfg, dict) or "model_type" not in cfg:
         raise CheckpointError(f"{cfg_file} has no model_type")
     fp: dict[str, Any] = {"config": sha256_json(cfg), "files": {}}
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a safetensors index: {e}") from None
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise CheckpointError(f"{path}: shard(s) {missing} named by the index are missing")
-        fp["index"] = sha256_json(weight_map)
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-        if not files:
-            pickles = sorted(p.name for p in (*path.glob("*.bin"), *path.glob("*.pt")))
-            hint = (f" ({pickles[0]} is a pickle file, never loaded: convert it to safetensors)"
-                    if pickles else "")  # fmt: skip
-            raise CheckpointError(f"{path} has no *.safetensors weights{hint}")
-    bad = [f for f in files if not f.endswith(".safetensors")]
+    # the files that make the checkpoint: the one rule every reader shares (checkpoint.Checkpoint:
+    # the index's shards, else model.safetensors, else every *.safetensors; an index beside a
+    # model.safetensors it does not list is refused; pickle weights are never read)
+    with Checkpoint(path) as ck:
+        files = sorted({Path(t.file).name for t in ck.tensors.values()})
+        bad = ck.weight_dtype_problems()
     if bad:
-        raise CheckpointError(f"{index}: names {bad[:3]}: only .safetensors weights are loaded")
+        raise CheckpointError(f"{path}: {bad[0]}")
+    index = path / INDEX_NAME
+    if index.is_file():
+        fp["index"] = sha256_json(json.loads(index.read_text())["weight_map"])
     for f in files:
         p = path / f
         st = p.stat()
@@ -244,6 +238,46 @@ def _manager(paths: tuple[str, ...], include_defaults: bool, _digest: str):
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=list(paths), include_defaults=include_defaults)
+
+
+_CODE = re.compile(r"!function\b|\btrust_remote_code\b")
+_INCLUDE = re.compile(r"^\s*include\s*:\s*['\"]?([^'\"#\s]+)")
+
+
+def task_code_lines(paths: Sequence[str | Path]) -> list[str]:
+    """``FILE:LINE: text`` of every line in the task YAML under ``paths`` (folders searched as
+    lm-eval does, files as given, and every file their ``include:`` names) that makes lm-eval
+    run code: a ``!function`` tag (it imports the module beside the file and calls it) or
+    ``trust_remote_code`` (a dataset's own loading script)."""
+    todo = []
+    for p in map(Path, paths):
+        todo += sorted(p.rglob("*.y*ml")) if p.is_dir() else [p]
+    seen, out = set(), []
+    while todo:
+        f = todo.pop(0)
+        key = f.resolve() if f.exists() else f
+        if key in seen or not f.is_file():
+            continue
+        seen.add(key)
+        for i, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if _CODE.search(line.split("#", 1)[0]):
+                out.append(f"{f}:{i}: {line.strip()}")
+            m = _INCLUDE.match(line)
+            if m:
+                todo.append((f.parent / m.group(1)) if not Path(m.group(1)).is_absolute() else Path(m.group(1)))
+    return out
+
+
+def check_task_code(tasks: Sequence[str], include_path: Sequence[str], allow: bool) -> None:
+    """Refuse task files handed in that would run code, unless ``allow`` (module doc, trust model)."""
+    given = [*include_path, *(t for t in tasks if t.endswith((".yaml", ".yml")) and Path(t).is_file())]
+    lines = task_code_lines(given)
+    if lines and not allow:
+        raise ConfigError("tasks: task files handed in would run Python code (lm-eval imports and calls "
+                          f"it): {'; '.join(lines[:3])}{' ...' if len(lines) > 3 else ''} -- lsm eval runs no "
+                          "code it is handed; set allow_task_code=true if you wrote these files and trust them")
+    if lines:
+        log.warning("eval: allow_task_code: running the code these task files name: %s", "; ".join(lines[:3]))
 
 
 def resolve_tasks(tasks: Sequence[str], tasks_dir: str | Path, include_path: Sequence[str] = (),
@@ -368,6 +402,34 @@ def result_path(out_dir: str | Path, name: str, digest: str) -> Path:
     return Path(out_dir) / "results" / f"{name}-{digest[:16]}.json"
 
 
+OUT_MARKER = "lsm_eval.json"  # in out_dir: written by lsm eval, so its reports are its own
+REPORT_FILES = ("results.md", "results.csv", "results.png", "results_retention.png", "results_lambda.png",
+                "summary.json")
+
+
+def claim_out_dir(out: Path) -> None:
+    """``out`` is lsm eval's (its marker), or new: a report file there that lsm eval did not
+    write is never replaced. An out_dir of an older version (no marker) is recognized by its
+    own summary.json (``scored`` / ``table`` naming result files under ``results/``)."""
+    marker = out / OUT_MARKER
+    if marker.is_file():
+        return
+    present = [out / f for f in REPORT_FILES if (out / f).exists() or (out / f).is_symlink()]
+    if present:
+        try:
+            summary = read_json(out / "summary.json")
+            ours = (isinstance(summary, dict) and isinstance(summary.get("scored"), dict)
+                    and isinstance(summary.get("table"), dict)
+                    and all((out / "results").resolve() in Path(str(v)).resolve().parents
+                            for v in summary["scored"].values()))
+        except (OSError, ValueError):
+            ours = False
+        if not ours or any(p.is_symlink() for p in present):
+            raise ConfigError(f"out_dir: {present[0]} was not written by lsm eval (no {OUT_MARKER} in {out}) "
+                              "and would be replaced: move it away or choose another out_dir")
+    atomic_write_json(marker, {"written_by": "lsm eval", "reports": list(REPORT_FILES)})
+
+
 def _cached(path: Path, digest: str) -> dict | None:
     try:
         rec = read_json(path)
@@ -381,7 +443,9 @@ def run_eval(cfg: EvalConfig) -> Path:
     Raises ``EvalError`` at the end if any checkpoint failed (the rest are still scored)."""
     ckpts = parse_checkpoints(cfg.checkpoints)
     check(bool(ckpts), "checkpoints", "needs at least one NAME=PATH or PATH")
+    check_task_code(cfg.tasks, cfg.include_path, cfg.allow_task_code)
     out = Path(cfg.out_dir)
+    claim_out_dir(out)
     tasks_dir = write_tasks(out, cfg.n, cfg.seed, max_gen_toks=cfg.max_gen_toks)
     tm = resolve_tasks(cfg.tasks, tasks_dir, cfg.include_path, cfg.include_defaults)
     _load_tasks_once(tm, cfg.tasks)

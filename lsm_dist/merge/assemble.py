@@ -59,18 +59,41 @@ def _is_empty_dir(p: Path) -> bool:
     return p.is_dir() and not p.is_symlink() and not any(p.iterdir())
 
 
+def own_model_files(model_dir: Path) -> set[str] | None:
+    """The names in ``model/`` an assembly wrote (its marker lists them; a marker of an older
+    version: the shapes of names an assembly writes), or None when ``model/`` is not ours."""
+    try:
+        rec = read_json(model_dir / MARKER)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict):
+        return None
+    files = rec.get("files")
+    if isinstance(files, list):
+        return {str(f) for f in files} | {MARKER}
+    return {p.name for p in model_dir.iterdir() if p.is_file() and not p.is_symlink() and (
+        p.name in (*COPY_FILES, INDEX_NAME, MARKER, "README.md", "lsm_merge_plan.yaml")
+        or (p.name.startswith("model-") and p.name.endswith(".safetensors")))}
+
+
 def foreign_outputs(layers_dir: Path, model_dir: Path) -> list[Path]:
     """What ``layers/`` and ``model/`` hold that lsm merge cannot prove it wrote: a ``model/``
-    without ``MERGE_COMPLETE.json``, files in ``layers/`` that are neither our layer files
-    (our safetensors metadata) nor their temp files. Empty directories count as nothing."""
+    without ``MERGE_COMPLETE.json``, any entry of a ``model/`` the marker does not list (a
+    user's file put beside a merge), files in ``layers/`` that are neither our layer files (our
+    safetensors metadata) nor their temp files. Empty directories count as nothing."""
     out: list[Path] = []
     if layers_dir.is_symlink() or (layers_dir.exists() and not layers_dir.is_dir()):
         out.append(layers_dir)
     elif layers_dir.is_dir():
         out += [p for p in sorted(layers_dir.iterdir()) if not is_own_layer_entry(p)]
-    if model_dir.is_symlink() or (model_dir.exists() and not _is_empty_dir(model_dir)
-                                  and not (model_dir / MARKER).is_file()):  # fmt: skip
+    if model_dir.is_symlink() or (model_dir.exists() and not model_dir.is_dir()):
         out.append(model_dir)
+    elif model_dir.is_dir() and not _is_empty_dir(model_dir):
+        own = own_model_files(model_dir)
+        if own is None:
+            out.append(model_dir)
+        else:
+            out += [p for p in sorted(model_dir.iterdir()) if p.name not in own or p.is_symlink() or not p.is_file()]
     return out
 
 
@@ -83,9 +106,19 @@ def remove_own_outputs(layers_dir: Path, model_dir: Path) -> None:
                 p.unlink()
         if _is_empty_dir(layers_dir):
             layers_dir.rmdir()
-    if not model_dir.is_symlink() and (model_dir / MARKER).is_file():
-        shutil.rmtree(model_dir)
-    elif _is_empty_dir(model_dir):
+    remove_own_model(model_dir)
+
+
+def remove_own_model(model_dir: Path) -> None:
+    """Delete the files an assembly wrote into ``model_dir`` (its marker last), then the directory
+    if nothing else is left in it."""
+    own = own_model_files(model_dir) if model_dir.is_dir() and not model_dir.is_symlink() else None
+    if own is not None:
+        for p in model_dir.iterdir():
+            if p.name in own and p.is_file() and not p.is_symlink() and p.name != MARKER:
+                p.unlink()
+        (model_dir / MARKER).unlink(missing_ok=True)  # last: until here the rest is provably ours
+    if _is_empty_dir(model_dir):
         model_dir.rmdir()
 
 
@@ -129,9 +162,10 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
     ``write_extra(tmp_dir)``: writes further files (the model card) before the rename."""
     model_dir, layers_dir = Path(model_dir), Path(layers_dir)
     merged = merged_files(layers_dir, digest, groups)
-    if model_dir in foreign_outputs(layers_dir, model_dir):
-        raise AssemblyError(f"{model_dir} exists and was not written by lsm merge (no {MARKER}): "
-                            "refusing to replace it; move it away or choose another out_dir")
+    foreign = [p for p in foreign_outputs(layers_dir, model_dir) if p == model_dir or model_dir in p.parents]
+    if foreign:
+        raise AssemblyError(f"{foreign[0]} was not written by lsm merge ({MARKER} does not list it): refusing "
+                            "to replace it; move it away or choose another out_dir")
     for p in remove_dead_temps([*model_dir.parent.glob(f".{model_dir.name}.tmp-*"),
                                 *model_dir.parent.glob(f".{model_dir.name}.old-*")]):  # fmt: skip
         log.info("assemble: removed %s (left by a killed assembly)", p)
@@ -184,17 +218,20 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
                 write_extra(tmp)
         # the marker goes in before the rename: model/ appears complete (and provably ours) at once
         atomic_write_json(tmp / MARKER, {
+            "files": sorted(p.name for p in tmp.iterdir()),
             "plan_digest": digest, "tensors": num, "merged_tensors": len(merged), "shards": n,
             "total_size": total, "target": str(tck.path), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(extra or {}),
         })  # fmt: skip
         fsync_dir(tmp)
         trash = model_dir.parent / f".{model_dir.name}.old-{os.getpid()}"
-        if model_dir.exists():  # our own (checked above): out of the way, then replaced
+        if model_dir.exists():  # every entry our own (checked above): out of the way, then replaced
             os.replace(model_dir, trash)
         os.replace(tmp, model_dir)
         fsync_dir(model_dir.parent)
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_own_model(trash)  # only what an assembly wrote; anything else stays, named
+        if trash.exists():
+            log.warning("assemble: %s holds files lsm merge did not write; left there", trash)
     except BaseException:
         handles.clear()
         shutil.rmtree(tmp, ignore_errors=True)

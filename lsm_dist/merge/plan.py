@@ -171,6 +171,8 @@ class MergePlan:
                                       "would be zero padding (VAE sample too large)", 0.5)
     max_shard_size: int | str = doc("assembled checkpoint shard size (bytes or 2GB / 500MB)", "2GB")
     overwrite: bool = doc("replace another merge already in out_dir", False)
+    allow_crimes: bool = doc("merge models whose configs name different architectures although their "
+                             "tensor shapes agree (mergekit's --allow-crimes); refused by default", False)
 
     def __post_init__(self) -> None:
         check(bool(self.models), "models", "name at least one model (id: path)")
@@ -356,6 +358,9 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
         except (ValueError, OSError) as e:
             what = f"{path} + LoRA {lora}" if lora else str(path)
             raise ConfigError(f"models.{mid}: cannot open {what}: {e}") from None
+        bad = checkpoints[mid].weight_dtype_problems()
+        if bad:
+            raise ConfigError(f"models.{mid}: {path}: {bad[0]}")
     tid = plan.target
     tck = checkpoints[tid]
     if plan.rest == "target" and plan.slices is None:  # else every tensor is merged anyway
@@ -391,6 +396,13 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
         for mid, ck in checkpoints.items():
             if ck.num_layers != tck.num_layers and hetero_why is None:
                 hetero_why = f"{mid} has {ck.num_layers} layers, {tid} has {tck.num_layers}"
+    if hetero_why is None and not plan.alignment.latent_ot and not plan.allow_crimes:
+        archs = {mid: _architecture(ck) for mid, ck in checkpoints.items()}
+        odd = {m: a for m, a in archs.items() if a != archs[tid] and a is not None and archs[tid] is not None}
+        check(not odd, "models",
+              f"{', '.join(f'{m} is {a}' for m, a in odd.items())} but the target {tid} is {archs[tid]}: the shapes "
+              "agree, the architectures do not (the merge would mix weights that mean different things); set "
+              "allow_crimes: true if that is what you want")
     if hetero_why is not None:
         check(plan.encoding == "full", "encoding",
               f"heterogeneous models ({hetero_why}): delta encoding encodes task vectors W − W_base, which "
@@ -415,7 +427,7 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
         "version": PLAN_VERSION,
         "plan": {k: v for k, v in plan_to_dict(plan).items()
                  if k not in ("models", "vae", "out_dir", "cache_dir", "zoo_dir", "batch_size",
-                              "device", "overwrite", "origin")},
+                              "device", "overwrite", "origin", "allow_crimes")},
         "models": {m: [i.digest, i.vae_digest] for m, i in infos.items()},
         "jobs": sha256_json([j.record() for j in jobs]),
         "config": patch,
@@ -423,6 +435,13 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
     for ck in checkpoints.values():
         ck.close()
     return ResolvedPlan(plan, infos, jobs, hetero_why is not None, digest, outputs, patch)
+
+
+def _architecture(ck: Checkpoint) -> str | None:
+    """The architecture a checkpoint's config names (``architectures[0]``, else ``model_type``)."""
+    cfg = getattr(ck, "config", None) or {}
+    archs = cfg.get("architectures")
+    return str(archs[0]) if isinstance(archs, list) and archs else (cfg.get("model_type") or None)
 
 
 def dropped_layers(layer_map: list[int] | None, num_layers: int) -> list[int]:

@@ -403,6 +403,7 @@ def save_vae(model: TransformerVAE, directory: str | Path) -> Path:
     Each file is written to a temp file and renamed; weights go first and carry the config in
     their safetensors metadata, so :func:`load_vae` detects a config.json from another save."""
     directory = Path(directory)
+    _refuse_foreign_vae_files(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = _config_dict(model.cfg)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -410,6 +411,35 @@ def save_vae(model: TransformerVAE, directory: str | Path) -> Path:
         write_safetensors(f, tensors, {"format": FORMAT, "config": json.dumps(cfg, sort_keys=True)})
     atomic_write_json(directory / CONFIG_NAME, {"format": FORMAT, **to_dict(model.cfg)})
     return directory
+
+
+def _refuse_foreign_vae_files(directory: Path) -> None:
+    """A ``model.safetensors`` / ``config.json`` already in ``directory`` is replaced only when it
+    is an lsm_dist VAE's (its ``format``): never a user's file of the same name."""
+    w, c = directory / WEIGHTS_NAME, directory / CONFIG_NAME
+    if w.exists() or w.is_symlink():
+        try:
+            ours = not w.is_symlink() and safetensors_metadata(w).get("format") == FORMAT
+        except Exception:  # noqa: BLE001 -- unreadable: not provably ours
+            ours = False
+        if not ours:
+            raise VAECheckpointError(f"{w} exists and is not an lsm_dist VAE checkpoint: refusing to overwrite "
+                                     "it; move it away or export elsewhere")
+    if c.exists() or c.is_symlink():
+        try:
+            ours = not c.is_symlink() and json.loads(c.read_text()).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise VAECheckpointError(f"{c} exists and is not an lsm_dist VAE config: refusing to overwrite it; "
+                                     "move it away or export elsewhere")
+
+
+def safetensors_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
 
 
 def read_vae_config(directory: str | Path) -> VAEConfig:

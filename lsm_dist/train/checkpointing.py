@@ -277,6 +277,38 @@ def gather_state_dict(ckpt: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v.float().contiguous() for k, v in sd.items()}
 
 
+RUN_MARKER = "lsm_run.json"  # in run_dir: written by lsm train before anything else
+
+
+def claim_run_dir(run_dir: str | Path) -> None:
+    """``run_dir`` is new, empty, or a run directory lsm train made (its marker; from older
+    versions: a ``config.yaml`` naming this very run_dir, or its training states under
+    ``checkpoints/``): training writes and replaces
+    config.yaml, export.json, vae/, metrics.jsonl, tb/, logs/, checkpoints/ and PREEMPTED
+    there, so a folder of the user's is refused before anything is written."""
+    import yaml
+
+    d = Path(run_dir)
+    if (d / RUN_MARKER).is_file() or not d.exists() or (d.is_dir() and not any(d.iterdir())):
+        return
+    ours = any((d / CKPT_DIR).glob(f"step-*/{STATE}"))  # training states only lsm train writes
+    try:
+        old = yaml.safe_load((d / "config.yaml").read_text())
+        ours = ours or (isinstance(old, dict) and Path(str(old.get("run_dir"))).resolve() == d.resolve())
+    except (OSError, yaml.YAMLError):
+        pass
+    if not ours:
+        raise ConfigError(f"run_dir: {d} holds files lsm train did not write (no {RUN_MARKER}): training writes "
+                          "config.yaml, vae/, export.json, metrics.jsonl, tb/, checkpoints/ there and would "
+                          "overwrite them; choose a new or empty run_dir")
+
+
+def mark_run_dir(run_dir: str | Path) -> None:
+    d = Path(run_dir)
+    if not (d / RUN_MARKER).is_file():
+        atomic_write_json(d / RUN_MARKER, {"written_by": "lsm train"})
+
+
 def export_vae(run_dir: str | Path, checkpoint: str | Path | None = None,
                out: str | Path | None = None) -> Path:
     """Write the plain VAE checkpoint (config.json + model.safetensors) of a training run.

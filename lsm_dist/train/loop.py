@@ -210,6 +210,7 @@ def run_train(cfg: TrainConfig) -> dict:
     cfg.model.delta = delta
     if cfg.stage1_plateau.patience > 0 and cfg.val_fraction == 0:
         raise ConfigError("stage1_plateau.patience: needs validation samples (val_fraction > 0)")
+    ck.claim_run_dir(run_dir)
     resume_from = ck.find_resume(run_dir, cfg.resume)
     if resume_from is not None:
         saved = ck.read_state(resume_from)
@@ -224,6 +225,7 @@ def run_train(cfg: TrainConfig) -> dict:
     device = acc.device
     log = rank_logger(run_dir, rank)
     if main:
+        ck.mark_run_dir(run_dir)
         save_resolved(cfg, run_dir / "config.yaml")
         (run_dir / PREEMPTED).unlink(missing_ok=True)
         for p in ck.clean_partial(run_dir):
@@ -276,7 +278,9 @@ def run_train(cfg: TrainConfig) -> dict:
     with torch.random.fork_rng(devices=[]):  # DataLoader.__iter__ draws a base seed from the
         # global RNG: keep it out of it
         batches = iter(make_loader(stream, cfg.num_workers, kind=cfg.loader))
-    writer = MetricsWriter(run_dir, main, prog.step if resume_from is not None else None)
+    # a fresh start over a dead run's records (killed before its first complete checkpoint):
+    # they are dropped (step -1), as a resume drops those past its checkpoint
+    writer = MetricsWriter(run_dir, main, prog.step if resume_from is not None else -1)
     peak = peak_flops(device)
     stop = _StopFlag()
     last_ckpt = resume_from

@@ -3,7 +3,8 @@
 Only rank 0 creates a :class:`MetricsWriter` that writes; the others get one that does
 nothing. On resume from step S the records of later steps (written by the run that was
 killed) are dropped from ``metrics.jsonl`` and TensorBoard is told to purge them
-(``purge_step``), so both show one continuous curve.
+(``purge_step``), so both show one continuous curve; a fresh start in a run directory whose
+earlier run died before its first complete checkpoint drops all of them (and its event files).
 """
 
 from __future__ import annotations
@@ -79,6 +80,11 @@ class MetricsWriter:
         from torch.utils.tensorboard import SummaryWriter
 
         purge = resume_step + 1 if resume_step is not None else None
+        if resume_step is not None and resume_step < 0:  # a fresh start: the dead run's event files go
+            for f in (run_dir / "tb").glob("events.out.tfevents.*"):
+                if f.is_file() and not f.is_symlink():
+                    f.unlink()
+            purge = None
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
         self.f = open(self.path, "a")  # noqa: SIM115 (open for the run; closed by close())
 

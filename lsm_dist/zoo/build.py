@@ -420,16 +420,46 @@ def _clean_stale(out: Path, name: str) -> None:
     remove_dead_temps([*out.glob(f".{name}.tmp-*"), *out.glob(f".{name}.old-*")])
 
 
+_OLD_CARD_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
+                   "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", CARD_NAME)
+
+
+def _foreign_files(d: Path, card: dict) -> list[Path]:
+    """Files under a zoo model's directory its card does not list (a user's notes put there);
+    a card of an older version lists none: the names a build writes stand in."""
+    listed = card.get("files")
+    out = []
+    for p in sorted(d.rglob("*")):
+        if p.is_dir() and not p.is_symlink():
+            continue
+        rel = p.relative_to(d).as_posix()
+        if p.is_symlink() or rel == CARD_NAME:
+            out += [p] if p.is_symlink() else []
+            continue
+        ok = rel in listed if isinstance(listed, list) else (
+            rel in _OLD_CARD_FILES or rel.endswith(".safetensors") or rel.startswith("adapter/"))
+        if not ok:
+            out.append(p)
+    return out
+
+
 def _owned_or_absent(d: Path) -> bool:
-    """``d`` may be replaced: absent, an empty directory, or a model this zoo built (its card)."""
+    """``d`` may be replaced: absent, an empty directory, or a model this zoo built (its card),
+    holding nothing else."""
     if not (d.exists() or d.is_symlink()):
         return True
     if d.is_dir() and not d.is_symlink() and not any(d.iterdir()):
         return True
-    return d.is_dir() and read_card(d) is not None
+    card = read_card(d) if d.is_dir() and not d.is_symlink() else None
+    return card is not None and not _foreign_files(d, card)
 
 
 def _refuse_foreign(d: Path) -> None:
+    card = read_card(d) if d.is_dir() and not d.is_symlink() else None
+    extra = _foreign_files(d, card) if card is not None else []
+    check(not extra, "out_dir",
+          f"{extra[0] if extra else d} is in the zoo model {d.name} but lsm zoo did not write it (its "
+          f"{CARD_NAME} does not list it): rebuilding would delete it; move it away first")
     check(_owned_or_absent(d), "out_dir",
           f"{d} exists and is not a model this zoo built (no readable {CARD_NAME}): lsm zoo only "
           "replaces its own models; move it away or choose another out_dir")  # fmt: skip
@@ -516,6 +546,7 @@ def build_model(spec: ZooModelSpec, cfg: ZooConfig, dst: Path, h: str, parent_ha
             "zoo": {k: v for k, v in to_dict(cfg).items() if k in _CARD_ZOO_KEYS},
             "digest": digest, "build": build_environment(),
             "architecture": read_json(tmp / "config.json").get("model_type"),
+            "files": sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()),
         }  # fmt: skip
         atomic_write_json(tmp / CARD_NAME, card)  # last: marks the model complete
         _move_into_place(tmp, dst)
@@ -563,8 +594,6 @@ def build_zoo(cfg: ZooConfig, progress: bool = True, force: bool = False,
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {m.name: out / m.name for m in cfg.models}
-    for p in paths.values():  # before any training: a same-named directory of the user's stays
-        _refuse_foreign(p)
     hashes: dict[str, str] = {}
     todo: list[ZooModelSpec] = []
     for spec in cfg.models:  # already in dependency order
@@ -574,6 +603,8 @@ def build_zoo(cfg: ZooConfig, progress: bool = True, force: bool = False,
             log.info("zoo: reusing %s (%s)", spec.name, hashes[spec.name][:10])
         else:
             todo.append(spec)
+    for spec in todo:  # before any training: a directory of the user's, or a user's file, stays
+        _refuse_foreign(paths[spec.name])
 
     by_name = {m.name: m for m in cfg.models}
 
