@@ -239,13 +239,42 @@ def load_causal_lm(path: str | Path, dtype: str | torch.dtype | None = "auto"):
     """``AutoModelForCausalLM`` from a local checkpoint directory with nothing of it executed or
     unpickled: ``trust_remote_code=False`` (code named by a config's ``auto_map`` is never
     imported), safetensors weights only (``use_safetensors``: never ``pytorch_model.bin``) and
-    local files only (a path is never taken for a hub id). Check the directory first
-    (headers, NaN/Inf) with :class:`Checkpoint`."""
+    local files only (a path is never taken for a hub id). The directory is checked first by
+    :class:`Checkpoint` (which files make it, every header entry, the weights' dtypes) and the
+    loaded parameters for NaN/Inf, so every reader of a model gets the same checks."""
     from transformers import AutoModelForCausalLM
 
     _require_dir(path)
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False,
-                                                use_safetensors=True, local_files_only=True)
+    _require_known_architecture(path)
+    with Checkpoint(path) as ck:  # the one file rule, every header entry, the weights' dtypes
+        bad = ck.weight_dtype_problems()
+    if bad:
+        raise CheckpointError(f"{path}: {bad[0]}")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False,
+                                                 use_safetensors=True, local_files_only=True)
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise CheckpointError(f"{path}: parameter {name!r} holds {int((~torch.isfinite(p)).sum())} NaN/Inf "
+                                  "value(s) once loaded")
+    return model
+
+
+def _require_known_architecture(path: str | Path) -> None:
+    """A config.json whose ``model_type`` this transformers does not know would get transformers'
+    advice to pass ``trust_remote_code=True`` (and an hf.co link made of a local path): lsm_dist
+    runs no model code it is handed, so say that instead."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    cfg = Path(path) / "config.json"
+    try:
+        mt = json.loads(cfg.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # transformers' own message about a missing / unreadable config is clear enough
+    if isinstance(mt, str) and mt not in CONFIG_MAPPING:
+        raise CheckpointError(f"{cfg}: model_type {mt!r} is not an architecture transformers "
+                              f"{transformers.__version__} knows; lsm_dist never runs a checkpoint's own model "
+                              "code (remote code), so it cannot load this model")
 
 
 def load_tokenizer(path: str | Path):

@@ -184,6 +184,9 @@ def cmd_merge(args) -> int:
         s = run_decode(prepare(plan), worker=(idx, count))
         print(f"merge worker {idx}/{count}: {s['written']} layer file(s) written, {s['skipped']} already done")
         return 0
+    from lsm_dist.merge.plan import check_out_dir
+
+    check_out_dir(plan)  # before merge.log goes into out_dir: never into an input named as out_dir
     with _session(args, Path(plan.out_dir) / "merge.log"):
         model = run_merge(plan, bar=True)
     print(model)

@@ -7,7 +7,9 @@
 set -euo pipefail
 usage="usage: submit_merge.sh N PLAN.yaml [key=value ...]"
 N=${1:-}
-if ! [[ "$N" =~ ^[1-9][0-9]*$ ]]; then echo "submit_merge.sh: N must be a positive integer; $usage" >&2; exit 2; fi
+if ! [[ "$N" =~ ^[1-9][0-9]{0,5}$ ]]; then
+  echo "submit_merge.sh: N must be an integer from 1 to 999999 (got '${N}'); $usage" >&2; exit 2
+fi
 shift
 PLAN=${1:-}
 if [ -z "$PLAN" ] || [ ! -f "$PLAN" ]; then

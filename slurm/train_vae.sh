@@ -128,7 +128,8 @@ esac
 CMD=("${LAUNCH[@]}" -m lsm_dist.train --config "$CONFIG" "$@")
 
 [ "$RESUME" = auto ] || log "warning: resume=$RESUME: a requeued job will not continue from its checkpoint"
-rm -f "$RUN_DIR/PREEMPTED"
+# the flag of an earlier run of ours only (a run_dir lsm train made: its lsm_run.json)
+if [ -f "$RUN_DIR/lsm_run.json" ]; then rm -f "$RUN_DIR/PREEMPTED"; fi
 log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $NNODES node(s) x $PPN rank(s)," \
     "rendezvous $HEAD:$PORT, run_dir $RUN_DIR"
 log "per node: ${CMD[*]}"
@@ -137,7 +138,7 @@ log "per node: ${CMD[*]}"
 # this node's index into the launcher's node-rank flag.
 STEP='trap "" USR2; a=(); for x in "$@"; do a+=("${x//@NODE_RANK@/$SLURM_NODEID}"); done; exec "${a[@]}"'
 SRUN=(srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 --open-mode=append
-      --output="$RUN_DIR/logs/node%n-%j.log")
+      --output="${RUN_DIR//%/%%}/logs/node%n-%j.log")  # a % of the path is literal, not a pattern
 if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then SRUN+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
 trap 'log "SIGUSR2 on the batch shell: forwarding to the job steps"; scancel --signal=USR2 "$SLURM_JOB_ID"' USR2
 "${SRUN[@]}" bash -c "$STEP" lsm-train-step "${CMD[@]}" &

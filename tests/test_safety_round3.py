@@ -240,3 +240,127 @@ def test_a_fresh_start_over_a_dead_first_run_keeps_one_record_per_step(tmp_path)
     keys = [(r["step"], r["kind"]) for r in recs]
     assert len(keys) == len(set(keys)), keys
     assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1
+
+
+# ---------------------------------------------------------------------------- messages
+def test_unknown_model_type_says_no_remote_code(models, tmp_path):
+    from lsm_dist.checkpoint import load_causal_lm
+
+    d = tmp_path / "odd"
+    shutil.copytree(models["base"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "evilnet"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="model_type 'evilnet' is not an architecture transformers") as e:
+        load_causal_lm(d)
+    assert "trust_remote_code=True" not in str(e.value) and "hf.co" not in str(e.value)
+
+
+def test_garbage_gguf_is_named(tmp_path):
+    from lsm_dist.zoo.gguf import gguf_summary
+
+    f = tmp_path / "junk.gguf"
+    f.write_bytes(b"GGUF" + bytes(range(200)))
+    with pytest.raises(ConfigError, match=rf"gguf: {f} is not a readable GGUF file"):
+        gguf_summary(f)
+
+
+def test_nan_in_a_non_target_input_names_the_model(models, tmp_path):
+    from lsm_dist.merge import run_merge
+    from tests.test_safety import _poison
+
+    bad = tmp_path / "nan"
+    shutil.copytree(models["a"], bad)
+    _poison(bad, "model.layers.0.mlp.down_proj.weight")
+    with pytest.raises(ValueError, match=r"models\.a \(Checkpoint\(.*nan.*'model\.layers\.0\.mlp\.down_proj\.weight' "
+                                         r"holds 1 NaN/Inf"):
+        run_merge(_plan(models, tmp_path / "m", models={"base": str(models["base"]), "a": str(bad)}))
+
+
+def test_hidden_merge_checks_its_models(models, tmp_path):
+    from lsm_dist.hidden.run import load_models
+    from tests.test_safety import _poison
+
+    bad = tmp_path / "nan"
+    shutil.copytree(models["a"], bad)
+    _poison(bad, "model.layers.1.mlp.up_proj.weight")
+    with pytest.raises(CheckpointError, match="'model.layers.1.mlp.up_proj.weight' holds 1 NaN/Inf"):
+        load_models([str(models["base"]), str(bad)])
+    cut = tmp_path / "cut"
+    shutil.copytree(models["a"], cut)
+    shard = sorted(cut.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=str(shard)):
+        load_models([str(models["base"]), str(cut)])
+
+
+def test_refused_out_dir_gets_no_merge_log(models, tmp_path, capsys):
+    from lsm_dist.cli import main
+
+    target = Path(shutil.copytree(models["base"], tmp_path / "m" / "model"))
+    plan = tmp_path / "p.yaml"
+    plan.write_text(json.dumps({"models": {"base": str(target), "a": str(models["a"])}, "space": "weight",
+                                "out_dir": str(target)}))
+    assert main(["merge", str(plan)]) != 0
+    assert "is the input" in capsys.readouterr().err
+    assert not (target / "merge.log").exists()
+
+
+def test_weight_space_merge_writes_nothing_outside_out_dir(models, tmp_path, monkeypatch):
+    from lsm_dist.merge import MergePlan, run_merge
+
+    monkeypatch.chdir(tmp_path)
+    run_merge(MergePlan(models={"base": str(models["base"]), "a": str(models["a"])}, space="weight",
+                        out_dir=str(tmp_path / "out")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no runs/latent_cache here
+
+
+def test_an_edited_latent_is_refused(models, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lsm_dist.merge import MergePlan, MergeParams, run_merge
+    from tests.merge_helpers import train_tiny_vae
+
+    vae = train_tiny_vae([models["base"], models["a"]], tmp_path / "vae", steps=10)
+    cache = tmp_path / "lc"
+
+    def plan(lam):
+        return MergePlan(models={"base": str(models["base"]), "a": str(models["a"])}, vae=str(vae), out_dir=str(tmp_path / f"o{lam}"),
+                         cache_dir=str(cache), params=MergeParams(lambda_=lam))
+
+    run_merge(plan(0.5))
+    f = next(cache.rglob("*mlp.up_proj.weight.safetensors"))
+    with safe_open(str(f), framework="pt") as h:
+        meta, t = h.metadata(), {k: h.get_tensor(k) for k in h.keys()}
+    t["mu"] = t["mu"] + 1.0
+    save_file(t, str(f), metadata=meta)
+    with pytest.raises(ValueError, match=rf"{f}: the latents do not match the checksum"):
+        run_merge(plan(0.3))
+
+
+@pytest.mark.parametrize("n", ["12345678901234567890", "1000000"])
+def test_submit_merge_bounds_the_task_count(tmp_path, n):
+    import os
+    import subprocess
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'sbatch-calls'}\necho 1\n")
+    (fake / "sbatch").chmod(0o755)
+    plan = tmp_path / "p.yaml"
+    plan.write_text("models: {a: x}\n")
+    res = subprocess.run(["bash", str(REPO / "slurm/submit_merge.sh"), n, str(plan)], cwd=tmp_path,
+                         env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}, capture_output=True, text=True)
+    assert res.returncode == 2 and "from 1 to 999999" in res.stderr
+    assert not (tmp_path / "sbatch-calls").exists()
+
+
+def test_a_percent_in_the_run_dir_is_literal_for_srun():
+    text = (REPO / "slurm/train_vae.sh").read_text()
+    assert '--output="${RUN_DIR//%/%%}/logs/node%n-%j.log"' in text
+    import subprocess
+
+    out = subprocess.run(["bash", "-c", 'RUN_DIR="runs/100%j"; echo "${RUN_DIR//%/%%}"'], capture_output=True,
+                         text=True).stdout.strip()
+    assert out == "runs/100%%j"

@@ -192,6 +192,9 @@ def merge_weight_tensor(rp, job, checkpoints: dict[str, Checkpoint]) -> torch.Te
 
     def read(m: str) -> torch.Tensor:
         x = checkpoints[m].read(job.sources[m])
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise MergeError(f"models.{m} ({checkpoints[m]!r}): tensor {job.sources[m]!r} holds "
+                             f"{int((~torch.isfinite(x)).sum())} NaN/Inf value(s)")
         return x.to(cast) if cast is not None else x
 
     xs = [read(m) for m in job.inputs]

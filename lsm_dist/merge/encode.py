@@ -64,6 +64,18 @@ def make_cond(vae: TransformerVAE, n: int, layer: int | None, block: str, role: 
     return {"layer": full(-1 if layer is None else layer), "block": full(BLOCK_IDS[block]), "role": full(rid)}
 
 
+def latents_sha256(mu: torch.Tensor, lv: torch.Tensor) -> str:
+    """sha256 of the stored latents' bytes (mu, then logvar): recorded at encode, checked at load."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for x in (mu, lv):
+        x = x.contiguous()
+        h.update(x.view(torch.uint8).numpy().tobytes() if x.dtype != torch.bfloat16 else
+                 x.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
 class LatentCache:
     """The latents of one model under one VAE."""
 
@@ -77,9 +89,10 @@ class LatentCache:
         return self.dir / "tensors" / f"{name}.safetensors"
 
     def entry(self, name: str) -> dict | None:
-        """Manifest entry of a tensor from its file's metadata (None if absent or stale)."""
+        """Manifest entry of a tensor from its file's metadata (None if absent or stale; a file of
+        an older version, without the latents' checksum, is stale: it is encoded again)."""
         meta = read_meta(self.tensor_path(name))
-        if meta is None or meta.get("format") != FORMAT or meta.get("name") != name:
+        if meta is None or meta.get("format") != FORMAT or meta.get("name") != name or "sha256" not in meta:
             return None
         if meta.get("model_digest") != self.model_digest or meta.get("vae_digest") != self.vae_digest:
             return None
@@ -95,9 +108,12 @@ class LatentCache:
         if not path.is_file():
             raise FileNotFoundError(f"latent cache {self.dir}: no latents for {name!r} (run the encode stage)")
         with safe_open(str(path), framework="pt") as f:
-            mu = f.get_tensor("mu").float()
-            lv = f.get_tensor("logvar").float() if logvar else None
-        return mu, lv
+            mu, lv = f.get_tensor("mu"), f.get_tensor("logvar")
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        if latents_sha256(mu, lv) != meta.get("sha256"):
+            raise ValueError(f"{path}: the latents do not match the checksum the encode stage recorded "
+                             "(edited or corrupt cache file): delete it and run the encode stage again")
+        return mu.float(), (lv.float() if logvar else None)
 
     @property
     def manifest(self) -> dict:
@@ -169,7 +185,8 @@ def encode_names(ck: Checkpoint, names: list[str], vae: TransformerVAE, vae_dir:
         t = ck.read(name)
         ck.close()  # drop the mmap: resident memory stays one tensor, not the touched file pages
         if not torch.isfinite(t).all():
-            raise ValueError(f"{ck.path}: tensor {name!r} holds NaN/Inf; cannot encode it")
+            raise ValueError(f"{ck!r}: tensor {name!r} holds {int((~torch.isfinite(t)).sum())} NaN/Inf value(s); "
+                             "cannot encode it")
         scale = None
         if base is not None:
             w_base = base.read(name).float()
@@ -186,6 +203,7 @@ def encode_names(ck: Checkpoint, names: list[str], vae: TransformerVAE, vae_dir:
             "role": info.role, "tokens": cfg.tokens, "chunk": cfg.chunk,
             "latent_shape": list(cfg.latent_shape), "latent_dtype": latent_dtype,
             "model_digest": cache.model_digest, "vae_digest": cache.vae_digest,
+            "sha256": latents_sha256(mu, lv),
         }  # fmt: skip
         atomic_save({"mu": mu, "logvar": lv}, cache.tensor_path(name), {"format": FORMAT, "meta": json.dumps(meta)})
         stats["encoded"] += 1
@@ -235,8 +253,11 @@ def run_encode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None,
                 continue
             base = rp.models[rp.plan.base].open() if rp.plan.encoding == "delta" else None
             with info.open() as ck:
-                s = encode_names(ck, names, vae, info.vae, caches[mid], rp.plan.batch_size, device,
-                                 rp.plan.latent_dtype, base)
+                try:
+                    s = encode_names(ck, names, vae, info.vae, caches[mid], rp.plan.batch_size, device,
+                                     rp.plan.latent_dtype, base)
+                except ValueError as e:
+                    raise ValueError(f"models.{mid}: {e}") from None
             log.info("encode %s: %d tensor(s) encoded, %d reused", mid, s["encoded"], s["reused"])
             shown.update(len(names))
             for k in totals:

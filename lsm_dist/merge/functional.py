@@ -333,6 +333,7 @@ def transport_plan(plan):
     from lsm_dist.adapters import open_model
     from lsm_dist.checkpoint import content_digest
     from lsm_dist.merge.hetero import AlignConfig
+    from lsm_dist.merge.plan import memo_dir
     from lsm_dist.utils import cache_root
 
     a = plan.alignment
@@ -347,7 +348,7 @@ def transport_plan(plan):
     docs = calibration_documents(a.calibration_items)
     calib = sha256_json(docs)[:16]
     opened = {m: open_model(*plan.model_ref(m)) for m in plan.models}
-    digests = {m: content_digest(ck, plan.cache_dir) for m, ck in opened.items()}
+    digests = {m: content_digest(ck, memo_dir(plan)) for m, ck in opened.items()}
     sources = [m for m in plan.operands if m != tid and m != sb]
     acts: dict[str, tuple] = {}
 

@@ -467,7 +467,7 @@ def _model_infos(plan, checkpoints, maps, jobs) -> dict[str, ModelInfo]:
                 latent_dims[mid] = vcfg.latent_dim
             else:  # this model's tensors are only merged in weight space
                 vpath = vcfg = vdig = None
-        infos[mid] = ModelInfo(mid, ck.path, vpath, ck.num_layers, content_digest(ck, plan.cache_dir),
+        infos[mid] = ModelInfo(mid, ck.path, vpath, ck.num_layers, content_digest(ck, memo_dir(plan)),
                                vdig, vcfg, maps[mid], plan.model_ref(mid)[1])
     if len(set(latent_dims.values())) > 1:
         raise ConfigError(f"vae: the models' VAEs have different latent_dim {latent_dims}; "
@@ -567,12 +567,19 @@ def check_out_dir(plan: MergePlan) -> None:
                   "it must be apart from every model and VAE; choose another out_dir")  # fmt: skip
 
 
+def memo_dir(plan: MergePlan) -> Path:
+    """Where a merge memoizes file digests and finiteness checks: the latent cache in latent
+    space; in weight space (no cache of its own) ``out_dir/.lsm_memo``, so a weight-space merge
+    writes nothing outside its out_dir."""
+    return Path(plan.cache_dir) if plan.space == "latent" else Path(plan.out_dir) / ".lsm_memo"
+
+
 def check_untouched_finite(plan: MergePlan, tck: Checkpoint, merged: set[str], digest: str) -> None:
     """The target tensors copied unchanged into the merge hold no NaN/Inf (named with their
-    file now, not at assembly). Memoized per target content digest in ``cache_dir``."""
+    file now, not at assembly). Memoized per target content digest (``memo_dir``)."""
     names = sorted(n for n in tck.tensors if n not in merged)
     key = sha256_json([digest, names])[:16]
-    memo = Path(plan.cache_dir) / "finite.json"
+    memo = memo_dir(plan) / "finite.json"
     try:
         done = read_json(memo) if memo.is_file() else {}
     except ValueError:

@@ -175,7 +175,10 @@ def gguf_summary(path: Path) -> dict:
         import gguf
     except ImportError:
         raise ConfigError(f"gguf: the 'gguf' package is needed to read {path}: {REAL_EXTRA}") from None
-    reader = gguf.GGUFReader(str(path))
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 -- the reader raises bare ValueErrors etc. without the file
+        raise ConfigError(f"gguf: {path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
     arch = reader.fields.get("general.architecture")
     return {
         "file": path.name,
