@@ -319,7 +319,7 @@ def test_an_edited_latent_is_refused(models, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from lsm_dist.merge import MergePlan, MergeParams, run_merge
+    from lsm_dist.merge import MergeParams, MergePlan, run_merge
     from tests.merge_helpers import train_tiny_vae
 
     vae = train_tiny_vae([models["base"], models["a"]], tmp_path / "vae", steps=10)
