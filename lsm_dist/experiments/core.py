@@ -385,6 +385,9 @@ class Context:
             return run_dir / "vae"
         request["run_dir"] = str(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        from lsm_dist.train.checkpointing import mark_run_dir
+
+        mark_run_dir(run_dir)  # the experiment makes this run directory for lsm train (its request inside)
         req_path = run_dir / "experiment_train.yaml"
         atomic_write_text(req_path, yaml.safe_dump(request, sort_keys=False))
         log.info("training the r=%g VAE (%d+%d steps) in %s", ratio, s1, s2, run_dir)

@@ -289,7 +289,10 @@ def claim_run_dir(run_dir: str | Path) -> None:
     import yaml
 
     d = Path(run_dir)
-    if (d / RUN_MARKER).is_file() or not d.exists() or (d.is_dir() and not any(d.iterdir())):
+    if (d / RUN_MARKER).is_file() or not d.exists():
+        return
+    # logs/ is appended to, never replaced (and the Slurm script opens its log there first)
+    if d.is_dir() and not [p for p in d.iterdir() if not (p.name == "logs" and p.is_dir() and not p.is_symlink())]:
         return
     ours = any((d / CKPT_DIR).glob(f"step-*/{STATE}"))  # training states only lsm train writes
     try:
