@@ -332,7 +332,7 @@ def test_an_edited_latent_is_refused(models, tmp_path):
     run_merge(plan(0.5))
     f = next(cache.rglob("*mlp.up_proj.weight.safetensors"))
     with safe_open(str(f), framework="pt") as h:
-        meta, t = h.metadata(), {k: h.get_tensor(k) for k in h.keys()}
+        meta, t = h.metadata(), {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118 (not a dict)
     t["mu"] = t["mu"] + 1.0
     save_file(t, str(f), metadata=meta)
     with pytest.raises(ValueError, match=rf"{f}: the latents do not match the checksum"):
@@ -364,3 +364,12 @@ def test_a_percent_in_the_run_dir_is_literal_for_srun():
     out = subprocess.run(["bash", "-c", 'RUN_DIR="runs/100%j"; echo "${RUN_DIR//%/%%}"'], capture_output=True,
                          text=True).stdout.strip()
     assert out == "runs/100%%j"
+
+
+def test_keep_layers_false_leaves_only_the_checkpoint(models, tmp_path):
+    from lsm_dist.merge import is_complete, run_merge
+
+    out = tmp_path / "out"
+    got = run_merge(_plan(models, out, keep_layers=False))
+    assert is_complete(got) and not (out / "layers").exists()
+    assert run_merge(_plan(models, out, keep_layers=False)) == got  # a re-run: complete, nothing redone

@@ -100,13 +100,18 @@ def foreign_outputs(layers_dir: Path, model_dir: Path) -> list[Path]:
 def remove_own_outputs(layers_dir: Path, model_dir: Path) -> None:
     """Delete what an earlier merge wrote into ``layers/`` and ``model/``, nothing else
     (``overwrite: true``; call :func:`foreign_outputs` first)."""
+    remove_own_layers(layers_dir)
+    remove_own_model(model_dir)
+
+
+def remove_own_layers(layers_dir: Path) -> None:
+    """Delete the layer files (and temp files) a merge wrote, then ``layers/`` if left empty."""
     if layers_dir.is_dir() and not layers_dir.is_symlink():
         for p in layers_dir.iterdir():
             if is_own_layer_entry(p):
                 p.unlink()
         if _is_empty_dir(layers_dir):
             layers_dir.rmdir()
-    remove_own_model(model_dir)
 
 
 def remove_own_model(model_dir: Path) -> None:

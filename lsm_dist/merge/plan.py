@@ -171,6 +171,8 @@ class MergePlan:
                                       "would be zero padding (VAE sample too large)", 0.5)
     max_shard_size: int | str = doc("assembled checkpoint shard size (bytes or 2GB / 500MB)", "2GB")
     overwrite: bool = doc("replace another merge already in out_dir", False)
+    keep_layers: bool = doc("keep out_dir/layers/ (the per-layer merged tensors) once the checkpoint is "
+                            "assembled; false halves the disk a finished merge takes", True)
     allow_crimes: bool = doc("merge models whose configs name different architectures although their "
                              "tensor shapes agree (mergekit's --allow-crimes); refused by default", False)
 
@@ -427,7 +429,7 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
         "version": PLAN_VERSION,
         "plan": {k: v for k, v in plan_to_dict(plan).items()
                  if k not in ("models", "vae", "out_dir", "cache_dir", "zoo_dir", "batch_size",
-                              "device", "overwrite", "origin", "allow_crimes")},
+                              "device", "overwrite", "origin", "allow_crimes", "keep_layers")},
         "models": {m: [i.digest, i.vae_digest] for m, i in infos.items()},
         "jobs": sha256_json([j.record() for j in jobs]),
         "config": patch,

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from lsm_dist.merge.assemble import assemble, is_complete
+from lsm_dist.merge.assemble import assemble, is_complete, remove_own_layers
 from lsm_dist.merge.card import write_card
 from lsm_dist.merge.decode import run_decode
 from lsm_dist.merge.encode import run_encode
@@ -66,11 +66,14 @@ def run_assemble(rp: ResolvedPlan) -> Path:
         return rp.model_dir
     groups = {g: [j.name for j in jobs] for g, jobs in rp.groups.items()}
     t = rp.models[rp.plan.target]
-    return assemble(t.open(), rp.layers_dir, rp.model_dir, rp.digest,
-                    parse_size(rp.plan.max_shard_size), groups,
-                    extra={"method": rp.plan.method, "space": rp.plan.space},
-                    outputs=rp.outputs, config_patch=rp.config_patch,
-                    write_extra=lambda tmp: write_card(tmp, rp))
+    out = assemble(t.open(), rp.layers_dir, rp.model_dir, rp.digest,
+                   parse_size(rp.plan.max_shard_size), groups,
+                   extra={"method": rp.plan.method, "space": rp.plan.space},
+                   outputs=rp.outputs, config_patch=rp.config_patch,
+                   write_extra=lambda tmp: write_card(tmp, rp))
+    if not rp.plan.keep_layers:  # the checkpoint holds every merged tensor: the layer files go
+        remove_own_layers(rp.layers_dir)
+    return out
 
 
 def run_merge(plan: MergePlan | str | Path, overrides: Sequence[str] = (), bar: bool = False) -> Path:
