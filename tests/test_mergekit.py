@@ -330,8 +330,8 @@ def test_reader_maps_mergekit_semantics(mk_zoo, tmp_path):
      r"models\[0\]\.parameters\.density: is not a parameter of mergekit's linear"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}]}, r"needs `weight`"),
     ({"merge_method": "linear", "models": [{"model": "x"}], "slices": []}, r"exactly one of"),
-    ({"merge_method": "linear", "models": [{"model": "x", "parameters": {"weight": 1}}], "name": "n"},
-     r"unknown key\(s\) \['name'\]"),
+    ({"merge_method": "linear", "models": [{"model": "x", "parameters": {"weight": 1}}], "nmae": "n"},
+     r"unknown key\(s\) \['nmae'\]"),  # `name` is accepted (a mergekit-multi leftover, no effect)
     ({"merge_method": "slerp", "base_model": "x", "models": [{"model": "x"}, {"model": "y"}],
       "parameters": {"t": [{"pattern": "mlp", "value": 0.3}]}}, r"parameters\.t\[0\].*unknown key\(s\) \['pattern'\]"),
 ])

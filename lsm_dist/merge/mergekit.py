@@ -36,8 +36,8 @@ from lsm_dist.merge.settings import check_setting
 GTA = {"weight": "weight", "density": "density", "normalize": "normalize", "rescale": "rescale",
        "lambda": "scale", "int8_mask": None}
 METHODS: dict[str, dict[str, str | None]] = {
-    "linear": {"weight": "weight", "normalize": "normalize"},
-    "slerp": {"t": "lambda"},
+    "linear": {"weight": "weight", "normalize": "normalize", "int8_mask": None},
+    "slerp": {"t": "lambda", "int8_mask": None},
     "nuslerp": {"weight": "weight", "nuslerp_flatten": "granularity", "nuslerp_row_wise": "granularity"},
     "multislerp": {"weight": "weight", "normalize_weights": "normalize", "eps": None},
     "karcher": {"max_iter": "max_iter", "tol": "tol"},
@@ -61,9 +61,11 @@ DEFAULTS = {"density": 1.0, "sign_tie": "positive", "scale": 1.0}
 RESCALE_DEFAULT = {"dare_ties": "l1", "dare_linear": "l1", "della": "l1", "della_linear": "l1"}
 PER_INPUT = ("weight", "density", "gamma", "epsilon")
 MERGEKIT_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-                 "tokenizer_source", "tokenizer", "chat_template", "modules")
+                 "tokenizer_source", "tokenizer", "chat_template", "modules", "name")
+IGNORED_KEYS = ("name",)  # accepted, no effect on the merge (a mergekit-multi leftover): listed in the card
 RUN_KEYS = ("space", "vae", "out_dir", "cache_dir", "zoo_dir", "device", "batch_size", "latent_dtype",
-            "max_shard_size", "overwrite", "alignment", "blocks", "max_padding_fraction")
+            "max_shard_size", "overwrite", "alignment", "blocks", "max_padding_fraction", "allow_download",
+            "allow_crimes", "keep_layers")
 DTYPES = tuple(SAFETENSORS_DTYPES)
 
 
@@ -87,9 +89,11 @@ def plan_data(raw: Mapping[str, Any], path: str | Path | None = None) -> dict[st
     ids = _Ids(where)
     base = ids.add(raw["base_model"], "base_model") if raw.get("base_model") is not None else None
     keymap = METHODS[method]
+    ignored = [f"{k}: {raw[k]!r}" for k in IGNORED_KEYS if k in raw]
     data: dict[str, Any] = {"method": method, "space": raw.get("space", "weight"), "rest": "weight",
                             "arithmetic": "dtype",
-                            "origin": f"mergekit:{path}" if path else "mergekit"}
+                            "origin": (f"mergekit:{path}" if path else "mergekit")
+                            + (f" (ignored, no effect on the merge: {'; '.join(ignored)})" if ignored else "")}
     data |= {k: raw[k] for k in RUN_KEYS if k in raw}
     seen: set[str] = set()
     if raw.get("models") is not None:
@@ -152,6 +156,9 @@ def plan_data(raw: Mapping[str, Any], path: str | Path | None = None) -> dict[st
             check(v in DTYPES, f"{where}: {key}", f"{raw[key]!r} is not one of {list(DTYPES)}")
             data[key] = v
     _check_required(method, seen, where)
+    dropped = sorted(k for k in seen if keymap.get(k, "") is None)
+    if dropped:  # parameters mergekit accepts that change no value (int8_mask: a memory layout)
+        data["origin"] += f" (parameters without effect on the values, ignored: {', '.join(dropped)})"
     return data
 
 

@@ -171,6 +171,9 @@ class MergePlan:
                                       "would be zero padding (VAE sample too large)", 0.5)
     max_shard_size: int | str = doc("assembled checkpoint shard size (bytes or 2GB / 500MB)", "2GB")
     overwrite: bool = doc("replace another merge already in out_dir", False)
+    allow_download: bool = doc("models named by Hugging Face id (org/name[@revision]) may be downloaded "
+                               "(safetensors, configs, tokenizers only) when not in the HF cache; off: "
+                               "the cache only", False)
     keep_layers: bool = doc("keep out_dir/layers/ (the per-layer merged tensors) once the checkpoint is "
                             "assembled; false halves the disk a finished merge takes", True)
     allow_crimes: bool = doc("merge models whose configs name different architectures although their "
@@ -248,12 +251,18 @@ class MergePlan:
         return self.model_ref(mid)[0]
 
     def model_ref(self, mid: str) -> tuple[Path, Path | None]:
-        """(checkpoint path, LoRA adapter dir or None) of model ``mid``."""
+        """(checkpoint path, LoRA adapter dir or None) of model ``mid``; a Hugging Face id
+        (``org/name[@revision]``) is its snapshot in the HF cache (``lsm_dist.hub``)."""
         e = self.models[mid]
         if e.lora:
-            return self.expand(e.path), self.expand(e.lora)
+            return self._hub(self.expand(e.path)), self.expand(e.lora)
         path, lora = split_model_ref(str(self.expand(e.path)))
-        return Path(path), Path(lora) if lora else None
+        return self._hub(Path(path)), Path(lora) if lora else None
+
+    def _hub(self, p: Path) -> Path:
+        from lsm_dist.hub import is_hub_id, resolve_hub_id
+
+        return resolve_hub_id(str(p), self.allow_download) if is_hub_id(str(p)) else p
 
     def vae_path(self, mid: str) -> Path | None:
         v = self.models[mid].vae or self.vae
@@ -281,6 +290,8 @@ def load_plan(path: str | Path | None = None, overrides=()) -> MergePlan:
 
     A mergekit config (a file with ``merge_method``) is read onto the same plan by
     ``lsm_dist.merge.mergekit`` first; the overrides then apply to the plan it gives."""
+    if path is not None:
+        _refuse_multi_document(Path(path))
     data = read_yaml_mapping(path, "merge plan") if path is not None else {}
     if "merge_method" in data:
         from lsm_dist.merge.mergekit import plan_data
@@ -289,6 +300,22 @@ def load_plan(path: str | Path | None = None, overrides=()) -> MergePlan:
     data = config_data(MergePlan, path, overrides, what="merge plan",
                        aliases={"params.lambda": "params.lambda_"}, data=data)
     return from_dict(MergePlan, data)
+
+
+def _refuse_multi_document(path: Path) -> None:
+    """A file of several YAML documents is mergekit-multi's format (named merges run in order,
+    later ones reading earlier outputs): say so instead of a YAML parser error."""
+    import yaml
+
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except (OSError, yaml.YAMLError):
+        return  # read_yaml_mapping names the problem
+    if len(docs) > 1:
+        names = [d.get("name") for d in docs if isinstance(d, dict)]
+        raise ConfigError(f"merge plan {path}: holds {len(docs)} YAML documents {names} -- a mergekit-multi file; "
+                          "lsm merge runs one merge per file: split it into one config per document and run them "
+                          "in order (a later one may name an earlier one's output directory as a model)")
 
 
 def plan_to_dict(plan: MergePlan) -> dict:
@@ -429,7 +456,8 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
         "version": PLAN_VERSION,
         "plan": {k: v for k, v in plan_to_dict(plan).items()
                  if k not in ("models", "vae", "out_dir", "cache_dir", "zoo_dir", "batch_size",
-                              "device", "overwrite", "origin", "allow_crimes", "keep_layers")},
+                              "device", "overwrite", "origin", "allow_crimes", "keep_layers",
+                              "allow_download")},
         "models": {m: [i.digest, i.vae_digest] for m, i in infos.items()},
         "jobs": sha256_json([j.record() for j in jobs]),
         "config": patch,
