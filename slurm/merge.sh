@@ -35,4 +35,9 @@ cd "$REPO"
 if [ ! -f "$PLAN" ]; then echo "merge.sh: merge plan '$PLAN' does not exist (relative to $REPO)" >&2; exit 2; fi
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 echo "merge.sh: $STAGE on $(hostname -s) (job ${SLURM_JOB_ID:-none}, array task ${SLURM_ARRAY_TASK_ID:--}/${SLURM_ARRAY_TASK_COUNT:--})"
-exec "$PY" -m lsm_dist.cli "${ARGS[@]}" --config "$PLAN" "$@"
+# start and end stamps: how long each array task took (benchmarks/bench_scale.py reads them)
+echo "lsm-time $(date +%s.%N) start"
+rc=0
+"$PY" -m lsm_dist.cli "${ARGS[@]}" --config "$PLAN" "$@" || rc=$?
+echo "lsm-time $(date +%s.%N) end (exit $rc)"
+exit $rc

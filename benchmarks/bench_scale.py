@@ -1,0 +1,478 @@
+"""The whole chain at the scale the project is for, measured stage by stage.
+
+    python benchmarks/bench_scale.py --shape llama-3b                     # every stage
+    python benchmarks/bench_scale.py --shape qwen2-7b --stages convert ties mergekit assemble
+    python benchmarks/bench_scale.py --shape toy                          # CI: the same code at a toy shape
+
+1. **generate**: a checkpoint pair with the exact tensor names and shapes of the architecture
+   (Llama-3.2-3B: 28 layers, hidden 3072, MLP 8192, 24 / 8 heads, vocab 128256, tied; Qwen2-7B:
+   28 layers, hidden 3584, MLP 18944, 28 / 4 heads, q/k/v biases, vocab 152064), bf16 sharded
+   safetensors + index + config.json, written shard by shard (never the whole model in memory).
+   Values: seeded Gaussians with SmolLM2-135M-Instruct's per-role mean / std (the real model's
+   statistics, measured from its checkpoint when it is at hand -- ``runs/zoo-real`` -- else the
+   table below, measured from it on 2026-12-06), the std scaled by √(fan_in_SmolLM2 / fan_in).
+   Model B = model A + a seeded perturbation of 0.6 % of each tensor's norm (the size of the
+   project's LoRA experts' task vectors).
+2. **convert** model A (``lsm convert``, 2 workers), **train** the demo VAE for a fixed number of
+   steps on 2 ranks (ZeRO-3), and the paper-size VAE (``configs/vae/paper-175m.yaml``) for a few
+   steps on 1 and on 2 ZeRO-3 ranks (per-rank memory), **merge** the pair in latent space through
+   ``slurm/submit_merge.sh 2`` on the local Slurm (two array tasks: the time of the slowest vs
+   the mean), **assemble** and **forward** (transformers loads the result and runs one forward
+   pass), weight-space **ties** through ``lsm merge`` and through ``mergekit-yaml`` back to back.
+3. Per stage: wall time, samples/s (and per core), the peak RSS of every process of the stage
+   (psutil, sampled every 50 ms over the process tree -- Slurm jobs: every process running the
+   plan), bytes read and written (``/proc/<pid>/io`` of the tree), the disk high-water of the
+   work directory, and for array stages the slowest vs the mean task. Written as JSON
+   (``OUT/bench_scale.json``) and one line per stage.
+
+The targets (issue: scale) are checked in ``report()``: peak RSS of every process ≤ 2 × the
+largest tensor in float32 + the VAE and its optimizer + 1.5 GB; slowest array task ≤ 1.25 × the
+mean; weight TIES ≤ 1.0× mergekit's time at ≤ 0.5× its peak memory; ZeRO-3 per-rank model state
+≈ ½ of one rank's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHAPES = {
+    "toy": dict(family="llama", layers=2, hidden=64, inter=160, heads=4, kv=2, vocab=256, tied=False, bias=False),
+    "llama-3b": dict(family="llama", layers=28, hidden=3072, inter=8192, heads=24, kv=8, vocab=128256, tied=True,
+                     bias=False),
+    "qwen2-7b": dict(family="qwen2", layers=28, hidden=3584, inter=18944, heads=28, kv=4, vocab=152064, tied=False,
+                     bias=True),
+}
+STAGES = ("generate", "convert", "train", "train_paper", "merge", "forward", "ties", "mergekit")
+# SmolLM2-135M-Instruct (hidden 576), per role: (mean, std), averaged over its layers
+# (measured from runs/zoo-real/smollm2-135m, 2026-12-06; recomputed by role_stats() when present)
+SMOLLM2 = {"q_proj": (0.0, 0.2001), "k_proj": (0.0, 0.2056), "v_proj": (0.0, 0.1892), "o_proj": (0.0, 0.1751),
+           "gate_proj": (-0.0002, 0.1876), "up_proj": (0.0, 0.1990), "down_proj": (0.0, 0.1919),
+           "embed": (-0.0005, 0.1356), "input_layernorm": (0.3015, 0.0847),
+           "post_attention_layernorm": (0.2336, 0.0558), "final_norm": (1.8027, 0.2948), "bias": (0.0, 0.02)}
+SMOLLM2_FAN_IN = 576
+PERTURB = 0.006  # model B: A + noise of this fraction of each tensor's norm
+
+
+# ----------------------------------------------------------------------------- the pair
+def role_stats() -> dict[str, tuple[float, float]]:
+    """SmolLM2's per-role (mean, std) from its checkpoint when it is at hand, else the table."""
+    src = REPO / "runs" / "zoo-real" / "smollm2-135m"
+    if not (src / "config.json").is_file():
+        return dict(SMOLLM2)
+    from lsm_dist.checkpoint import Checkpoint
+
+    acc: dict[str, list[tuple[float, float]]] = {}
+    with Checkpoint(src) as ck:
+        for n, t in ck.tensors.items():
+            x = ck.read(n).float()
+            key = t.role or n.split(".")[-2]
+            acc.setdefault(key, []).append((x.mean().item(), x.std().item()))
+    out = dict(SMOLLM2)
+    out |= {k: (sum(m for m, _ in v) / len(v), sum(s for _, s in v) / len(v)) for k, v in acc.items()}
+    return out
+
+
+def tensor_specs(shape: dict) -> list[tuple[str, tuple[int, ...], str, int]]:
+    """(name, shape, role, fan_in) of every tensor of the architecture, in checkpoint order."""
+    h, m, hd = shape["hidden"], shape["inter"], shape["hidden"] // shape["heads"]
+    kv = shape["kv"] * hd
+    out = [("model.embed_tokens.weight", (shape["vocab"], h), "embed", SMOLLM2_FAN_IN)]
+    for i in range(shape["layers"]):
+        p = f"model.layers.{i}."
+        for name, s, role, fan in [("self_attn.q_proj", (h, h), "q_proj", h), ("self_attn.k_proj", (kv, h), "k_proj", h),
+                                   ("self_attn.v_proj", (kv, h), "v_proj", h), ("self_attn.o_proj", (h, h), "o_proj", h),
+                                   ("mlp.gate_proj", (m, h), "gate_proj", h), ("mlp.up_proj", (m, h), "up_proj", h),
+                                   ("mlp.down_proj", (h, m), "down_proj", m)]:
+            out.append((p + name + ".weight", s, role, fan))
+            if shape["bias"] and role in ("q_proj", "k_proj", "v_proj"):
+                out.append((p + name + ".bias", (s[0],), "bias", SMOLLM2_FAN_IN))
+        out += [(p + "input_layernorm.weight", (h,), "input_layernorm", SMOLLM2_FAN_IN),
+                (p + "post_attention_layernorm.weight", (h,), "post_attention_layernorm", SMOLLM2_FAN_IN)]
+    out.append(("model.norm.weight", (h,), "final_norm", SMOLLM2_FAN_IN))
+    if not shape["tied"]:
+        out.append(("lm_head.weight", (shape["vocab"], h), "embed", SMOLLM2_FAN_IN))
+    return out
+
+
+def _seed(*parts) -> int:
+    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
+def make_tensor(name: str, s: tuple[int, ...], role: str, fan_in: int, stats: dict, seed: int,
+                perturb: float = 0.0) -> torch.Tensor:
+    """One tensor of model A (``perturb`` 0) or B (A + noise of ``perturb`` × its norm), bf16."""
+    mean, std = stats[role]
+    if role not in ("input_layernorm", "post_attention_layernorm", "final_norm", "embed", "bias"):
+        std = std * math.sqrt(SMOLLM2_FAN_IN / fan_in)
+    g = torch.Generator().manual_seed(_seed(seed, name))
+    x = torch.randn(*s, generator=g) * std + mean
+    if perturb:
+        gp = torch.Generator().manual_seed(_seed(seed, name, "perturb"))
+        x = x + torch.randn(*s, generator=gp) * (perturb * float(x.norm()) / math.sqrt(x.numel()))
+    return x.to(torch.bfloat16)
+
+
+def write_model(out: Path, shape: dict, stats: dict, seed: int, perturb: float, shard_gb: float = 2.0) -> int:
+    """Sharded bf16 safetensors + index + config.json, shard by shard; returns the bytes written."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    specs = tensor_specs(shape)
+    shards, cur, size = [], [], 0
+    for spec in specs:
+        nb = math.prod(spec[1]) * 2
+        if cur and size + nb > shard_gb * 1e9:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(spec)
+        size += nb
+    shards.append(cur)
+    weight_map, total = {}, 0
+    for i, part in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {n: make_tensor(n, s, r, f, stats, seed, perturb) for n, s, r, f in part}
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        total += (out / fname).stat().st_size
+        weight_map |= {n: fname for n in tensors}
+        del tensors
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
+    cfg = {"architectures": ["LlamaForCausalLM" if shape["family"] == "llama" else "Qwen2ForCausalLM"],
+           "model_type": shape["family"], "hidden_size": shape["hidden"], "intermediate_size": shape["inter"],
+           "num_hidden_layers": shape["layers"], "num_attention_heads": shape["heads"],
+           "num_key_value_heads": shape["kv"], "head_dim": shape["hidden"] // shape["heads"],
+           "vocab_size": shape["vocab"], "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+           "tie_word_embeddings": shape["tied"], "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    return total
+
+
+# ----------------------------------------------------------------------------- measuring
+def dir_bytes(root: Path) -> int:
+    """Bytes of the files under ``root`` (what the stage's work directory holds)."""
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            with contextlib.suppress(OSError):  # a file removed meanwhile
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+class Monitor:
+    """Samples a set of processes every 50 ms: per-process peak RSS, io bytes; and the disk
+    high-water of the work directory (the bytes of its files, every 0.5 s)."""
+
+    def __init__(self, root: Path, match=None):
+        import psutil
+
+        self.psutil, self.root, self.match = psutil, root, match
+        self.peak: dict[int, tuple[float, str]] = {}
+        self.io: dict[int, tuple[int, int]] = {}
+        self.bytes0 = self.high = dir_bytes(root)
+        self.stop = threading.Event()
+        self.pids: set[int] = set()
+        self.t = threading.Thread(target=self._run, daemon=True)
+
+    def watch(self, pid: int) -> None:
+        self.pids.add(pid)
+
+    def _procs(self):
+        out = []
+        for pid in list(self.pids):
+            try:
+                p = self.psutil.Process(pid)
+                out += [p, *p.children(recursive=True)]
+            except self.psutil.Error:
+                pass
+        if self.match is not None:
+            for p in self.psutil.process_iter(["cmdline"]):
+                try:
+                    if self.match(" ".join(p.info["cmdline"] or [])):
+                        out.append(p)
+                except self.psutil.Error:
+                    pass
+        return out
+
+    def _run(self) -> None:
+        tick = 0
+        while not self.stop.is_set():
+            if tick % 10 == 0:  # the work directory's size, every 0.5 s
+                self.high = max(self.high, dir_bytes(self.root))
+            tick += 1
+            for p in self._procs():
+                try:
+                    rss = p.memory_info().rss / 2**20
+                    name = " ".join(p.cmdline()[:4])[:120]
+                    if rss > self.peak.get(p.pid, (0, ""))[0]:
+                        self.peak[p.pid] = (rss, name)
+                    io = p.io_counters()
+                    self.io[p.pid] = (io.read_bytes, io.write_bytes)
+                except (self.psutil.Error, OSError):
+                    pass
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self.t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.t.join()
+
+    def summary(self) -> dict:
+        return {"peak_rss_mib": max((v[0] for v in self.peak.values()), default=0.0),
+                "processes": sorted(({"rss_mib": round(r, 1), "cmd": c} for r, c in self.peak.values()),
+                                    key=lambda d: -d["rss_mib"])[:8],
+                "read_bytes": sum(r for r, _ in self.io.values()), "write_bytes": sum(w for _, w in self.io.values()),
+                "disk_high_water_bytes": self.high, "disk_growth_bytes": max(0, self.high - self.bytes0)}
+
+
+def run(cmd: list[str], root: Path, env: dict | None = None, match=None, cwd: Path = REPO) -> dict:
+    """Run a command under a :class:`Monitor`; raise with its output's tail on failure."""
+    t0 = time.perf_counter()
+    with Monitor(root, match) as mon:
+        p = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        mon.watch(p.pid)
+        out, _ = p.communicate()
+    res = {"wall_s": round(time.perf_counter() - t0, 2), **mon.summary()}
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} failed ({p.returncode}):\n{out[-3000:]}")
+    res["output_tail"] = out[-400:]
+    return res
+
+
+# ----------------------------------------------------------------------------- stages
+def lsm(*args) -> list[str]:
+    return [str(Path(sys.executable).parent / "lsm"), *args]
+
+
+def stage_generate(a, w: Path, res: dict) -> None:
+    stats = role_stats()
+    t0 = time.perf_counter()
+    for name, perturb in (("A", 0.0), ("B", PERTURB)):
+        if not (w / name / "config.json").is_file():
+            write_model(w / name, a.shape, stats, seed=0, perturb=perturb)
+    nbytes = sum(f.stat().st_size for f in (w / "A").glob("*.safetensors"))
+    res["generate"] = {"wall_s": round(time.perf_counter() - t0, 1), "bytes_per_model": nbytes,
+                       "tensors": len(tensor_specs(a.shape)), "stats_from": "SmolLM2-135M-Instruct per role"}
+
+
+def stage_convert(a, w: Path, res: dict) -> None:
+    shutil.rmtree(w / "corpus", ignore_errors=True)
+    r = run(lsm("convert", f"models=[{w / 'A'}]", f"out_dir={w / 'corpus'}", "tokens=8", "chunk=64",
+                "num_workers=2", "overwrite=true"), w)
+    from lsm_dist.corpus.reader import Corpus
+
+    n = Corpus(w / "corpus").num_samples
+    res["convert"] = r | {"samples": n, "samples_per_s": n / r["wall_s"], "samples_per_s_per_core": n / r["wall_s"] / 2}
+
+
+def stage_train(a, w: Path, res: dict) -> None:
+    run_dir = w / "vae_run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    port = 29000 + os.getpid() % 1000
+    common = ["--config", "configs/train/tiny.yaml", f"model_config={REPO / 'configs/vae/demo.yaml'}",
+              f"corpus={w / 'corpus'}", f"stage1_steps={a.train_steps}", "stage2_steps=0", "val_every=0",
+              f"ckpt_every={a.train_steps}", "zero_stage=3", "cpu_threads=1", "log_every=10"]
+    r = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+             "-m", "lsm_dist.train", *common, f"run_dir={run_dir}"], w, env={"OMP_NUM_THREADS": "1"})
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    sps = [x["perf/samples_per_s"] for x in recs if x.get("kind") == "train"][1:]
+    res["train"] = r | {"steps": a.train_steps, "ranks": 2, "zero_stage": 3,
+                        "samples_per_s": sum(sps) / max(len(sps), 1), "vae": str(run_dir / "vae")}
+
+
+def stage_train_paper(a, w: Path, res: dict) -> None:
+    """The paper-size VAE for a few steps, ZeRO-3 on 1 and on 2 ranks: per-rank peak RSS."""
+    out = {}
+    from lsm_dist.config import load_config
+    from lsm_dist.model import TransformerVAE, VAEConfig
+
+    vcfg = load_config(VAEConfig, REPO / a.paper_vae)
+    corpus = w / f"corpus-paper-{vcfg.tokens}x{vcfg.chunk}"
+    if not (corpus / "manifest.json").is_file():  # the first layer's tensors suffice for a few steps
+        run(lsm("convert", f"models=[{w / 'A'}]", f"out_dir={corpus}", f"tokens={vcfg.tokens}", f"chunk={vcfg.chunk}",
+                "num_workers=2", "overwrite=true", "include=layers\\.0\\.", "block_samples=16"), w)
+    for ranks in (1, 2):
+        run_dir = w / f"paper-{ranks}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cmd = ["-m", "lsm_dist.train", "--config", "configs/train/paper.yaml",
+               f"model_config={REPO / a.paper_vae}", f"corpus={corpus}", f"stage1_steps={a.paper_steps}",
+               "stage2_steps=0", "val_every=0", "ckpt_every=0", "export=false", "zero_stage=3", "batch_size=4",
+               "precision=fp32", "cpu_threads=1", "log_every=1", "verify_corpus=false", "num_workers=0",
+               f"run_dir={run_dir}"]
+        full = [sys.executable, *cmd] if ranks == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(29500 + os.getpid() % 1000), *cmd]
+        r = run(full, w, env={"OMP_NUM_THREADS": "1"})
+        ranks_rss = [p["rss_mib"] for p in r["processes"] if "lsm_dist.train" in p["cmd"]]
+        out[f"{ranks}_rank"] = r | {"per_rank_peak_rss_mib": sorted(ranks_rss, reverse=True)[:ranks]}
+    params = sum(p.numel() for p in TransformerVAE(vcfg).parameters())
+    one = out["1_rank"]["per_rank_peak_rss_mib"][0]
+    two = max(out["2_rank"]["per_rank_peak_rss_mib"] or [float("nan")])
+    out["model_state_mib"] = params * 16 / 2**20  # fp32 weights + grads + two Adam moments
+    out["per_rank_saving_mib"] = one - two
+    out["saving_vs_half_state"] = (one - two) / (out["model_state_mib"] / 2)
+    res["train_paper"] = out
+
+
+def stage_merge(a, w: Path, res: dict) -> None:
+    """Latent merge of the pair through slurm/submit_merge.sh 2 on the local Slurm."""
+    vae = Path(res.get("train", {}).get("vae") or w / "vae_run" / "vae")
+    out = w / "merge"
+    shutil.rmtree(out, ignore_errors=True)
+    plan = w / "plan.yaml"
+    plan.write_text(json.dumps({"models": {"A": str(w / "A"), "B": str(w / "B")}, "target": "A",
+                                "method": "lerp", "params": {"lambda": 0.5}, "space": "latent",
+                                "decode": "delta", "vae": str(vae), "out_dir": str(out),
+                                "cache_dir": str(w / "latent_cache"), "keep_layers": False}))
+    shutil.rmtree(w / "latent_cache", ignore_errors=True)
+    logs = w / "slurm-logs"
+    logs.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    with Monitor(w, match=lambda c: str(plan) in c) as mon:
+        sub = subprocess.run(["bash", str(REPO / "slurm/submit_merge.sh"), "2", str(plan)], cwd=logs,
+                             env={**os.environ, "LSM_REPO": str(REPO)}, capture_output=True, text=True)
+        if sub.returncode != 0:
+            raise RuntimeError(f"submit_merge.sh failed: {sub.stderr[-2000:]}")
+        ids = sub.stdout.split()
+        jobs = [ids[i + 1] for i in range(0, len(ids), 2)]
+        while subprocess.run(["squeue", "-h", "-j", ",".join(j for j in jobs if j != "-")],
+                             capture_output=True, text=True).stdout.strip():
+            time.sleep(1)
+    wall = time.perf_counter() - t0
+    if not (out / "model" / "MERGE_COMPLETE.json").is_file():
+        raise RuntimeError(f"the merge jobs ended without a complete model in {out}; logs in {logs / 'logs'}")
+    tasks = _task_times(logs / "logs")
+    res["merge"] = {"wall_s": round(wall, 1), **mon.summary(), "jobs": sub.stdout.strip(), "array_tasks": tasks}
+    for stage in ("encode", "merge"):
+        ts = [t["seconds"] for t in tasks if t["stage"] == stage]
+        if ts:
+            res["merge"][f"{stage}_slowest_over_mean"] = max(ts) / (sum(ts) / len(ts))
+
+
+def _task_times(logs: Path) -> list[dict]:
+    """Stage and duration of every array task, from the start / end stamps slurm/merge.sh writes."""
+    out = []
+    for f in sorted(logs.glob("lsm-merge-*.out")):
+        lines = f.read_text().splitlines()
+        if not lines or "array task" not in lines[0] or "array task -/" in lines[0]:
+            continue
+        stamps = [float(x.split()[1]) for x in lines if x.startswith("lsm-time ")]
+        out.append({"log": f.name, "stage": lines[0].split()[1],
+                    "seconds": round(stamps[-1] - stamps[0], 2) if len(stamps) >= 2 else math.nan})
+    return out
+
+
+def stage_forward(a, w: Path, res: dict) -> None:
+    out = w / "merge" / "model"
+    code = ("import sys, time, torch; from lsm_dist.checkpoint import load_causal_lm; t = time.time(); "
+            f"m = load_causal_lm({str(out)!r}, torch.bfloat16).eval(); "
+            f"x = torch.randint(3, {min(a.shape['vocab'], 1000)}, (1, 16)); y = m(input_ids=x).logits; "
+            "print('finite', bool(torch.isfinite(y).all()), 'load+forward', round(time.time() - t, 1))")
+    r = run([sys.executable, "-c", code], w)
+    res["forward"] = r | {"finite": "finite True" in r["output_tail"]}
+
+
+def stage_ties(a, w: Path, res: dict) -> None:
+    out = w / "ties-lsm"
+    shutil.rmtree(out, ignore_errors=True)
+    plan = w / "ties.yaml"
+    plan.write_text(json.dumps({"models": {"A": str(w / "A"), "B": str(w / "B")}, "base": "A", "method": "ties",
+                                "params": {"density": 0.5}, "space": "weight", "rest": "weight",
+                                "out_dir": str(out), "keep_layers": False}))
+    res["ties"] = run(lsm("merge", str(plan)), w)
+    shutil.rmtree(out, ignore_errors=True)  # the disk for mergekit's output
+
+
+def stage_mergekit(a, w: Path, res: dict) -> None:
+    out = w / "ties-mergekit"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = w / "ties-mk.yml"
+    cfg.write_text(json.dumps({"merge_method": "ties", "base_model": str(w / "A"), "dtype": "bfloat16",
+                               "models": [{"model": str(w / "B"), "parameters": {"density": 0.5, "weight": 1.0}}]}))
+    mk = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
+    res["mergekit"] = run([mk, str(cfg), str(out), "--no-write-model-card", "--out-shard-size", "2B"], w)
+    shutil.rmtree(out, ignore_errors=True)
+    if "ties" in res:
+        res["ties_vs_mergekit"] = {"time": res["ties"]["wall_s"] / res["mergekit"]["wall_s"],
+                                   "peak_rss": res["ties"]["peak_rss_mib"] / res["mergekit"]["peak_rss_mib"]}
+
+
+def report(a, res: dict) -> dict:
+    """The targets, checked on the figures (None where the stage did not run)."""
+    largest = max(math.prod(s) for _, s, _, _ in tensor_specs(a.shape)) * 4 / 2**20
+    bound = 2 * largest + 1536 + 200  # + the demo VAE and its optimizer (~0.8M params) and imports
+    peaks = {k: v.get("peak_rss_mib") for k, v in res.items() if isinstance(v, dict) and "peak_rss_mib" in v
+             and k not in ("mergekit", "train", "train_paper", "generate")}
+    return {"largest_tensor_fp32_mib": largest, "rss_bound_mib": bound,
+            "rss_within_bound": {k: v <= bound for k, v in peaks.items()},
+            "slowest_task_within_1.25x_mean": {k: res.get("merge", {}).get(f"{k}_slowest_over_mean", math.nan) <= 1.25
+                                               for k in ("encode", "merge") if f"{k}_slowest_over_mean" in res.get("merge", {})},
+            "ties_time_le_mergekit": res.get("ties_vs_mergekit", {}).get("time", math.nan) <= 1.0
+            if "ties_vs_mergekit" in res else None,
+            "ties_rss_le_half_mergekit": res.get("ties_vs_mergekit", {}).get("peak_rss", math.nan) <= 0.5
+            if "ties_vs_mergekit" in res else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=SHAPES, default="llama-3b")
+    ap.add_argument("--stages", nargs="*", choices=STAGES, default=list(STAGES))
+    ap.add_argument("--workdir", default=None, help="default runs/bench_scale/<shape> (the pair is reused)")
+    ap.add_argument("--out", default=None, help="where bench_scale.json goes (default: the workdir)")
+    ap.add_argument("--train-steps", type=int, default=None)
+    ap.add_argument("--paper-steps", type=int, default=None)
+    ap.add_argument("--clean", action="store_true", help="delete the workdir at the end")
+    args = ap.parse_args()
+    toy = args.shape == "toy"
+    a = argparse.Namespace(shape=SHAPES[args.shape], train_steps=args.train_steps or (10 if toy else 200),
+                           paper_steps=args.paper_steps or (2 if toy else 10),
+                           paper_vae="configs/vae/tiny.yaml" if toy else "configs/vae/paper-175m.yaml")
+    w = Path(args.workdir or REPO / "runs" / "bench_scale" / args.shape).resolve()
+    w.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out or w)
+    out.mkdir(parents=True, exist_ok=True)
+    res: dict = {"shape": args.shape, **a.shape, "machine": {"cores": os.cpu_count(), "torch": torch.__version__,
+                 "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+                 "date": time.strftime("%Y-%m-%d %H:%M"), "errors": {}}
+    for name in STAGES:
+        if name not in args.stages:
+            continue
+        t0 = time.perf_counter()
+        try:
+            globals()[f"stage_{name}"](a, w, res)
+            r = res.get(name, {})
+            print(f"{name:12s} {r.get('wall_s', round(time.perf_counter() - t0, 1)):>9} s  peak RSS "
+                  f"{r.get('peak_rss_mib', float('nan')):8.0f} MiB  disk high-water "
+                  f"{r.get('disk_high_water_bytes', 0) / 2**30:6.2f} GiB", flush=True)
+        except Exception as e:  # one stage's failure must not lose the others' figures
+            res["errors"][name] = f"{type(e).__name__}: {e}"[:3000]
+            print(f"{name:12s} FAILED: {type(e).__name__}: {str(e)[:500]}", file=sys.stderr, flush=True)
+        res["targets"] = report(a, res)
+        (out / "bench_scale.json").write_text(json.dumps(res, indent=1, default=str))
+    print(json.dumps(res["targets"], indent=1, default=str))
+    if args.clean:
+        shutil.rmtree(w, ignore_errors=True)
+    return 1 if res["errors"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
