@@ -72,6 +72,22 @@ class DistEnv:
         return self.rank, self.world_size
 
 
+def balanced_share(items: list, sizes: list[float], index: int, count: int) -> list:
+    """Worker ``index``'s share of ``items`` when ``count`` workers split them by size: longest
+    first, each to the least-loaded worker (ties to the lower index), so the slowest worker
+    does barely more than the mean; deterministic, so every worker computes the same split
+    without talking to the others. Returns the share in the items' own order."""
+    if count <= 1:
+        return list(items)
+    load = [0.0] * count
+    owner = {}
+    for i in sorted(range(len(items)), key=lambda i: (-sizes[i], i)):
+        w = min(range(count), key=lambda k: (load[k], k))
+        owner[i] = w
+        load[w] += sizes[i]
+    return [x for i, x in enumerate(items) if owner[i] == index]
+
+
 def expand_nodelist(nodelist: str) -> list[str]:
     """Expand a Slurm hostlist such as ``c[1-2,5],gpu-a07`` into host names."""
     hosts: list[str] = []

@@ -44,3 +44,16 @@ def test_launch_env_and_scrubbed_environ(monkeypatch):
         assert not set(DIST_VARS) & set(os.environ) and os.environ["LSM_KEEP_ME"] == "1"
     assert all(os.environ[k] == "7" for k in DIST_VARS)
     assert os.environ["ACCELERATE_USE_DEEPSPEED"] == "true"
+
+
+def test_balanced_share_splits_by_size():
+    from lsm_dist.dist import balanced_share
+
+    items = [f"t{i}" for i in range(10)]
+    sizes = [100, 1, 1, 1, 1, 50, 50, 1, 1, 1]  # one large tensor, two middling, small ones
+    shares = [balanced_share(items, sizes, k, 2) for k in range(2)]
+    assert sorted(shares[0] + shares[1]) == sorted(items) and not set(shares[0]) & set(shares[1])
+    loads = [sum(sizes[items.index(x)] for x in s) for s in shares]
+    assert max(loads) <= 1.05 * sum(sizes) / 2  # split by count (items[k::2]) one task did 153 of 208
+    assert balanced_share(items, sizes, 0, 1) == items
+    assert all(s == sorted(s, key=items.index) for s in shares)  # each share in the items' order

@@ -36,6 +36,7 @@ import torch
 from lsm_dist.checkpoint import DTYPES, Checkpoint, TensorInfo
 from lsm_dist.chunking import STAT_BLOCK, denormalize
 from lsm_dist.console import progress
+from lsm_dist.dist import balanced_share
 from lsm_dist.merge.encode import caches_for, make_cond, role_ids
 from lsm_dist.merge.hetero import align_latents
 from lsm_dist.merge.io import autocast, pick_device, read_meta, release_memory, write_streaming
@@ -210,7 +211,8 @@ def run_decode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None,
     ``bar``: a console bar over them."""
     idx, count = worker
     plan = rp.plan
-    mine = list(rp.groups)[idx::count]
+    groups = list(rp.groups)
+    mine = balanced_share(groups, [sum(math.prod(j.shape) for j in rp.groups[g]) for g in groups], idx, count)
     if rp.layers_dir.is_dir() and (n := clean_group_temps(rp, mine)):
         log.info("merge: removed %d temp file(s) of killed runs from %s", n, rp.layers_dir)
     todo = [g for g in mine if not group_done(rp, g)]

@@ -19,6 +19,7 @@ the latents (never a whole model).
 from __future__ import annotations
 
 import json
+import math
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from safetensors import safe_open
 from lsm_dist.checkpoint import ROLE_BLOCK, Checkpoint
 from lsm_dist.chunking import ChunkSpec, norm_stats, normalize_range
 from lsm_dist.console import progress
+from lsm_dist.dist import balanced_share
 from lsm_dist.merge.io import atomic_save, autocast, pick_device, read_meta, release_memory
 from lsm_dist.model import BLOCK_IDS, TransformerVAE, load_vae
 from lsm_dist.utils import atomic_write_json, get_logger
@@ -235,7 +237,9 @@ def run_encode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None,
     caches = caches_for(rp)
     device = pick_device(rp.plan.device)
     vaes = {} if vaes is None else vaes
-    mine = encode_work(rp)[idx::count]
+    work = encode_work(rp)
+    size = {(m, j.sources[m]): math.prod(j.shape) for j in rp.jobs for m in j.sources}  # the cost of encoding it
+    mine = balanced_share(work, [size.get(w, 1) for w in work], idx, count)
     totals = {"encoded": 0, "reused": 0, "samples": 0}
     shown = progress(total=len(mine), desc="encode", unit="tensor", disable=not bar)
     try:
