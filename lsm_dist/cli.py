@@ -10,6 +10,7 @@ everything else goes to a log file in their out_dir (``lsm_dist.console``); ``--
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -148,10 +149,36 @@ def _load_plan(args):
         if path:
             raise ConfigError(f"give the plan once: --config {path} or {overrides[0]}, not both")
         path, overrides = overrides[0], overrides[1:]
+    if overrides and "=" not in overrides[0]:  # `lsm merge CONFIG OUT`: mergekit-yaml's form and layout
+        overrides = [f"out_dir={overrides[0]}", "layout=mergekit", *overrides[1:]]
     if not path:
         raise ConfigError("a merge plan is required: lsm merge PLAN.yaml (a plan or a mergekit config) "
                           "or --config PLAN.yaml")
-    return load_plan(path, overrides)
+    return load_plan(path, [*_mergekit_flags(args), *overrides])
+
+
+def _mergekit_flags(args) -> list[str]:
+    """mergekit-yaml's flags, as plan overrides (so lsm merge stands where mergekit-yaml stood)."""
+    if getattr(args, "trust_remote_code", False):
+        raise ConfigError("--trust-remote-code: lsm_dist never runs a model's own code; drop the flag")
+    if getattr(args, "no_safe_serialization", False):
+        raise ConfigError("--no-safe-serialization: lsm_dist writes safetensors only (never pickles)")
+    out = []
+    if getattr(args, "cuda", False):
+        out.append("device=cuda")
+    if getattr(args, "allow_crimes", False):
+        out.append("allow_crimes=true")
+    if getattr(args, "copy_tokenizer", None) is not None:
+        out.append(f"copy_tokenizer={str(args.copy_tokenizer).lower()}")
+    if getattr(args, "out_shard_size", None):  # mergekit counts parameters (1K / 5M / 5B): 2 bytes each
+        m = re.fullmatch(r"\s*([0-9.]+)\s*([KkMmBb]?)\s*", args.out_shard_size)
+        if m is None:
+            raise ConfigError(f"--out-shard-size {args.out_shard_size!r}: a parameter count such as 5B, 500M or 1000000")
+        n = float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9}[m.group(2).upper()]
+        out.append(f"max_shard_size={int(n * 2)}")
+    if getattr(args, "random_seed", None) is not None:
+        out.append(f"params.seed={args.random_seed}")
+    return out
 
 
 def cmd_encode(args) -> int:
@@ -184,10 +211,11 @@ def cmd_merge(args) -> int:
         s = run_decode(prepare(plan), worker=(idx, count))
         print(f"merge worker {idx}/{count}: {s['written']} layer file(s) written, {s['skipped']} already done")
         return 0
-    from lsm_dist.merge.plan import check_out_dir
+    from lsm_dist.merge.plan import WORK_DIR, check_out_dir
 
     check_out_dir(plan)  # before merge.log goes into out_dir: never into an input named as out_dir
-    with _session(args, Path(plan.out_dir) / "merge.log"):
+    log_dir = Path(plan.out_dir) / (WORK_DIR if plan.layout == "mergekit" else "")
+    with _session(args, log_dir / "merge.log"):
         model = run_merge(plan, bar=True)
     print(model)
     return 0
@@ -301,6 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(s)
     s.add_argument("--worker", action="store_true",
                    help="only this rank's / array task's layer files (after `lsm encode --finalize`)")
+    mk = s.add_argument_group("mergekit-yaml's flags (lsm merge CONFIG OUT stands where mergekit-yaml CONFIG OUT did)")
+    mk.add_argument("--cuda", action="store_true", help="device=cuda")
+    mk.add_argument("--allow-crimes", action="store_true", help="allow_crimes=true")
+    mk.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=None,
+                    help="copy the target's tokenizer (the default)")
+    mk.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="copy_tokenizer=false")
+    mk.add_argument("--out-shard-size", help="max_shard_size (e.g. 5B, 2GB)")
+    mk.add_argument("--random-seed", type=int, help="params.seed (the random methods' seed)")
+    mk.add_argument("--trust-remote-code", action="store_true", help="refused: no model code is ever run")
+    mk.add_argument("--no-safe-serialization", action="store_true", help="refused: safetensors only")
+    for flag in ("--lazy-unpickle", "--no-write-model-card", "--clone-tensors", "--safe-serialization",
+                 "--low-cpu-memory", "--lazy-loader", "--quiet", "--read-to-gpu"):
+        mk.add_argument(flag, action="store_true", help="accepted, no effect here")
+    mk.add_argument("--lora-merge-cache", help="accepted, no effect here (adapters are applied lazily)")
     s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("assemble", help="merged layer files + target -> checked HF checkpoint")

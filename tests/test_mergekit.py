@@ -482,3 +482,36 @@ def dataclasses_replace(obj, **kw):
     import dataclasses
 
     return dataclasses.replace(obj, **kw)
+
+
+def test_mergekit_yaml_command_line_and_layout(tmp_path):
+    """`lsm merge CONFIG OUT` with mergekit-yaml's flags: the model is OUT itself (loadable as OUT,
+    mergekit_config.yml in it), no layers/ left, the merge's own files in OUT/.lsm_merge; a re-run
+    of another config into it replaces only what it wrote; a user's file there stops it."""
+    from lsm_dist.cli import main
+    from lsm_dist.merge import is_complete
+    from tests.merge_helpers import build_model, perturbed_expert
+
+    base = build_model("llama", tmp_path / "base", 64, 2, 128, seed=0)
+    other = perturbed_expert(base, tmp_path / "other", seed=1)
+    cfg = tmp_path / "mk.yml"
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 0.5}}\n"
+                   f"  - model: {other}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    out = tmp_path / "OUT"
+    assert main(["merge", str(cfg), str(out), "--copy-tokenizer", "--lazy-unpickle", "--allow-crimes",
+                 "--out-shard-size", "20K", "--no-write-model-card"]) == 0
+    assert is_complete(out) and (out / "config.json").is_file() and (out / "mergekit_config.yml").read_text() == cfg.read_text()
+    assert (out / "tokenizer.json").is_file() and not (out / "layers").exists() and not (out / "model").exists()
+    assert (out / ".lsm_merge" / "merge_plan.json").is_file() and (out / ".lsm_merge" / "merge.log").is_file()
+    assert not (out / ".lsm_merge" / "layers").exists()
+    assert len(list(out.glob("model-*.safetensors"))) > 1  # 20K parameters x 2 bytes per shard
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(out))  # loadable as OUT
+    cfg.write_text(cfg.read_text().replace("weight: 0.5}\ndtype", "weight: 0.7}\ndtype"))
+    assert main(["merge", str(cfg), str(out), "overwrite=true", "--no-copy-tokenizer"]) == 0
+    assert not (out / "tokenizer.json").exists() and "0.7" in (out / "mergekit_config.yml").read_text()
+    (out / "notes.txt").write_text("mine")
+    assert main(["merge", str(cfg), str(out), "overwrite=true", "params.seed=3"]) != 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert main(["merge", str(cfg), str(tmp_path / "x"), "--trust-remote-code"]) != 0

@@ -35,6 +35,10 @@ from lsm_dist.merge.io import read_meta, release_memory, write_streaming
 from lsm_dist.utils import atomic_write_json, fsync_dir, get_logger, read_json, remove_dead_temps
 
 MARKER = "MERGE_COMPLETE.json"
+WORK_DIR = ".lsm_merge"  # layout mergekit: the merge's own files inside the model directory (plan.WORK_DIR)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
 COPY_FILES = AUX_FILES
 log = get_logger("lsm.merge")
 
@@ -88,13 +92,19 @@ def foreign_outputs(layers_dir: Path, model_dir: Path) -> list[Path]:
         out += [p for p in sorted(layers_dir.iterdir()) if not is_own_layer_entry(p)]
     if model_dir.is_symlink() or (model_dir.exists() and not model_dir.is_dir()):
         out.append(model_dir)
-    elif model_dir.is_dir() and not _is_empty_dir(model_dir):
+    elif model_dir.is_dir() and [p for p in model_dir.iterdir() if not _work_dir(p)]:
         own = own_model_files(model_dir)
         if own is None:
             out.append(model_dir)
         else:
-            out += [p for p in sorted(model_dir.iterdir()) if p.name not in own or p.is_symlink() or not p.is_file()]
+            out += [p for p in sorted(model_dir.iterdir()) if not _work_dir(p)
+                    and (p.name not in own or p.is_symlink() or not p.is_file())]
     return out
+
+
+def _work_dir(p: Path) -> bool:
+    """The merge's own work directory inside a mergekit-layout model directory."""
+    return p.name == WORK_DIR and p.is_dir() and not p.is_symlink()
 
 
 def remove_own_outputs(layers_dir: Path, model_dir: Path) -> None:
@@ -158,7 +168,7 @@ def merged_files(layers_dir: Path, digest: str, groups: dict[str, list[str]] | N
 def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir: str | Path, digest: str,
              max_shard_size: int = 2 * 10**9, groups: dict[str, list[str]] | None = None,
              extra: dict | None = None, outputs: list[TensorInfo] | None = None,
-             config_patch: dict | None = None, write_extra=None) -> Path:
+             config_patch: dict | None = None, write_extra=None, copy_tokenizer: bool = True) -> Path:
     """Build the HF checkpoint ``model_dir`` (see module doc) and mark it complete.
 
     ``outputs``: the checkpoint's tensors in order (default: the target's); names not in the
@@ -190,7 +200,7 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
                 raise AssemblyError(f"output tensors neither merged nor in the target: {copied[:5]}")
             src = tck.path if tck.path.is_dir() else tck.path.parent
             for name in COPY_FILES:
-                if (src / name).is_file():
+                if (src / name).is_file() and (copy_tokenizer or name not in TOKENIZER_FILES):
                     shutil.copy2(src / name, tmp / name)
             if config_patch and (tmp / "config.json").is_file():
                 cfg = read_json(tmp / "config.json")
@@ -230,6 +240,8 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
         })  # fmt: skip
         fsync_dir(tmp)
         trash = model_dir.parent / f".{model_dir.name}.old-{os.getpid()}"
+        if (model_dir / WORK_DIR).is_dir() and not (model_dir / WORK_DIR).is_symlink():
+            os.replace(model_dir / WORK_DIR, tmp / WORK_DIR)  # layout mergekit: the record and log move along
         if model_dir.exists():  # every entry our own (checked above): out of the way, then replaced
             os.replace(model_dir, trash)
         os.replace(tmp, model_dir)

@@ -144,10 +144,16 @@ def _activations_lines(report: dict) -> list[str]:
 
 
 def write_card(model_dir: str | Path, rp) -> None:
-    """``README.md`` and ``lsm_merge_plan.yaml`` into ``model_dir``."""
+    """``README.md`` and ``lsm_merge_plan.yaml`` into ``model_dir``; for a plan read from a
+    mergekit config, that config as ``mergekit_config.yml`` too (as mergekit-yaml writes it)."""
     d = Path(model_dir)
     atomic_write_text(d / PLAN_FILE, plan_yaml(rp))
     atomic_write_text(d / CARD, card_text(rp))
+    origin = rp.plan.origin or ""
+    if origin.startswith("mergekit:"):
+        src = Path(origin[len("mergekit:"):].split(" (", 1)[0])
+        if src.is_file():
+            atomic_write_text(d / "mergekit_config.yml", src.read_text())
 
 
 def results_block(name: str, metrics: Mapping[str, Any]) -> str:

@@ -45,6 +45,8 @@ from lsm_dist.utils import atomic_write_json, get_logger, read_json, sha256_json
 
 log = get_logger("lsm.merge")
 PLAN_RECORD = "merge_plan.json"
+WORK_DIR = ".lsm_merge"  # layout mergekit: the record, layers/ and the log, inside the model directory
+LAYOUTS = ("lsm", "mergekit")
 SPACES = ("latent", "weight")
 ENCODINGS = ("full", "delta")
 DECODES = ("delta", "direct")
@@ -174,8 +176,14 @@ class MergePlan:
     allow_download: bool = doc("models named by Hugging Face id (org/name[@revision]) may be downloaded "
                                "(safetensors, configs, tokenizers only) when not in the HF cache; off: "
                                "the cache only", False)
-    keep_layers: bool = doc("keep out_dir/layers/ (the per-layer merged tensors) once the checkpoint is "
-                            "assembled; false halves the disk a finished merge takes", True)
+    keep_layers: bool | None = doc("keep layers/ (the per-layer merged tensors) once the checkpoint is "
+                                   "assembled; false halves the disk a finished merge takes (None: true for "
+                                   "layout lsm, false for layout mergekit)", None)
+    layout: str = doc("lsm: out_dir/{merge_plan.json, layers/, model/} | mergekit: the model is out_dir "
+                      "itself, as mergekit-yaml CONFIG OUT leaves it (+ mergekit_config.yml), the record, "
+                      "layer files and log in out_dir/.lsm_merge/", "lsm")
+    copy_tokenizer: bool = doc("copy the target's tokenizer files into the merged model (mergekit's "
+                               "--copy-tokenizer / --no-copy-tokenizer)", True)
     allow_crimes: bool = doc("merge models whose configs name different architectures although their "
                              "tensor shapes agree (mergekit's --allow-crimes); refused by default", False)
 
@@ -234,6 +242,9 @@ class MergePlan:
             missing = [m for m, e in self.models.items() if e.vae is None] if self.vae is None else []
             check(not missing, "vae", f"space: latent needs a VAE: set `vae` (or models.<id>.vae for {missing})")
         check_choice(self.latent_dtype, "latent_dtype", LATENT_DTYPES)
+        check_choice(self.layout, "layout", LAYOUTS)
+        if self.keep_layers is None:
+            self.keep_layers = self.layout == "lsm"
         check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
         check(self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device) is not None,
               "device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
@@ -364,12 +375,18 @@ class ResolvedPlan:
         return Path(self.plan.out_dir)
 
     @property
+    def work_dir(self) -> Path:
+        """The merge record, the layer files and the log: out_dir (layout lsm) or
+        out_dir/.lsm_merge (layout mergekit, where out_dir is the model)."""
+        return self.out_dir / WORK_DIR if self.plan.layout == "mergekit" else self.out_dir
+
+    @property
     def layers_dir(self) -> Path:
-        return self.out_dir / "layers"
+        return self.work_dir / "layers"
 
     @property
     def model_dir(self) -> Path:
-        return self.out_dir / "model"
+        return self.out_dir if self.plan.layout == "mergekit" else self.out_dir / "model"
 
 
 def _shape_desc(shape) -> str:
@@ -457,7 +474,7 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
         "plan": {k: v for k, v in plan_to_dict(plan).items()
                  if k not in ("models", "vae", "out_dir", "cache_dir", "zoo_dir", "batch_size",
                               "device", "overwrite", "origin", "allow_crimes", "keep_layers",
-                              "allow_download")},
+                              "allow_download", "layout")},
         "models": {m: [i.digest, i.vae_digest] for m, i in infos.items()},
         "jobs": sha256_json([j.record() for j in jobs]),
         "config": patch,
@@ -550,7 +567,7 @@ def write_plan_record(rp: ResolvedPlan) -> None:
         raise ConfigError(f"out_dir: {p} was not written by lsm merge (a model/ without "
                           "MERGE_COMPLETE.json, or a layers/ entry without lsm merge metadata) and "
                           "would be overwritten: move it away or choose another out_dir")
-    rec = rp.out_dir / PLAN_RECORD
+    rec = rp.work_dir / PLAN_RECORD
     if rec.is_file():
         try:
             old = read_json(rec).get("digest")
@@ -601,7 +618,9 @@ def memo_dir(plan: MergePlan) -> Path:
     """Where a merge memoizes file digests and finiteness checks: the latent cache in latent
     space; in weight space (no cache of its own) ``out_dir/.lsm_memo``, so a weight-space merge
     writes nothing outside its out_dir."""
-    return Path(plan.cache_dir) if plan.space == "latent" else Path(plan.out_dir) / ".lsm_memo"
+    if plan.space == "latent":
+        return Path(plan.cache_dir)
+    return Path(plan.out_dir) / (WORK_DIR if plan.layout == "mergekit" else "") / ".lsm_memo"
 
 
 def check_untouched_finite(plan: MergePlan, tck: Checkpoint, merged: set[str], digest: str) -> None:

@@ -70,7 +70,7 @@ def run_assemble(rp: ResolvedPlan) -> Path:
                    parse_size(rp.plan.max_shard_size), groups,
                    extra={"method": rp.plan.method, "space": rp.plan.space},
                    outputs=rp.outputs, config_patch=rp.config_patch,
-                   write_extra=lambda tmp: write_card(tmp, rp))
+                   write_extra=lambda tmp: write_card(tmp, rp), copy_tokenizer=rp.plan.copy_tokenizer)
     if not rp.plan.keep_layers:  # the checkpoint holds every merged tensor: the layer files go
         remove_own_layers(rp.layers_dir)
     return out
