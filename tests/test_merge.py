@@ -543,3 +543,16 @@ def test_native_plan_per_model_params_filters_and_slices(zoo, tmp_path):
     assert torch.equal(ck.read("model.layers.1.input_layernorm.weight"), a.read("model.layers.1.input_layernorm.weight"))
     assert torch.equal(ck.read("lm_head.weight"), b.read("lm_head.weight"))  # rest: target -> copied from the slice
     forward_ok(model)
+
+
+@pytest.mark.parametrize("method,params", [("sce", {"select_topk": 0.5}), ("ram", {}), ("ramplus_tl", {}),
+                                           ("nearswap", {"nearswap_t": 0.05}), ("arcee_fusion", {})])
+def test_selective_methods_run_on_latents(zoo, tmp_path, method, params):
+    """mergekit's selective methods (lsm_dist/merge/selective.py) run in latent space like every
+    operator (their weight-space results equal mergekit's: tests/test_mergekit.py)."""
+    models = ("base", "a") if method in ("nearswap", "arcee_fusion") else ("base", "a", "b")
+    plan = plan_for(zoo, tmp_path / "o", models=models, method=method, base="base", target="base",
+                    params=MergeParams(**params), decode="delta")
+    out = run_merge(plan)
+    assert is_complete(out)
+    forward_ok(out)

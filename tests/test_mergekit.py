@@ -264,11 +264,63 @@ tokenizer_source: base
 base_model: {base}
 dtype: float32
 """),
+    # mergekit's selective methods (lsm_dist/merge/selective.py)
+    "sce": ("ties", """
+models:
+  - model: {a}
+  - model: {b}
+  - model: {c}
+merge_method: sce
+base_model: {base}
+parameters:
+  select_topk: 0.6
+dtype: float32
+"""),
+    "ram": ("exact", """
+models:
+  - model: {a}
+  - model: {b}
+merge_method: ram
+base_model: {base}
+parameters:
+  epsilon: 0.001
+dtype: float32
+"""),
+    "ramplus_tl": ("exact", """
+models:
+  - model: {a}
+  - model: {b}
+  - model: {c}
+merge_method: ramplus_tl
+base_model: {base}
+parameters:
+  r: 0.3
+  alpha: 0.5
+  epsilon: 0.001
+dtype: float32
+"""),
+    "nearswap": ("exact", """
+models:
+  - model: {a}
+merge_method: nearswap
+base_model: {base}
+parameters:
+  t: 0.01
+dtype: float32
+"""),
+    "arcee_fusion": ("exact", """
+models:
+  - model: {a}
+merge_method: arcee_fusion
+base_model: {base}
+dtype: float32
+"""),
 }
 
 
 # the deterministic ones also in bfloat16 (mergekit computes the task-vector methods in `dtype`)
-BF16 = ["linear", "gradient-slerp", "task_arithmetic", "ties", "breadcrumbs_ties", "karcher", "model_stock"]
+BF16 = ["linear", "gradient-slerp", "task_arithmetic", "ties", "breadcrumbs_ties", "karcher", "model_stock",
+        "ram", "ramplus_tl", "nearswap", "arcee_fusion", "sce"]
 CASES = list(EXAMPLES) + [f"{n}@bf16" for n in BF16]
 
 
@@ -322,7 +374,7 @@ def test_reader_maps_mergekit_semantics(mk_zoo, tmp_path):
 
 
 @pytest.mark.parametrize("raw,match", [
-    ({"merge_method": "sce", "models": [{"model": "x"}]}, r"merge_method: 'sce' is not supported"),
+    ({"merge_method": "frankenmerge", "models": [{"model": "x"}]}, r"merge_method: 'frankenmerge' is not supported"),
     ({"merge_method": "linear", "models": [{"model": "x"}], "tokenizer_source": "union"},
      r"tokenizer_source: 'union' is not supported"),
     ({"merge_method": "linear", "modules": {"m": {}}, "models": [{"model": "x"}]}, r"modules"),
@@ -452,9 +504,9 @@ def test_cli_runs_a_mergekit_config_unchanged(mk_zoo, tmp_path, capsys):
     ck, base, a, b = (Checkpoint(p) for p in (out, mk_zoo["base"], mk_zoo["a"], mk_zoo["b"]))
     n = "model.layers.1.mlp.down_proj.weight"
     assert torch.allclose(ck.read(n), (base.read(n) + 0.3 * a.read(n) + 0.5 * b.read(n)) / 1.8, atol=1e-6)
-    cfg.write_text(cfg.read_text().replace("merge_method: linear", "merge_method: sce"))
+    cfg.write_text(cfg.read_text().replace("merge_method: linear", "merge_method: frankenmerge"))
     assert main(["merge", str(cfg), f"out_dir={tmp_path / 'o2'}"]) == 2
-    assert "merge_method: 'sce' is not supported" in capsys.readouterr().err
+    assert "merge_method: 'frankenmerge' is not supported" in capsys.readouterr().err
 
 
 def test_unclassified_tensors_are_merged_like_mergekit(tmp_path):

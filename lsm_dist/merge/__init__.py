@@ -1,7 +1,7 @@
 """The merge engine: encode models into latents, merge (latent or weight space, homogeneous or
 heterogeneous with OT alignment), decode per layer, assemble a Hugging Face checkpoint."""
 
-from lsm_dist.merge import spherical, task_vectors  # noqa: F401  (register their operators)
+from lsm_dist.merge import selective, spherical, task_vectors  # noqa: F401  (register their operators)
 from lsm_dist.merge.assemble import MARKER, AssemblyError, assemble, is_complete
 from lsm_dist.merge.decode import run_decode
 from lsm_dist.merge.encode import (

@@ -140,6 +140,7 @@ def build_layout(plan, checkpoints: dict[str, Checkpoint], maps: dict[str, list[
     index = {m: {_key(t.name, t.layer): t for t in ck.tensors.values()} for m, ck in checkpoints.items()}
     selected: dict[str, set[str]] = {}
     out_dtype = SAFETENSORS_DTYPES.get(plan.out_dtype or plan.dtype or "")
+    promotes = plan.arithmetic == "dtype" and get_operator(plan.method).promotes
 
     def is_selected(m: str, name: str) -> bool:
         if m not in selected:
@@ -166,6 +167,8 @@ def build_layout(plan, checkpoints: dict[str, Checkpoint], maps: dict[str, list[
         else:
             space = "copy"
         dtype = out_dtype if (out_dtype and floating and space != "copy") else t.dtype
+        if promotes and floating and space == "weight" and plan.out_dtype is None:
+            dtype = "F32"  # mergekit writes such a method's float32 result as it is
         group = f"layer-{spec.out:04d}" if spec.out is not None else "global"
         job = TensorJob(out_name, group, spec.out, t.block, t.role, t.shape, dtype, {}, space)
         if space == "copy":

@@ -6,7 +6,7 @@ What maps where (details and the semantic choices in docs/mergekit.md):
 
 - ``merge_method`` → ``method`` (linear, slerp, nuslerp, multislerp, karcher, model_stock,
   passthrough, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties,
-  della, della_linear); ``base_model`` → ``base`` (and ``target``: its config and tokenizer);
+  della, della_linear, sce, ram, ramplus_tl, nearswap, arcee_fusion); ``base_model`` → ``base`` (and ``target``: its config and tokenizer);
 - ``models: [{model, parameters}]`` → ``models.<id>`` with per-input ``params`` (weight,
   density, gamma, epsilon); ``slices: [{sources: [{model, layer_range, parameters}],
   base_model, parameters}]`` → ``slices``; top-level ``parameters`` → ``tensor_params``.
@@ -51,11 +51,16 @@ METHODS: dict[str, dict[str, str | None]] = {
     "breadcrumbs_ties": GTA | {"gamma": "gamma"},
     "della": GTA | {"epsilon": "epsilon"},
     "della_linear": GTA | {"epsilon": "epsilon"},
+    "sce": {"select_topk": "select_topk", "int8_mask": None},
+    "ram": {"epsilon": "ram_epsilon"},
+    "ramplus_tl": {"r": "ram_r", "alpha": "ram_alpha", "epsilon": "ram_epsilon"},
+    "nearswap": {"t": "nearswap_t"},
+    "arcee_fusion": {},
 }
 REQUIRED = {"linear": ["weight"], "slerp": ["t"], "nuslerp": ["weight"], "multislerp": ["weight"],
             "task_arithmetic": ["weight"], "ties": ["weight"], "dare_ties": ["weight"],
             "dare_linear": ["weight"], "breadcrumbs": ["weight"], "breadcrumbs_ties": ["weight"],
-            "della": ["weight"], "della_linear": ["weight"]}
+            "della": ["weight"], "della_linear": ["weight"], "nearswap": ["t"]}
 # mergekit's defaults where the project's differ (rescale: the random methods rescale by default)
 DEFAULTS = {"density": 1.0, "sign_tie": "positive", "scale": 1.0}
 RESCALE_DEFAULT = {"dare_ties": "l1", "dare_linear": "l1", "della": "l1", "della_linear": "l1"}

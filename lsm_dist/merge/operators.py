@@ -87,6 +87,14 @@ class MergeParams:
     tol: float = doc("karcher: stop when the tangent step norm is below this", 1e-5)
     noise: float = doc("noise: relative MSE of the Gaussian noise added (noise std = sqrt(noise) · the "
                        "tensor's std)", 0.01)
+    select_topk: float = doc("sce: fraction of the entries (those of highest variance across the inputs) "
+                             "kept (mergekit `select_topk`)", 1.0)
+    ram_epsilon: float = doc("ram / ramplus_tl: a delta entry counts as a change above this (mergekit "
+                             "`epsilon`)", 1e-5)
+    ram_r: float = doc("ramplus_tl: rescaling strength r (mergekit `r`)", 0.1)
+    ram_alpha: float = doc("ramplus_tl: cap of the shared / unique ratio (mergekit `alpha`)", 0.2)
+    nearswap_t: float = doc("nearswap: similarity threshold t (mergekit `t`): the input's value where "
+                            "|base − input| ≤ t", 1e-4)
 
     def __post_init__(self) -> None:
         lam = self.lambda_
@@ -116,6 +124,11 @@ class MergeParams:
         check(self.eps >= 0, "params.eps", f"must be >= 0, got {self.eps!r}")
         check(isinstance(self.noise, (int, float)) and math.isfinite(self.noise) and self.noise >= 0,
               "params.noise", f"must be a finite number >= 0, got {self.noise!r}")
+        check(0.0 <= self.select_topk <= 1.0, "params.select_topk", f"must be in [0, 1], got {self.select_topk!r}")
+        for name in ("ram_epsilon", "ram_r", "ram_alpha", "nearswap_t"):
+            v = getattr(self, name)
+            check(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"params.{name}",
+                  f"must be a finite number >= 0, got {v!r}")
         if self.weights is not None:
             check(len(self.weights) > 0, "params.weights", "must not be empty")
             check(all(math.isfinite(w) for w in self.weights), "params.weights",
@@ -135,6 +148,9 @@ class Operator:
     max_inputs: int | None = None
     latent_only: bool = False
     native_dtype: bool = False  # computes in the inputs' dtype when asked (mergekit's arithmetic)
+    # with mergekit's arithmetic its result is float32 whatever the dtype (a float32 mask or scale
+    # promotes it) and mergekit writes it so: the output tensors are float32 unless out_dtype is set
+    promotes: bool = False
     weights: str = "none"  # none | sum_to_one | scale | normalize
     per_input: tuple[str, ...] = ()  # per-input parameters besides weights (density, gamma, ...)
     doc: str = ""
