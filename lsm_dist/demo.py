@@ -50,19 +50,22 @@ DESTROYED = 10.0  # a model whose word perplexity is this many times the base's 
 PRESETS = {
     # zoo config, base, two experts, held-out model (VAE generalization), hetero source
     "real": dict(zoo_config="configs/zoo/real.yaml", base="smollm2-135m",
-                 experts=["smollm2-arith", "smollm2-reverse"], heldout=None, hetero_source=None,
+                 experts=["smollm2-arith", "smollm2-reverse"], heldout=None, hetero_source="gemma3-270m",
+                 # the other family merged into the base: Gemma-3-270M (every shape differs), the
+                 # paper's latent OT, delta decoding (docs/experiments.md, cross_arch)
+                 hetero=dict(alignment={"method": "gaussian", "reg": 1e-3}, space="latent", lam=0.1),
                  stage1_steps=600, stage2_steps=100, eval_n=100,
                  eval_tasks=["lsm_arith_mc", "lsm_reverse_mc"], ppl=True,
                  # a 135M model costs ~30 CPU-seconds per lm-eval run: the comparisons that matter
                  merges=["weight-lerp", "weight-task-arith", "weight-ties", "weight-dare",
-                         "latent-task-arith", "latent-dare", "latent-task-arith-direct"]),
+                         "latent-task-arith", "latent-dare", "latent-task-arith-direct", "hetero"]),
     "zoo": dict(zoo_config="configs/zoo/default.yaml", base="llama-base",
                 experts=["llama-shift", "llama-flip"], heldout="llama-reverse",
                 hetero_source="gemma3-base", stage1_steps=600, stage2_steps=200, eval_n=100,
                 eval_tasks=DEFAULT_ZOO_MC, ppl=False,
                 merges=["vae-recon-direct", "latent-lerp-direct", "latent-lerp", "latent-task-arith",
                         "latent-ties", "latent-self-merge", "weight-lerp", "weight-slerp",
-                        "weight-task-arith", "weight-ties", "weight-dare", "hetero-ot"]),
+                        "weight-task-arith", "weight-ties", "weight-dare", "hetero"]),
     "quick": dict(zoo_config="configs/zoo/tiny.yaml", base="llama-tiny-base",
                   experts=["llama-tiny-arith", "llama-tiny-reverse"], heldout=None,
                   hetero_source="qwen2-tiny-base", stage1_steps=60, stage2_steps=20, eval_n=24,
@@ -70,7 +73,7 @@ PRESETS = {
                   merges=["vae-recon-direct", "latent-lerp-direct", "latent-lerp", "latent-task-arith",
                           "latent-ties", "latent-dare", "latent-task-arith-direct", "latent-self-merge",
                           "weight-lerp", "weight-slerp", "weight-task-arith", "weight-ties",
-                          "weight-dare", "hetero-ot"]),
+                          "weight-dare", "hetero"]),
 }
 OUT_DIRS = {"real": "runs/demo", "zoo": "runs/demo-zoo", "quick": "runs/demo-quick"}
 
@@ -162,9 +165,11 @@ def _plans(cfg: DemoConfig, zoo: dict[str, Path], vae: Path) -> dict[str, dict]:
     }
     if p["hetero_source"] in zoo:
         src = p["hetero_source"]
-        plans["hetero-ot"] = {"models": {base: str(zoo[base]), src: str(zoo[src])}, "target": base,
-                              "method": "lerp", "params": {"lambda": cfg.hetero_lambda}, **delta,
-                              "layer_map": "proportional", "alignment": {"method": "gaussian", "reg": 1e-3}}
+        h = p.get("hetero", {})
+        plans["hetero"] = {"models": {base: str(zoo[base]), src: str(zoo[src])}, "target": base,
+                           "method": "lerp", "params": {"lambda": h.get("lam", cfg.hetero_lambda)},
+                           "space": h.get("space", "latent"), "decode": "delta", "layer_map": "proportional",
+                           "alignment": h.get("alignment", {"method": "gaussian", "reg": 1e-3})}
     wanted = cfg.merges if cfg.merges is not None else cfg.preset_merges
     plans = {k: plans[k] for k in wanted if k in plans}
     out = Path(cfg.out_dir)
@@ -268,6 +273,16 @@ def run_demo(cfg: DemoConfig) -> int:
     # the retention table compares merges of both experts (not the one-model self-merge, nor OT)
     of_both = [n for n, pl in plans.items() if set(p["experts"]) <= set(pl["models"])]
     v = verdicts(scores, p["base"], p["experts"], list(plans), of_both, cfg.eval_tasks, trained)
+    if "hetero" in plans and "hetero" in scores:
+        from lsm_dist.evaluate.tasks import chance_level
+        from lsm_dist.evaluate.verdict import versus_target
+
+        chance = {t: chance_level(eval_dir, t[4:-3]) for t in cfg.eval_tasks}
+        v["hetero"] = {"merge": "hetero", "source": p["hetero_source"], "target": p["base"],
+                       "alignment": plans["hetero"]["alignment"], "space": plans["hetero"]["space"],
+                       "lambda": plans["hetero"]["params"]["lambda"], "scores": scores["hetero"],
+                       "target_scores": scores[p["base"]],
+                       "verdict": versus_target(scores["hetero"], scores[p["base"]], cfg.eval_tasks, chance)}
     v["models"] = model_provenance({m: zoo[m] for m in train_models})
     v["n"] = ecfg.n
     atomic_write_json(out / VERDICTS, v)
@@ -407,6 +422,13 @@ def verdict_lines(v: dict) -> str:
         else:
             lines.append(f"- direct decoding ({n}): accuracy {'/'.join(f'{a:.2f}' for a in x['acc_direct'])} vs "
                          f"{'/'.join(f'{a:.2f}' for a in x['acc_delta'])} delta-decoded ({x['delta']})")
+    if "hetero" in v:
+        h = v["hetero"]
+        ppl = (f", word perplexity {h['scores']['ppl']:.3g} vs {h['target_scores']['ppl']:.3g}"
+               if "ppl" in h["scores"] else "")
+        align = h["alignment"]["method"] if isinstance(h["alignment"], dict) else h["alignment"]
+        lines.append(f"- another family merged in ({h['source']} into {h['target']}: {align} alignment, "
+                     f"{h['space']} space, lambda {h['lambda']:g}): {h['verdict']}{ppl}")
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,7 @@ def test_demo_quick_end_to_end(tmp_path, tiny_zoo, capfd, monkeypatch):
     assert "| checkpoint |" in out and "stage times:" in out and "of each expert's gain" in out
     kept = out.split("of each expert's gain")[1].split("stage times:")[0]  # the retention table
     assert "| weight-task-arith |" in kept and "| latent-lerp |" in kept
-    assert "latent-self-merge" not in kept and "hetero-ot" not in kept  # not merges of both experts
+    assert "| latent-self-merge |" not in kept and "| hetero |" not in kept  # not merges of both experts
     # verdicts computed from this run, as sentences and as data; the models named by digest
     assert "verdicts of this run" in out and "latent vs weight space, task-arith:" in out
     assert re.search(r"^models used: llama-tiny-base [0-9a-f]{16}, ", out, re.M)
@@ -37,6 +37,9 @@ def test_demo_quick_end_to_end(tmp_path, tiny_zoo, capfd, monkeypatch):
     assert set(v["experts"]) == {"llama-tiny-arith", "llama-tiny-reverse"} and v["n"] == 24
     assert {"latent-lerp-direct", "latent-task-arith-direct"} <= set(v["direct_vs_delta"])
     assert v["models"]["llama-tiny-base"]["build"]["threads"] == 1
+    # the other family's merge, judged against its target
+    assert v["hetero"]["source"] == "qwen2-tiny-base" and v["hetero"]["verdict"]
+    assert "another family merged in (qwen2-tiny-base into llama-tiny-base" in out
     # the console: one bar per stage (redraws of one line) and the tables, nothing else
     console = out + err
     for noise in NOISE:
@@ -63,7 +66,7 @@ def test_demo_quick_end_to_end(tmp_path, tiny_zoo, capfd, monkeypatch):
                 "latent-lerp-direct", "latent-lerp", "latent-task-arith", "latent-ties", "latent-dare",
                 "latent-task-arith-direct",
                 "latent-self-merge", "weight-lerp", "weight-slerp", "weight-task-arith",
-                "weight-ties", "weight-dare", "hetero-ot"}
+                "weight-ties", "weight-dare", "hetero"}
     assert expected <= names, expected - names
     for r in rows:  # every merged checkpoint was scored with real numbers
         acc = float(r["lsm_reverse_mc/acc"])

@@ -225,3 +225,13 @@ def write_tasks(root: str | Path, n: int = 100, seed: int = 0, fewshot_pool: int
 def tasks_digest(tasks_dir: str | Path) -> str:
     """The content digest recorded in a generated folder's manifest."""
     return str(read_json(Path(tasks_dir) / MANIFEST)["digest"])
+
+
+def chance_level(eval_dir: str | Path, family: str) -> float:
+    """Accuracy of uniform guessing on the generated multiple-choice task ``family`` (arith, ...)
+    as written into ``eval_dir/tasks/`` (NaN for a task not generated there)."""
+    f = Path(eval_dir) / "tasks" / "data" / f"{family}_test.jsonl"
+    if not f.is_file():
+        return float("nan")
+    rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    return sum(1.0 / len(r["choices"]) for r in rows) / max(len(rows), 1)

@@ -71,3 +71,32 @@ def scores(metrics: Mapping[str, float | None], key: str) -> tuple[float, float]
     v = metrics.get(key)
     se = metrics.get(key + "_stderr")
     return (math.nan if v is None else float(v)), (math.nan if se is None else float(se))
+
+
+def versus_target(row: Mapping[str, float], target: Mapping[str, float], tasks: Sequence[str],
+                  chance: Mapping[str, float] | None = None, max_ppl_increase: float = 0.10,
+                  destroyed: float = 10.0) -> str:
+    """A merge against the model it was merged into: ``gain on <tasks>`` only where it scores
+    above both the target and uniform guessing beyond noise (a task the target does below
+    chance is not "gained" by damage that moves it towards chance) at word perplexity at most
+    ``max_ppl_increase`` above the target's (else ``... (too damaged)``); ``destroyed`` at
+    ``destroyed``× the target's perplexity; ``worse on <tasks>`` / ``no gain`` otherwise.
+    Rows hold ``task``, ``task_se`` and (optionally) ``ppl``."""
+    chance = chance or {}
+    ppl, ppl_t = row.get("ppl", math.nan), target.get("ppl", math.nan)
+    ratio = ppl / ppl_t if ppl_t == ppl_t and ppl == ppl else math.nan
+    if ratio >= destroyed:
+        return "destroyed"
+    gains, losses = [], []
+    for t in tasks:
+        ch = chance.get(t, math.nan)
+        floor, se_floor = (target[t], target.get(t + "_se")) if math.isnan(ch) or target[t] >= ch else (ch, 0.0)
+        if compare(row[t], row.get(t + "_se"), floor, se_floor) == ABOVE:
+            gains.append(t)
+        if compare(row[t], row.get(t + "_se"), target[t], target.get(t + "_se")) == BELOW:
+            losses.append(t)
+    if gains and (math.isnan(ratio) or ratio <= 1 + max_ppl_increase):
+        return "gain on " + ", ".join(gains)
+    if gains:
+        return f"gain on {', '.join(gains)} at perplexity {100 * (ratio - 1):+.0f}% (too damaged)"
+    return "worse on " + ", ".join(losses) if losses else "no gain"

@@ -480,11 +480,9 @@ class Context:
 
     def chance_of(self, fam: str) -> float:
         """Accuracy of uniform guessing on task family ``fam`` (NaN for tasks not generated here)."""
-        f = self.shared / "eval" / "tasks" / "data" / f"{fam}_test.jsonl"
-        if not f.is_file():
-            return math.nan
-        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-        return sum(1.0 / len(r["choices"]) for r in rows) / max(len(rows), 1)
+        from lsm_dist.evaluate.tasks import chance_level
+
+        return chance_level(self.shared / "eval", fam)
 
     def chance(self) -> float:
         """Mean accuracy of uniform guessing over the scored families (1/choices per test row

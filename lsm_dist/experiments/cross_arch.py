@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from lsm_dist.evaluate.plots import palette
-from lsm_dist.evaluate.verdict import ABOVE, BELOW, compare
+from lsm_dist.evaluate.verdict import versus_target
 from lsm_dist.experiments.core import (
     Context,
     HeteroVariant,
@@ -81,26 +81,10 @@ def is_target(v: HeteroVariant, lam: float) -> bool:
 
 
 def verdict(ctx: Context, row: dict, tgt_row: dict, tasks: list[str] | None = None) -> str:
-    """``gain on <task>`` / ``no gain`` / ``worse`` / ``destroyed`` / ``gain on <task> at perplexity
-    +x %`` for a merge against its target (module doc)."""
-    cfg = ctx.cfg
-    ppl_ratio = row.get("ppl", math.nan) / tgt_row.get("ppl", math.nan) if cfg.ppl else math.nan
-    if ppl_ratio >= DESTROYED:
-        return "destroyed"
-    gains, losses = [], []
-    for f in tasks or ctx.families():
-        ch = ctx.chance_of(f)
-        floor, se_floor = (tgt_row[f], tgt_row.get(f + "_se")) if math.isnan(ch) or tgt_row[f] >= ch else (ch, 0.0)
-        if compare(row[f], row.get(f + "_se"), floor, se_floor) == ABOVE:
-            gains.append(f)
-        if compare(row[f], row.get(f + "_se"), tgt_row[f], tgt_row.get(f + "_se")) == BELOW:
-            losses.append(f)
-    ok_ppl = not cfg.ppl or ppl_ratio <= 1 + cfg.max_ppl_increase
-    if gains and ok_ppl:
-        return "gain on " + ", ".join(gains)
-    if gains:
-        return f"gain on {', '.join(gains)} at perplexity {100 * (ppl_ratio - 1):+.0f}% (too damaged)"
-    return "worse on " + ", ".join(losses) if losses else "no gain"
+    """A merge against its target (``evaluate.verdict.versus_target``: module doc)."""
+    fams = tasks or ctx.families()
+    return versus_target(row, tgt_row, fams, {f: ctx.chance_of(f) for f in fams},
+                         ctx.cfg.max_ppl_increase if ctx.cfg.ppl else math.inf, DESTROYED)
 
 
 def run(ctx: Context) -> Path:
