@@ -255,6 +255,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    """`lsm search -c configs/search/<name>.yaml [k=v ...]`: evolve a merge recipe against
+    lm-eval (CMA-ES and random search, submitit jobs, resumable); prints <out_dir>/results.md."""
+    from lsm_dist.search import SearchConfig, run_search
+
+    cfg = _load(SearchConfig, args)
+    if _dry(args, cfg):
+        return 0
+    with _session(args, Path(cfg.out_dir) / "search.log"):
+        result = run_search(cfg)
+    print(Path(result).read_text())
+    return 0
+
+
 def cmd_experiment(args) -> int:
     """`lsm experiment -c configs/experiments/<name>.yaml [--quick] [k=v ...]`: one of the
     paper's experiments at small scale; prints <out_dir>/results.md."""
@@ -363,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="tiny zoo, short runs (CI: the code path)")
     s.add_argument("--real", action="store_true", help="the real model (the default; kept for old scripts)")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("search", help="evolve a merge recipe against lm-eval (CMA-ES / random search, "
+                       "submitit jobs, resumable)")
+    _add_common(s)
+    s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("experiment", help="a paper experiment at small scale: table, CSV, plot")
     _add_common(s)

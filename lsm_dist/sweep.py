@@ -189,14 +189,18 @@ def _run_eval(cfg) -> dict:
 
 
 def make_executor(cfg: SweepConfig, folder: Path):
+    return make_submitit_executor(cfg.executor, cfg.slurm, folder, f"lsm-{cfg.kind}")
+
+
+def make_submitit_executor(kind: str, s: SlurmParams, folder: Path, job_name: str):
+    """A submitit executor: ``local`` processes, or ``slurm`` (``auto``: slurm when sbatch is on
+    PATH) with the resources of ``s``."""
     import shutil
 
     import submitit
 
-    kind = cfg.executor
     if kind == "auto":
         kind = "slurm" if shutil.which("sbatch") else "local"
-    s = cfg.slurm
     if kind == "local":
         ex = submitit.LocalExecutor(folder=str(folder))
         ex.update_parameters(timeout_min=s.timeout_min, tasks_per_node=s.tasks_per_node, nodes=1)
@@ -204,7 +208,7 @@ def make_executor(cfg: SweepConfig, folder: Path):
     ex = submitit.SlurmExecutor(folder=str(folder))
     params = dict(
         nodes=s.nodes, ntasks_per_node=s.tasks_per_node, cpus_per_task=s.cpus_per_task,
-        time=s.timeout_min, array_parallelism=s.array_parallelism, job_name=f"lsm-{cfg.kind}",
+        time=s.timeout_min, array_parallelism=s.array_parallelism, job_name=job_name,
         signal_delay_s=120,
     )
     if s.partition:

@@ -99,6 +99,8 @@ class EvalConfig:
         "seed of lm-eval's python / numpy / torch / few-shot RNGs and of the test rows", 0
     )
     n: int = doc("test rows per family in the generated lsm_* tasks", 100)
+    rows: str = doc("which rows the generated lsm_* tasks score: test (held out) | validation (train-split "
+                    "items: what a search tunes on, so the test rows stay unseen)", "test")
     max_gen_toks: int = doc("max generated tokens in the lsm_*_gen tasks", 8)
     include_path: list[str] = doc("extra folders of lm-eval task YAMLs", factory=list)
     include_defaults: bool = doc("also resolve names in lm-eval's bundled task registry", True)
@@ -118,6 +120,7 @@ class EvalConfig:
 
     def __post_init__(self):
         check(bool(self.tasks), "tasks", "needs at least one task")
+        check_choice(self.rows, "rows", ("test", "validation"))
         check(self.num_fewshot is None or self.num_fewshot >= 0, "num_fewshot", "must be >= 0")
         check(self.limit is None or self.limit > 0, "limit", "must be > 0")
         bs = self.batch_size
@@ -446,7 +449,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     check_task_code(cfg.tasks, cfg.include_path, cfg.allow_task_code)
     out = Path(cfg.out_dir)
     claim_out_dir(out)
-    tasks_dir = write_tasks(out, cfg.n, cfg.seed, max_gen_toks=cfg.max_gen_toks)
+    tasks_dir = write_tasks(out, cfg.n, cfg.seed, max_gen_toks=cfg.max_gen_toks, rows=cfg.rows)
     tm = resolve_tasks(cfg.tasks, tasks_dir, cfg.include_path, cfg.include_defaults)
     _load_tasks_once(tm, cfg.tasks)
     scoring = {

@@ -167,16 +167,24 @@ def group_yamls() -> dict[str, dict[str, Any]]:
     return out
 
 
+VALIDATION_SEED = 7919  # validation rows: train-split items drawn with this seed offset
+
+
 def render_tasks(tasks_dir: Path, n: int = 100, seed: int = 0, fewshot_pool: int = 16,
-                 max_gen_toks: int = 8) -> dict[str, str]:  # fmt: skip
-    """Relative path → file text of the whole task folder (nothing written)."""
+                 max_gen_toks: int = 8, rows: str = "test") -> dict[str, str]:  # fmt: skip
+    """Relative path → file text of the whole task folder (nothing written). ``rows="validation"``:
+    the scored rows are items of the *train* split (another seed than the few-shot pool), so a
+    search that tunes on them never sees a held-out test row."""
     tasks_dir = tasks_dir.resolve()
     files: dict[str, str] = {}
     for fam in T.TASK_NAMES:
         data = {}
         for split, count in (("test", n), ("train", fewshot_pool)):
             rel = f"data/{fam}_{split}.jsonl"
-            files[rel] = _jsonl(_rows(fam, split, count, seed))
+            if split == "test" and rows == "validation":
+                files[rel] = _jsonl(_rows(fam, "train", count, seed + VALIDATION_SEED))
+            else:
+                files[rel] = _jsonl(_rows(fam, split, count, seed))
             data[split] = str(tasks_dir / rel)
         files[f"{task_name(fam, 'mc')}.yaml"] = yaml.safe_dump(mc_yaml(fam, data), sort_keys=False)
         files[f"{task_name(fam, 'gen')}.yaml"] = yaml.safe_dump(
@@ -191,18 +199,20 @@ def render_tasks(tasks_dir: Path, n: int = 100, seed: int = 0, fewshot_pool: int
 
 
 def write_tasks(root: str | Path, n: int = 100, seed: int = 0, fewshot_pool: int = 16,
-                max_gen_toks: int = 8) -> Path:  # fmt: skip
+                max_gen_toks: int = 8, rows: str = "test") -> Path:  # fmt: skip
     """Write (or keep) ``<root>/tasks/``; returns that folder.
 
     ``n`` test rows per family (seeded by ``seed``), ``fewshot_pool`` train rows for few-shot
     prompts, ``max_gen_toks`` for the generation tasks. Files are rewritten only when the
     digest of their content differs from the manifest's (or a file is missing).
     """
+    if rows not in ("test", "validation"):
+        raise ValueError(f"rows must be test or validation, got {rows!r}")
     if n <= 0 or fewshot_pool <= 0 or max_gen_toks <= 0:
         raise ValueError(f"n, fewshot_pool, max_gen_toks must be > 0, got {n}, {fewshot_pool}, "
                          f"{max_gen_toks}")  # fmt: skip
     tasks_dir = (Path(root) / "tasks").resolve()
-    files = render_tasks(tasks_dir, n, seed, fewshot_pool, max_gen_toks)
+    files = render_tasks(tasks_dir, n, seed, fewshot_pool, max_gen_toks, rows)
     digest = sha256_json({"format": TASKS_FORMAT, "files": files})
     try:
         old = read_json(tasks_dir / MANIFEST)
@@ -216,7 +226,7 @@ def write_tasks(root: str | Path, n: int = 100, seed: int = 0, fewshot_pool: int
     for rel, text in files.items():
         atomic_write_text(tasks_dir / rel, text)
     atomic_write_json(tasks_dir / MANIFEST, {
-        "digest": digest, "n": n, "seed": seed, "fewshot_pool": fewshot_pool,
+        "digest": digest, "n": n, "seed": seed, "fewshot_pool": fewshot_pool, "rows": rows,
         "max_gen_toks": max_gen_toks, "tasks": local_task_names(), "files": sorted(files),
     })  # fmt: skip
     return tasks_dir
