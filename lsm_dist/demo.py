@@ -213,8 +213,9 @@ def run_demo(cfg: DemoConfig) -> int:
 
     t = _stage(log, "1/5 model zoo (build or reuse)")
     zoo_over = [*([f"out_dir={cfg.zoo_dir}"] if cfg.zoo_dir else []), *cfg.zoo_overrides]
+    wanted = cfg.merges if cfg.merges is not None else cfg.preset_merges
     needed = [p["base"], *p["experts"], *([p["heldout"]] if p["heldout"] else []),
-              *([p["hetero_source"]] if p["hetero_source"] else [])]
+              *([p["hetero_source"]] if p["hetero_source"] and "hetero" in wanted else [])]
     zoo = build_zoo(load_zoo_config(REPO / p["zoo_config"], zoo_over), only=needed)
     timings["zoo"] = time.perf_counter() - t
 

@@ -76,7 +76,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         reverse=True, hetero_train_models=["smollm2-135m", "gemma3-270m"],
         variants=[{"alignment": "gaussian", "decode": "delta", "lambdas": [0.05, 0.1, 0.2]},
                   {"alignment": "gaussian", "decode": "direct", "lambdas": [0.1]},
-                  {"alignment": "emd", "lambdas": [0.1]}, {"alignment": "sinkhorn", "lambdas": [0.1]},
+                  {"alignment": "emd", "lambdas": [0.1]},
+                  {"alignment": "sinkhorn", "lambdas": [0.1], "reg": 0.05, "max_samples": 512},
                   {"alignment": "none", "lambdas": [0.1]},
                   {"alignment": "activations", "space": "weight", "lambdas": [0.05, 0.1, 0.2, 0.5]},
                   {"alignment": "activations", "space": "latent", "lambdas": [0.1]}],
@@ -115,6 +116,9 @@ class HeteroVariant:
     decode: str = doc("latent space: delta | direct", "delta")
     lambdas: list[float] = doc("λ values: W_t + λ(T(W_s) − W_t), or its latent version", factory=lambda: [0.1])
     depth: str = doc("activations: proportional | cka depth map", "proportional")
+    reg: float | None = doc("latent OT regularization of this variant (None: alignment_reg)", None)
+    max_samples: int | None = doc("latent points per side of this variant's maps (None: "
+                                  "alignment_max_samples; sinkhorn's log-domain iterations cost n² each)", None)
 
     def __post_init__(self) -> None:
         from lsm_dist.merge.hetero import ALIGNMENTS, DEPTHS

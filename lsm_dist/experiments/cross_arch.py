@@ -56,8 +56,12 @@ def variant_plan(ctx: Context, tgt: str, src: str, v: HeteroVariant, lam: float)
             "params": {"lambda": float(lam)}, "space": v.space, "decode": v.decode}
     if v.alignment == "activations":
         return {**plan, "alignment": {"method": "activations", "depth": v.depth}}
-    return {**plan, "layer_map": "proportional",
-            "alignment": {"method": v.alignment, "reg": cfg.alignment_reg, "max_samples": cfg.alignment_max_samples}}
+    return {**plan, "layer_map": "proportional", "alignment": _latent_ot(cfg, v)}
+
+
+def _latent_ot(cfg, v: HeteroVariant) -> dict:
+    return {"method": v.alignment, "reg": v.reg if v.reg is not None else cfg.alignment_reg,
+            "max_samples": v.max_samples or cfg.alignment_max_samples}
 
 
 def transfer_plan(ctx: Context, tgt: str, expert: str, base: str, v: HeteroVariant, lam: float) -> dict:
@@ -71,8 +75,7 @@ def transfer_plan(ctx: Context, tgt: str, expert: str, base: str, v: HeteroVaria
     # z_b' + (z_t − z_b') + λ(z_e' − z_b') = z_t + λ(T(z_e) − T(z_b))
     return {"models": models, "target": tgt, "base": base, "inputs": [tgt, expert], "method": "task_arithmetic",
             "params": {"weights": [1.0, float(lam)]}, "space": "latent", "decode": v.decode,
-            "layer_map": "proportional",
-            "alignment": {"method": v.alignment, "reg": cfg.alignment_reg, "max_samples": cfg.alignment_max_samples}}
+            "layer_map": "proportional", "alignment": _latent_ot(cfg, v)}
 
 
 def is_target(v: HeteroVariant, lam: float) -> bool:
