@@ -260,11 +260,16 @@ def cmd_search(args) -> int:
     lm-eval (CMA-ES and random search, submitit jobs, resumable); prints <out_dir>/results.md."""
     from lsm_dist.search import SearchConfig, run_search
 
-    cfg = _load(SearchConfig, args)
+    return _run_and_print(args, _load(SearchConfig, args), "search.log", run_search)
+
+
+def _run_and_print(args, cfg, log_name: str, run) -> int:
+    """``--dry-run``, or ``run(cfg)`` inside the console session of ``out_dir/log_name``, then
+    print the report (a path) it returns."""
     if _dry(args, cfg):
         return 0
-    with _session(args, Path(cfg.out_dir) / "search.log"):
-        result = run_search(cfg)
+    with _session(args, Path(cfg.out_dir) / log_name):
+        result = run(cfg)
     print(Path(result).read_text())
     return 0
 
@@ -278,12 +283,7 @@ def cmd_experiment(args) -> int:
         print("\n".join(describe(ExperimentConfig)))
         return 0
     cfg = load_experiment_config(args.config, [*args.overrides, *(["quick=true"] if args.quick else [])])
-    if _dry(args, cfg):
-        return 0
-    with _session(args, Path(cfg.out_dir) / "experiment.log"):
-        result = run_experiment(cfg)
-    print(Path(result).read_text())
-    return 0
+    return _run_and_print(args, cfg, "experiment.log", run_experiment)
 
 
 def cmd_hidden_merge(args) -> int:

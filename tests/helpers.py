@@ -126,3 +126,15 @@ def corpus_cfg(tmp: Path, models, name: str = "corpus", **kw):
     base = dict(models=[str(m) for m in models], out_dir=str(tmp / name), tokens=4, chunk=32,
                 block_samples=8, shard_samples=24)
     return ConvertConfig(**(base | kw))
+
+
+def fake_sbatch_env(tmp_path: Path) -> dict:
+    """An environment whose ``sbatch`` only records its arguments in ``tmp_path/sbatch-calls``
+    (and prints a job id): a script's submissions are checked without a cluster."""
+    import os
+
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'sbatch-calls'}\necho 1\n")
+    (fake / "sbatch").chmod(0o755)
+    return {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}

@@ -547,16 +547,13 @@ def test_nested_config_error_names_the_field():
 def test_submit_convert_refuses_a_bad_task_count(tmp_path, n):
     """`$((N - 1))` evaluated a crafted N as an expression (running its command substitution);
     `0` submitted --array=0--1."""
-    import os
     import subprocess
 
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'sbatch-calls'}\necho 1\n")
-    (fake / "sbatch").chmod(0o755)
+    from tests.helpers import fake_sbatch_env
+
     cfg = tmp_path / "convert.yaml"
     cfg.write_text("models: []\n")
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    env = fake_sbatch_env(tmp_path)
     res = subprocess.run(["bash", str(REPO / "slurm/submit_convert.sh"), n, str(cfg)], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert res.returncode == 2 and "must be a positive integer" in res.stderr, res.stderr

@@ -341,17 +341,14 @@ def test_an_edited_latent_is_refused(models, tmp_path):
 
 @pytest.mark.parametrize("n", ["12345678901234567890", "1000000"])
 def test_submit_merge_bounds_the_task_count(tmp_path, n):
-    import os
     import subprocess
 
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'sbatch-calls'}\necho 1\n")
-    (fake / "sbatch").chmod(0o755)
+    from tests.helpers import fake_sbatch_env
+
     plan = tmp_path / "p.yaml"
     plan.write_text("models: {a: x}\n")
     res = subprocess.run(["bash", str(REPO / "slurm/submit_merge.sh"), n, str(plan)], cwd=tmp_path,
-                         env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}, capture_output=True, text=True)
+                         env=fake_sbatch_env(tmp_path), capture_output=True, text=True)
     assert res.returncode == 2 and "from 1 to 999999" in res.stderr
     assert not (tmp_path / "sbatch-calls").exists()
 
