@@ -556,3 +556,20 @@ def test_selective_methods_run_on_latents(zoo, tmp_path, method, params):
     out = run_merge(plan)
     assert is_complete(out)
     forward_ok(out)
+
+
+def test_hetero_dropped_layers_named_and_delta_encoding_refused_early(zoo, tmp_path):
+    """base (4 layers) as the source of the 2-layer qwen target: the proportional map reads
+    layers 0 and 3, the card names 1 and 2 as read by no target layer. A heterogeneous plan
+    with encoding: delta is refused at plan time (it died mid-encode with a bare shape error)."""
+    plan = plan_for(zoo, tmp_path / "d", models=("qwen", "base"), target="qwen", alignment="gaussian",
+                    params=MergeParams(lambda_=0.1), decode="delta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = run_merge(plan)
+    card = (out / "README.md").read_text()
+    assert "`base`: 2 of its 4 layers are read by no target layer" in card and "`[1, 2]`" in card
+    bad = plan_for(zoo, tmp_path / "e", models=("qwen", "base", "a"), target="qwen", base="base",
+                   inputs=["a"], method="task_arithmetic", alignment="gaussian", encoding="delta")
+    with pytest.raises(ConfigError, match="encoding: heterogeneous models .* delta encoding encodes task vectors"):
+        prepare(bad)

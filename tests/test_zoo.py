@@ -344,6 +344,8 @@ def test_gguf_base_and_lora_expert(tmp_path):
         changed += not torch.equal(expert.read(n), base.read(n))
     assert changed == 2 * 7  # only the LoRA-targeted weights moved
     assert read_card(paths["g-arith"])["source"] == {"kind": "lora"}
+    assert read_card(paths["g-arith"])["architecture"] == "llama"  # an expert of a GGUF base has its family
+    assert "g-arith  llama" in B.format_zoo_table(paths)
     assert read_card(paths["g-full"])["source"] == {"kind": "full"}
     t0 = {n: (paths[n] / B.CARD_NAME).stat().st_mtime_ns for n in paths}
     build_zoo(cfg, progress=False)
