@@ -410,11 +410,14 @@ class Checkpoint:
         exclude: str | None = None,
         params: Iterable[str] = ("weight",),
         strict: bool = True,
+        mixed_dtypes: bool = False,
     ) -> list[TensorInfo]:
         """Tensors in the chosen blocks (and matching ``include`` / not ``exclude`` regex).
 
         With ``strict`` an unclassifiable name that survives the regex filters is an error,
-        since the block rule cannot tell whether it belongs to the selection.
+        since the block rule cannot tell whether it belongs to the selection. Weights of an
+        integer dtype are always an error; ``mixed_dtypes`` accepts float weights of several
+        dtypes (a reader that describes each tensor as it is, e.g. ``lsm stats``).
         """
         blocks = tuple(blocks)
         for b in blocks:
@@ -437,7 +440,7 @@ class Checkpoint:
                 continue
             if t.block in blocks and t.param in params:
                 out.append(t)
-        bad = self.weight_dtype_problems(out)
+        bad = self.weight_dtype_problems(out, mixed_dtypes)
         if bad:
             raise CheckpointError(f"{self.path}: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
         if unknown and strict:
@@ -450,7 +453,8 @@ class Checkpoint:
             )
         return out
 
-    def weight_dtype_problems(self, infos: Iterable[TensorInfo] | None = None) -> list[str]:
+    def weight_dtype_problems(self, infos: Iterable[TensorInfo] | None = None,
+                              mixed_dtypes: bool = False) -> list[str]:
         """What is wrong with the dtypes of the attention / MLP weight matrices (all of them, or
         ``infos``): an integer or boolean dtype in a weight position (a float tensor whose header
         was relabelled to a type of the same size reads as garbage), or a dtype that differs
@@ -460,7 +464,7 @@ class Checkpoint:
         out = [f"tensor {t.name!r} has dtype {t.dtype} in a weight position (weights are floating point; "
                "a relabelled header?)" for t in ws if t.dtype not in FLOAT_DTYPES]
         floats = [t for t in ws if t.dtype in FLOAT_DTYPES]
-        if floats:
+        if floats and not mixed_dtypes:
             from collections import Counter
 
             common, n = Counter(t.dtype for t in floats).most_common(1)[0]

@@ -339,7 +339,7 @@ def run_stats(cfg: StatsConfig, echo: bool = True) -> Path:
     rows: list[dict[str, Any]] = []
     for label, path in zip(_labels(cfg), cfg.checkpoints):
         with Checkpoint(path) as ck:
-            infos = ck.select(blocks=cfg.blocks, include=cfg.include, exclude=cfg.exclude)
+            infos = ck.select(blocks=cfg.blocks, include=cfg.include, exclude=cfg.exclude, mixed_dtypes=True)
             if not infos:
                 raise ValueError(f"{path}: no tensors selected (blocks={cfg.blocks}, "
                                  f"include={cfg.include!r}, exclude={cfg.exclude!r})")

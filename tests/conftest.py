@@ -9,6 +9,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _clean_dist_env():
+    """In-process training (a test's or a module fixture's) exports a rendezvous (MASTER_PORT...)
+    while its store may still listen on that port: keep it out of every other test and of the
+    processes tests start (a child would take the port as the user's and fail to bind it)."""
+    for k in RENDEZVOUS:
+        os.environ.pop(k, None)
+    yield
+    for k in RENDEZVOUS:
+        os.environ.pop(k, None)
+
 
 @pytest.fixture(scope="session")
 def slurm_cluster():

@@ -277,15 +277,6 @@ def _train_cfg(corpus: Path, run: Path, **kw):
     return load_train_config(REPO / "configs/train/tiny.yaml", [f"{k}={v}" for k, v in over.items()])
 
 
-@pytest.fixture(autouse=True)
-def _clean_dist_env(monkeypatch):
-    """In-process runs export a rendezvous (MASTER_PORT...): keep it out of other tests' children."""
-    import os
-
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        if k in os.environ:
-            monkeypatch.delenv(k)
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

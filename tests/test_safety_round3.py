@@ -31,15 +31,6 @@ def _plan(built, out: Path, **kw):
                         "out_dir": str(out), "cache_dir": str(built["cache"]), "max_shard_size": "60KB"} | kw))
 
 
-@pytest.fixture(autouse=True)
-def _clean_dist_env(monkeypatch):
-    """In-process training exports a rendezvous (MASTER_PORT...): keep it out of other tests."""
-    import os
-
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        if k in os.environ:
-            monkeypatch.delenv(k)
-
 
 def _relabel(f: Path, name: str, dtype: str) -> None:
     """Rewrite one tensor's dtype in a safetensors header (same byte size: the data is unchanged)."""

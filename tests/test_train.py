@@ -76,11 +76,6 @@ def corpora(tmp_path_factory) -> dict[str, Path]:
     return {"corpus": d / "corpus", "heldout": d / "heldout", "root": d}
 
 
-@pytest.fixture(autouse=True)
-def _clean_dist_env(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -78,7 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   {"alignment": "gaussian", "decode": "direct", "lambdas": [0.1]},
                   {"alignment": "emd", "lambdas": [0.1]},
                   {"alignment": "sinkhorn", "lambdas": [0.1], "reg": 0.05, "max_samples": 512},
-                  {"alignment": "none", "lambdas": [0.1]},
+                  # (no `none` variant: untransported tensors of other shapes cannot merge)
                   {"alignment": "activations", "space": "weight", "lambdas": [0.05, 0.1, 0.2, 0.5]},
                   {"alignment": "activations", "space": "latent", "lambdas": [0.1]}],
         transfers={"smollm2-arith": "smollm2-135m", "smollm2-reverse": "smollm2-135m",

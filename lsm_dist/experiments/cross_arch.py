@@ -90,6 +90,18 @@ def verdict(ctx: Context, row: dict, tgt_row: dict, tasks: list[str] | None = No
                          ctx.cfg.max_ppl_increase if ctx.cfg.ppl else math.inf, DESTROYED)
 
 
+def _shape_difference(a: str, b: str) -> str | None:
+    """The first attention / MLP weight whose shape differs between two checkpoints, in words."""
+    from lsm_dist.checkpoint import Checkpoint
+
+    ca, cb = Checkpoint(a), Checkpoint(b)
+    for name, t in ca.tensors.items():
+        u = cb.tensors.get(name)
+        if t.block in ("attn", "mlp") and u is not None and tuple(u.shape) != tuple(t.shape):
+            return f"{name} is {'x'.join(map(str, t.shape))} in {a}, {'x'.join(map(str, u.shape))} in {b}"
+    return None
+
+
 def run(ctx: Context) -> Path:
     from lsm_dist.config import check
 
@@ -99,6 +111,12 @@ def run(ctx: Context) -> Path:
     pairs = [(cfg.hetero_target, s) for s in cfg.hetero_sources]
     if cfg.reverse:
         pairs += [(s, cfg.hetero_target) for s in cfg.hetero_sources]
+    for tgt, src in pairs:  # before any training: a pair "none" cannot merge is refused now
+        if any(v.alignment == "none" for v in cfg.variants):
+            diff = _shape_difference(ctx.path(tgt), ctx.path(src))
+            check(diff is None, "variants.alignment",
+                  f"alignment none merges tensors as they are, but {diff}: drop the `none` variant "
+                  "for this pair (or use gaussian / emd / sinkhorn / activations)")
     vae = None
     if any(v.space == "latent" for v in [*cfg.variants, *cfg.transfer_variants]):
         vae = ctx.vae(kind="hetero")
