@@ -263,3 +263,17 @@ def test_retention_on_the_task_an_expert_was_trained_for():
     fams = ["arith", "recall"]
     assert retention(base, ea, eb, rows, fams)["m"] == pytest.approx([1.5, 0.75])
     assert retention(base, ea, eb, rows, fams, own=["arith", None])["m"] == pytest.approx([0.5, 0.75])
+
+
+def test_cross_arch_refuses_alignment_none_for_other_shapes_before_training(exp_root, tiny_zoo):
+    """A `none` variant (tensors merged as they are) for a pair whose shapes differ is refused
+    before any VAE is trained, naming the tensor and both models."""
+    zoo_dir = Path(next(iter(tiny_zoo.values()))).parent
+    cfg = ExperimentConfig(name="cross_arch", quick=True, out_dir=str(exp_root / "xa-none"),
+                           shared_dir=str(exp_root / "xa-none-shared"), zoo_dir=str(zoo_dir),
+                           hetero_target="llama-tiny-base", hetero_sources=["qwen2-tiny-base"], reverse=False,
+                           variants=[{"alignment": "gaussian", "lambdas": [0.1]},
+                                     {"alignment": "none", "lambdas": [0.1]}], transfers={})
+    with pytest.raises(ConfigError, match=r"alignment none .*is 64x32 in .*llama-tiny-base, 96x48 in .*qwen2-tiny-base"):
+        run_experiment(cfg)
+    assert not list((exp_root / "xa-none-shared").glob("**/vae*"))
