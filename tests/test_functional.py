@@ -86,6 +86,24 @@ def test_cka_layer_map_is_monotone_and_optimal():
     assert F.cka_layer_map(np.eye(3)) == [0, 1, 2]
 
 
+def test_an_outlier_channel_is_carried_not_amplified():
+    """A unit of large mean and small spread (a residual outlier channel) in both models: the map
+    must carry its mean (a linear map acts on raw activations). Centred standardization scaled
+    it by the ratio of the spreads, 10x here (this broke a real Gemma-3 -> SmolLM2 transport)."""
+    rng = np.random.default_rng(0)
+    a_t = rng.normal(size=(4000, 6))
+    a_s = a_t[:, ::-1] * 1.5 + rng.normal(scale=0.01, size=(4000, 6))  # reversed units, 1.5x larger
+    a_t[:, 0] = 10 + rng.normal(scale=0.01, size=4000)  # the outlier channel: spreads 0.01 / 0.1
+    a_s[:, 5] = 10 + rng.normal(scale=0.1, size=4000)
+    c = F.couple(a_t, a_s)
+    x_t = a_t.mean(0)
+    x_s = c.s_from_t() @ x_t  # the target's mean input in the source's basis
+    np.testing.assert_allclose(x_s[5], 10, rtol=0.01)  # old: ~100
+    back = c.t_from_s() @ a_s[:50].T  # and back: the other units exactly, the outlier to its spread
+    np.testing.assert_allclose(back[1:], a_t[:50, 1:].T, atol=0.05)
+    np.testing.assert_allclose(back[0], a_t[:50, 0], atol=0.5)
+
+
 def test_self_and_permuted_copies_come_back_exactly(pair, tmp_path):
     """A model transported onto itself is itself; a copy with permuted, sign-flipped neurons is
     mapped back onto the original's units (the couplings recover the permutation)."""

@@ -111,7 +111,7 @@ class HeteroVariant:
 
     alignment: str = doc("none | gaussian | emd | sinkhorn (the paper's: OT of the source's latents onto "
                          "the target's) | activations (functional: the source's MLP units matched to "
-                         "the target's by activation correlation, its weights transported)", "gaussian")
+                         "the target's by the cosine of their activations, its weights transported)", "gaussian")
     space: str = doc("latent | weight (weight space needs alignment: activations)", "latent")
     decode: str = doc("latent space: delta | direct", "delta")
     lambdas: list[float] = doc("λ values: W_t + λ(T(W_s) − W_t), or its latent version", factory=lambda: [0.1])

@@ -138,7 +138,7 @@ def _activations_lines(report: dict) -> list[str]:
         q = r["quality"]
         mean = {s: sum(v) / len(v) for s, v in q.items() if v}
         lines.append(f"- `{m}` → target: layer map `{r['layer_map']}`; source layers read by no target layer: "
-                     f"`{r['dropped_source_layers'] or 'none'}`; {r['positions']} calibration positions; mean |corr| "
+                     f"`{r['dropped_source_layers'] or 'none'}`; {r['positions']} calibration positions; mean |cos| "
                      "of coupled units " + ", ".join(f"{s} {v:.3f}" for s, v in mean.items()))
     return lines
 

@@ -48,7 +48,7 @@ DEPTHS = ("proportional", "cka")
 class AlignConfig:
     method: str = doc("alignment of another model onto the target: none | gaussian | emd | sinkhorn "
                       "(the paper's: OT of source latents onto the target's, per tensor pair) | "
-                      "activations (functional: match MLP units by activation correlation on a "
+                      "activations (functional: match MLP units by the cosine of their activations on a "
                       "calibration text and transport the source's weights into the target's basis; "
                       "lsm_dist.merge.functional)", "none")
     reg: float = doc("gaussian: covariance regularization; sinkhorn: entropic regularization "
