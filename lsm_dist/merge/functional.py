@@ -18,8 +18,8 @@ on activations:
    neurons (the input of ``down_proj``) and the MLP output. Each unit is scaled by its root
    mean square ρ (not centred: the maps are linear and act on the raw activations, whose means
    they must carry too -- with centring, a unit of large mean and small spread, as the
-   residual's outlier channels are, was amplified by σ_s/σ_t, and a 5 % merge of Gemma-3's
-   transported MLPs into SmolLM2 reached perplexity 6.5·10⁵); the cost of pairing target
+   residual's outlier channels are, was amplified by σ_s/σ_t. Measured: this alone does not
+   rescue Gemma-3 → SmolLM2, whose 5 % merge stays destroyed, docs/experiments.md); the cost of pairing target
    unit j with source unit i is ``1 − |cos(j, i)|`` (the cosine of the two units' activation
    vectors over the calibration positions); an exact optimal transport plan Γ with uniform
    marginals (``ot.emd``; a signed permutation when the widths are equal) couples the units,
