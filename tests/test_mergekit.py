@@ -375,8 +375,10 @@ def test_reader_maps_mergekit_semantics(mk_zoo, tmp_path):
 
 @pytest.mark.parametrize("raw,match", [
     ({"merge_method": "frankenmerge", "models": [{"model": "x"}]}, r"merge_method: 'frankenmerge' is not supported"),
-    ({"merge_method": "linear", "models": [{"model": "x"}], "tokenizer_source": "union"},
-     r"tokenizer_source: 'union' is not supported"),
+    ({"merge_method": "linear", "models": [{"model": "x"}], "tokenizer_source": "y"},
+     r"tokenizer_source: 'y' is neither union, base nor a model of this config"),
+    ({"merge_method": "linear", "models": [{"model": "x"}], "tokenizer_source": "base"},
+     r"tokenizer_source: `base` needs a base_model"),
     ({"merge_method": "linear", "modules": {"m": {}}, "models": [{"model": "x"}]}, r"modules"),
     ({"merge_method": "linear", "models": [{"model": "x", "parameters": {"weight": 1, "density": 0.5}}]},
      r"models\[0\]\.parameters\.density: is not a parameter of mergekit's linear"),

@@ -2,8 +2,9 @@
 Hugging Face checkpoint ``out_dir/model/``.
 
 - The target's config.json (with the plan's changes: layer count of a layer-stacking merge,
-  dtype), generation_config.json and tokenizer files are copied; the model card (README.md +
-  lsm_merge_plan.yaml, ``lsm_dist.merge.card``) is written beside them.
+  dtype, vocab_size), generation_config.json and tokenizer files are copied (unless the caller
+  writes a tokenizer itself: an output vocabulary or chat template, ``lsm_dist.merge.vocab``);
+  the model card (README.md + lsm_merge_plan.yaml, ``lsm_dist.merge.card``) is written beside them.
 - Tensors keep the output layout's names and order (the target's unless slices renumber
   layers); merged ones come from ``layers/*.safetensors``, the others from the target. Shards (``model-0000i-of-0000n.safetensors``, at most
   ``max_shard_size`` bytes each unless one tensor is larger) are written by a *streaming*

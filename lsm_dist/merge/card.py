@@ -93,6 +93,12 @@ def card_text(rp) -> str:
               *_params_lines(rp)]
     if plan.dtype or plan.out_dtype:
         lines.append(f"- `dtype`: `{plan.dtype}`, `out_dtype`: `{plan.out_dtype}`")
+    v = getattr(rp, "vocab", None)
+    if v is not None:
+        lines.append(f"- vocabulary: `{v.source}`, {len(v.tokens)} tokens, {v.size} rows (vocab_size); "
+                     f"`tokens`: `{sorted(v.sources)}`, embeddings and head permuted into it per input")
+    if plan.chat_template:
+        lines.append(f"- chat template: `{plan.chat_template if len(plan.chat_template) < 40 else 'Jinja text'}`")
     vaes = {str(i.vae): i for i in rp.models.values() if i.vae is not None}
     lines += ["", "## VAE", ""]
     if not vaes:

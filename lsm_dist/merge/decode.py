@@ -14,7 +14,8 @@ run the operator; decode in batches with the *target's* VAE, then either
   bit. The sum is formed in float32 (float64 for float64 weights) and rounded once to the
   target's dtype.
 
-Weight space: read the operands' tensors and run the same operator on them.
+Weight space: read the operands' tensors and run the same operator on them; under an output
+vocabulary (``lsm_dist.merge.vocab``) the embeddings and head of each are permuted into it first.
 
 A layer file is streamed tensor by tensor (one merged tensor in memory at a time) into a temp
 file renamed when complete; it carries ``{"plan_digest", "group", "tensors"}`` in its
@@ -184,7 +185,8 @@ def unchunk_blocks(samples: np.ndarray, shape: tuple[int, ...], dtype: torch.dty
 
 def merge_weight_tensor(rp, job, checkpoints: dict[str, Checkpoint]) -> torch.Tensor:
     """The weight-space baseline: the same operator on the weights themselves (inputs rounded
-    to ``plan.dtype`` first when set, as mergekit's ``dtype``); a ``copy`` job reads its source."""
+    to ``plan.dtype`` first when set, as mergekit's ``dtype``, then permuted into the output
+    vocabulary when the tensor has one); a ``copy`` job reads its source."""
     plan = rp.plan
     if job.space == "copy":
         (m,) = job.inputs
@@ -198,8 +200,12 @@ def merge_weight_tensor(rp, job, checkpoints: dict[str, Checkpoint]) -> torch.Te
                              f"{int((~torch.isfinite(x)).sum())} NaN/Inf value(s)")
         return x.to(cast) if cast is not None else x
 
-    xs = [read(m) for m in job.inputs]
-    base = read(job.base) if job.base is not None else None
+    if job.vocab is not None:  # each input in the output vocabulary first (mergekit: before the method)
+        vs = rp.vocab.permute({m: read(m) for m in job.vocab}, job.vocab_base, job.name)
+        xs, base = [vs[m] for m in job.inputs], (vs[job.base] if job.base is not None else None)
+    else:
+        xs = [read(m) for m in job.inputs]
+        base = read(job.base) if job.base is not None else None
     work = cast if plan.arithmetic == "dtype" else None
     out = apply_operator(plan.method, xs, job.params, base=base, key=job.name, dtype=work)
     return out.to(DTYPES[job.dtype])

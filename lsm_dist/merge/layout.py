@@ -12,6 +12,9 @@ target's).
   in weight space (``rest: weight``), copied from the target (``rest: target``; with slices, from
   the slice's target source or first source: a ``copy`` job), and its parameters are resolved for
   its name and depth (``lsm_dist.merge.settings``; ``t = i / (n - 1)`` within its slice).
+- With an output vocabulary (``plan.tokenizer``, ``lsm_dist.merge.vocab``) the embeddings and head
+  (axis 0 the vocabulary) have its rows; their job names the inputs in mergekit's order and the
+  base whose rows fill the tokens an input lacks, and each input is permuted before the merge.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from lsm_dist.checkpoint import FLOAT_DTYPES, LAYER_RE, Checkpoint, TensorInfo, UnknownTensorError
 from lsm_dist.config import ConfigError, check
 from lsm_dist.merge.operators import MergeParams, get_operator
+from lsm_dist.merge.vocab import VOCAB_ROLES
 
 EMBED_ROLES = ("embed", "pos_embed")  # global tensors merged with the first slice's models
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -42,11 +46,17 @@ class TensorJob:
     inputs: list[str] = dataclasses.field(default_factory=list)  # operator inputs (copy: the source)
     base: str | None = None
     params: MergeParams | None = None
+    # a tensor with a vocabulary axis (0) under an output vocabulary: the models permuted into it,
+    # in mergekit's order (the averaging order of a token's default row), and the base whose row a
+    # token some input lacks takes (mergekit's, also for methods without a base)
+    vocab: list[str] | None = None
+    vocab_base: str | None = None
 
     def record(self) -> list:
         """What identifies the job's result (enters the plan digest)."""
         p = None if self.params is None else dataclasses.asdict(self.params)
-        return [self.name, self.space, self.dtype, self.sources, self.inputs, self.base, p]
+        rec = [self.name, self.space, self.dtype, self.sources, self.inputs, self.base, p]
+        return rec + [self.vocab, self.vocab_base] if self.vocab is not None else rec
 
 
 @dataclass
@@ -61,6 +71,7 @@ class LayerSpec:
     slice_params: dict
     source_params: dict[str, dict]
     template: str  # the model whose tensor names / shapes the output takes
+    vocab_base: str | None = None  # the slice's (else the plan's) base, whatever the method
 
 
 def t_of(i: int, n: int) -> float:
@@ -93,7 +104,7 @@ def layer_specs(plan, checkpoints: dict[str, Checkpoint], maps: dict[str, list[i
 
         def spec(i: int | None, t: float) -> LayerSpec:
             src = {m: (i if (m == tid or i is None) else maps[m][i]) for m in models}
-            return LayerSpec(i, src, t, list(plan.inputs), base, {}, {}, tid)
+            return LayerSpec(i, src, t, list(plan.inputs), base, {}, {}, tid, plan.base)
 
         return [spec(i, t_of(i, n)) for i in range(n)], spec(None, 0.0), spec(None, 0.0)
     specs = []
@@ -107,7 +118,7 @@ def layer_specs(plan, checkpoints: dict[str, Checkpoint], maps: dict[str, list[i
             nl = checkpoints[s.model].num_layers
             check(s.layers[1] <= nl, f"slices[{k}].sources.layers",
                   f"{s.layers} is outside the {nl} layers of {s.model}")
-        base = sl.base or plan.base
+        base = vocab_base = sl.base or plan.base
         if not op.takes_base(base is not None):
             base = None
         if base is not None:
@@ -121,7 +132,8 @@ def layer_specs(plan, checkpoints: dict[str, Checkpoint], maps: dict[str, list[i
         L = next(iter(lengths.values()))
         for i in range(L):
             src = {s.model: s.layers[0] + i for s in sl.sources}
-            specs.append(LayerSpec(len(specs), src, t_of(i, L), inputs, base, params, src_params, template))
+            specs.append(LayerSpec(len(specs), src, t_of(i, L), inputs, base, params, src_params, template,
+                                   vocab_base))
     first, last = specs[0], specs[-1]
     pre = dataclasses.replace(first, out=None, src=dict.fromkeys(first.src), t=0.0)
     post = dataclasses.replace(last, out=None, src=dict.fromkeys(last.src), t=0.0)
@@ -133,8 +145,9 @@ def _key(name: str, layer: int | None) -> tuple[int | None, str]:
     return (layer, m.group(2)) if m and layer is not None else (None, name)
 
 
-def build_layout(plan, checkpoints: dict[str, Checkpoint], maps: dict[str, list[int] | None]):
-    """(jobs, outputs, config_patch) of a plan; every check names the tensor and model."""
+def build_layout(plan, checkpoints: dict[str, Checkpoint], maps: dict[str, list[int] | None], vocab=None):
+    """(jobs, outputs, config_patch) of a plan (``vocab``: its output vocabulary, a
+    ``merge.vocab.Vocabulary``); every check names the tensor and model."""
     tid = plan.target
     specs, pre, post = layer_specs(plan, checkpoints, maps)
     index = {m: {_key(t.name, t.layer): t for t in ck.tensors.values()} for m, ck in checkpoints.items()}
@@ -157,15 +170,20 @@ def build_layout(plan, checkpoints: dict[str, Checkpoint], maps: dict[str, list[
     jobs, outputs = [], []
     for spec, t, out_name in _walk(plan, checkpoints, specs, pre, post):
         floating = t.dtype in FLOAT_DTYPES
+        in_vocab = vocab is not None and t.layer is None and t.role in VOCAB_ROLES
         if floating and is_selected(spec.template, t.name):
             space = plan.space
         elif floating and plan.rest == "weight":
             space = "weight"
         elif plan.slices is None:
+            check(not in_vocab, "tokenizer", f"{t.name} has a vocabulary axis but would be copied from the "
+                  "target unchanged: an output vocabulary needs the embeddings and head merged (rest: weight)")
             outputs.append(t)  # copied from the target by name at assembly
             continue
         else:
             space = "copy"
+        check(not in_vocab or space == "weight", "tokenizer", f"{t.name} has a vocabulary axis: under an output "
+              f"vocabulary it must be merged in weight space (rest: weight), not {space}")
         dtype = out_dtype if (out_dtype and floating and space != "copy") else t.dtype
         if promotes and floating and space == "weight" and plan.out_dtype is None:
             dtype = "F32"  # mergekit writes such a method's float32 result as it is
@@ -182,11 +200,29 @@ def build_layout(plan, checkpoints: dict[str, Checkpoint], maps: dict[str, list[
                        if m is not None and m in spec.src}
         if space != "copy":
             job.params = _params(plan, spec, job)
-        outputs.append(TensorInfo(out_name, "", dtype, t.shape, spec.out, t.block, t.role, t.param))
+        if in_vocab:
+            _vocab_job(plan, checkpoints, spec, job, vocab)
+        outputs.append(TensorInfo(out_name, "", dtype, job.shape, spec.out, t.block, t.role, t.param))
         jobs.append(job)
     dup = sorted(n for n, c in Counter(o.name for o in outputs).items() if c > 1)
     check(not dup, "slices", f"output tensor names repeat: {dup[:3]}")
-    return jobs, outputs, _config_patch(plan, checkpoints, specs, out_dtype)
+    return jobs, outputs, _config_patch(plan, checkpoints, specs, out_dtype, vocab)
+
+
+def _vocab_job(plan, checkpoints, spec: LayerSpec, job: TensorJob, vocab) -> None:
+    """A tensor with a vocabulary axis: the output vocabulary's rows, its inputs in mergekit's order
+    (the slice's sources; the models as listed), every default row checked now."""
+    order = list(spec.src) if plan.slices is not None else list(plan.models)
+    operands = {*job.inputs, job.base}
+    job.vocab = [m for m in order if m in operands]
+    job.vocab_base = spec.vocab_base
+    for m in job.vocab:
+        info = checkpoints[m].tensors[job.sources[m]]
+        need = max(vocab.perms[m]) + 1
+        check(info.shape[0] >= need, f"models.{m}", f"{info.name} has {info.shape[0]} rows, its tokenizer and "
+              f"config.json name {need}: is axis 0 its vocabulary?")
+    vocab.defaults(job.vocab, job.vocab_base, job.name)  # raises where mergekit would fail mid-merge
+    job.shape = (vocab.size, *job.shape[1:])
 
 
 def _source(index, checkpoints, m: str, spec: LayerSpec, t: TensorInfo, out_name: str) -> str:
@@ -238,9 +274,13 @@ def _params(plan, spec: LayerSpec, job: TensorJob) -> MergeParams:
     return p
 
 
-def _config_patch(plan, checkpoints, specs, out_dtype) -> dict:
+def _config_patch(plan, checkpoints, specs, out_dtype, vocab=None) -> dict:
     patch: dict = {}
     tcfg = checkpoints[plan.target].config or {}
+    if vocab is not None:
+        check("vocab_size" in tcfg, "tokenizer", f"the target {plan.target}'s config.json has no top-level "
+              "vocab_size to set to the output vocabulary's size")
+        patch["vocab_size"] = vocab.size
     if plan.slices is not None:
         patch["num_hidden_layers"] = len(specs)
         if isinstance(tcfg.get("layer_types"), list):

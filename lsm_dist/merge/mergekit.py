@@ -12,8 +12,13 @@ What maps where (details and the semantic choices in docs/mergekit.md):
   base_model, parameters}]`` → ``slices``; top-level ``parameters`` → ``tensor_params``.
   Values keep mergekit's forms (scalars, gradients, ``filter`` lists); names are translated
   (``t`` → ``lambda``, ``lambda`` → ``scale``, ``rescale: true`` → ``rescale: l1``, ...);
-- ``dtype`` / ``out_dtype`` as is; ``tokenizer_source: base`` (the base model's tokenizer, which
-  the target's is); every tensor is merged (``rest: weight``), as mergekit does;
+- ``dtype`` / ``out_dtype`` as is; every tensor is merged (``rest: weight``), as mergekit does;
+- ``tokenizer_source: union | base | <model>`` and ``tokenizer: {source, tokens: {tok: {source,
+  force}}, pad_to_multiple_of}`` → ``tokenizer`` (``source: union | base | model`` + ``model: <id>``;
+  token sources name model ids): the output vocabulary, into which every input's embeddings and
+  head are permuted before the merge (``lsm_dist.merge.vocab``, mergekit 0.1.5's rules);
+  ``chat_template`` (auto, a built-in name, Jinja text) → ``chat_template``. A source naming no
+  model of the config is refused here, before any model is opened;
 - mergekit's semantics where the project's defaults differ: TIES-style sign ties go to +
   (``sign_tie: positive``), random drops rescale to the L1 norm (``rescale: l1``), ``density``
   defaults to 1;
@@ -82,10 +87,10 @@ def plan_data(raw: Mapping[str, Any], path: str | Path | None = None) -> dict[st
     unknown = sorted(set(raw) - set(MERGEKIT_KEYS) - set(RUN_KEYS))
     check(not unknown, where, f"unknown key(s) {unknown}; mergekit keys: {list(MERGEKIT_KEYS)}, "
           f"project keys: {list(RUN_KEYS)}")
-    for key, why in (("modules", "multi-module configs (`modules:`) are not supported; use models: or slices:"),
-                     ("tokenizer", "`tokenizer:` (vocabulary surgery) is not supported; use tokenizer_source: base"),
-                     ("chat_template", "`chat_template:` is not supported; the target's chat template is copied")):
-        check(raw.get(key) is None, f"{where}: {key}", why)
+    check(raw.get("modules") is None, f"{where}: modules",
+          "multi-module configs (`modules:`) are not supported; use models: or slices:")
+    check(raw.get("tokenizer_source") is None or raw.get("tokenizer") is None, where,
+          "give tokenizer_source or tokenizer, not both (mergekit refuses both too)")
     method = raw.get("merge_method")
     check(method in METHODS, f"{where}: merge_method",
           f"{method!r} is not supported; supported: {sorted(METHODS)}")
@@ -137,8 +142,10 @@ def plan_data(raw: Mapping[str, Any], path: str | Path | None = None) -> dict[st
         data["slices"] = slices
         order = list(ids.ids)
         inputs = None
+    # in mergekit's order of a tensor's inputs (the models as listed, the base appended): the
+    # order a token's default row is averaged in (lsm_dist.merge.vocab)
     data["models"] = {m: {"path": ids.path(m), **({"lora": ids.lora[m]} if m in ids.lora else {}),
-                          "params": ids.params.get(m, {})} for m in ids.ids}
+                          "params": ids.params.get(m, {})} for m in order}
     data["tensor_params"] = _translate(raw.get("parameters"), method, keymap, "parameters", seen=seen)
     params: dict[str, Any] = dict(DEFAULTS)
     if method in RESCALE_DEFAULT:
@@ -149,11 +156,14 @@ def plan_data(raw: Mapping[str, Any], path: str | Path | None = None) -> dict[st
     data["target"] = base or order[0]
     if inputs is not None:
         data["inputs"] = inputs
-    tok = raw.get("tokenizer_source")
-    if tok is not None:
-        check(tok == "base" or (base is not None and ids.lookup(tok) == base), f"{where}: tokenizer_source",
-              f"{tok!r} is not supported: only `base` (the base model's tokenizer)")
-        check(base is not None, f"{where}: tokenizer_source", "`base` needs a base_model")
+    if raw.get("tokenizer_source") is not None:
+        data["tokenizer"] = _tokenizer_source(raw["tokenizer_source"], ids, base, f"{where}: tokenizer_source")
+    elif raw.get("tokenizer") is not None:
+        data["tokenizer"] = _tokenizer_block(raw["tokenizer"], ids, base, f"{where}: tokenizer")
+    if raw.get("chat_template") is not None:
+        check(isinstance(raw["chat_template"], str) and bool(raw["chat_template"]), f"{where}: chat_template",
+              f"expected auto, a template name or Jinja text, got {raw['chat_template']!r}")
+        data["chat_template"] = raw["chat_template"]
     for key in ("dtype", "out_dtype"):
         v = raw.get(key)
         if v is not None:
@@ -165,6 +175,66 @@ def plan_data(raw: Mapping[str, Any], path: str | Path | None = None) -> dict[st
     if dropped:  # parameters mergekit accepts that change no value (int8_mask: a memory layout)
         data["origin"] += f" (parameters without effect on the values, ignored: {', '.join(dropped)})"
     return data
+
+
+def _tokenizer_source(ref: Any, ids: _Ids, base: str | None, where: str) -> dict[str, Any]:
+    """``tokenizer_source`` / ``tokenizer.source`` → the plan's ``tokenizer`` source keys."""
+    if ref == "union":
+        return {"source": "union"}
+    if ref == "base":
+        check(base is not None, where, "`base` needs a base_model (mergekit would take an arbitrary model)")
+        return {"source": "base"}
+    mid = ids.lookup(ref)
+    check(mid is not None, where, f"{ref!r} is neither union, base nor a model of this config "
+          f"({sorted(ids.by_ref)}); the output tokenizer is taken from one of the merged models")
+    return {"source": "model", "model": mid}
+
+
+def _tokenizer_block(block: Any, ids: _Ids, base: str | None, where: str) -> dict[str, Any]:
+    """mergekit's ``tokenizer: {source, tokens, pad_to_multiple_of}`` → the plan's ``tokenizer``."""
+    check(isinstance(block, Mapping), where, f"expected a mapping, got {block!r}")
+    extra = sorted(set(block) - {"source", "tokens", "pad_to_multiple_of"})
+    check(not extra, where, f"unknown key(s) {extra}; known: ['pad_to_multiple_of', 'source', 'tokens']")
+    out = _tokenizer_source(block.get("source", "union"), ids, base, f"{where}.source")
+    tokens = block.get("tokens") or {}
+    check(isinstance(tokens, Mapping), f"{where}.tokens", f"expected a mapping token -> {{source, force}}, got {tokens!r}")
+    out["tokens"] = {}
+    for tok, entry in tokens.items():
+        w = f"{where}.tokens[{tok!r}]"
+        check(isinstance(tok, str) and bool(tok), w, "a token must be a non-empty string")
+        check(isinstance(entry, Mapping), w, f"expected a mapping {{source, force}}, got {entry!r}")
+        extra = sorted(set(entry) - {"source", "force"})
+        check(not extra, w, f"unknown key(s) {extra}; known: ['force', 'source']")
+        force = entry.get("force", False)
+        check(isinstance(force, bool), f"{w}.force", f"expected true or false, got {force!r}")
+        out["tokens"][tok] = {"source": _token_source(entry.get("source"), ids, f"{w}.source"), "force": force}
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None:
+        check(isinstance(pad, int) and not isinstance(pad, bool) and pad > 0, f"{where}.pad_to_multiple_of",
+              f"expected a positive integer, got {pad!r}")
+        out["pad_to_multiple_of"] = pad
+    return out
+
+
+def _token_source(src: Any, ids: _Ids, where: str) -> Any:
+    """A token's source: a model reference → its id; ``{kind: model_token, model, ...}`` with the
+    model's id; ``{kind: zero}``; null."""
+    def model_id(ref: Any, w: str) -> str:
+        mid = ids.lookup(ref)
+        check(mid is not None, w, f"{ref!r} names no model of this config ({sorted(ids.by_ref)})")
+        return mid
+
+    if src is None or isinstance(src, str):
+        return None if src is None else model_id(src, where)
+    check(isinstance(src, Mapping) and src.get("kind") in ("zero", "model_token"), where,
+          f"expected a model, {{kind: zero}} or {{kind: model_token, model, token | token_id}}, got {src!r}")
+    if src["kind"] == "zero":
+        check(set(src) == {"kind"}, where, f"{{kind: zero}} takes no other key, got {sorted(src)}")
+        return {"kind": "zero"}
+    extra = sorted(set(src) - {"kind", "model", "token", "token_id"})
+    check(not extra, where, f"unknown key(s) {extra} for kind model_token")
+    check(("token" in src) != ("token_id" in src), where, "give exactly one of token or token_id")
+    return {**src, "model": model_id(src.get("model"), f"{where}.model")}
 
 
 def _inputs(method: str, order: list[str], base: str | None) -> list[str]:

@@ -10,7 +10,9 @@ grouped by layer, and the plan digest that names this merge (the content digests
 VAEs and every job's resolved parameters included, so a changed model is a new merge).
 
 A mergekit config (``merge_method`` at top level) is read onto the same plan by
-``lsm_dist.merge.mergekit`` (:func:`load_plan`). ``PLAN_VERSION`` enters the digest: bump it
+``lsm_dist.merge.mergekit`` (:func:`load_plan`). An output vocabulary (``tokenizer``) is built here
+too (``lsm_dist.merge.vocab``: tokenizer files only), its permutations checked against every
+vocabulary tensor's inputs, and its digest enters the plan's. ``PLAN_VERSION`` enters the digest: bump it
 when an operator's arithmetic changes, so finished merges are not reused.
 """
 
@@ -40,6 +42,13 @@ from lsm_dist.merge.hetero import AlignConfig, resolve_layer_map
 from lsm_dist.merge.layout import SAFETENSORS_DTYPES, TensorJob, build_layout, default_inputs
 from lsm_dist.merge.operators import OPERATORS, MergeParams, get_operator
 from lsm_dist.merge.settings import PER_INPUT, check_settings
+from lsm_dist.merge.vocab import (
+    TokenizerPlan,
+    Vocabulary,
+    build_vocabulary,
+    has_tokenizer,
+    resolve_chat_template,
+)
 from lsm_dist.model import VAEConfig, read_vae_config, vae_digest
 from lsm_dist.utils import atomic_write_json, get_logger, read_json, sha256_json
 
@@ -183,7 +192,17 @@ class MergePlan:
                       "itself, as mergekit-yaml CONFIG OUT leaves it (+ mergekit_config.yml), the record, "
                       "layer files and log in out_dir/.lsm_merge/", "lsm")
     copy_tokenizer: bool = doc("copy the target's tokenizer files into the merged model (mergekit's "
-                               "--copy-tokenizer / --no-copy-tokenizer)", True)
+                               "--copy-tokenizer / --no-copy-tokenizer); with `tokenizer` set the built "
+                               "tokenizer is written in any case", True)
+    tokenizer: TokenizerPlan | None = doc(
+        "the output vocabulary (mergekit's tokenizer_source / tokenizer:, lsm_dist.merge.vocab): {source: "
+        "base | union | <model id>, tokens: {token: {source, force}}, pad_to_multiple_of}; the embeddings and "
+        "head are permuted into it per input before merging (they must be merged in weight space: rest: "
+        "weight), config.json's vocab_size follows it and its tokenizer is written; null: the target's "
+        "vocabulary, every input's must match it", None)
+    chat_template: str | None = doc("chat template of the merged model's tokenizer (mergekit's chat_template): "
+                                    "auto (the one most models carry) | a mergekit built-in name (chatml, "
+                                    "llama3, ...) | Jinja text", None)
     allow_crimes: bool = doc("merge models whose configs name different architectures although their "
                              "tensor shapes agree (mergekit's --allow-crimes); refused by default", False)
 
@@ -253,6 +272,8 @@ class MergePlan:
         if isinstance(self.layer_map, dict):
             for m in self.layer_map:
                 check(m in self.models, "layer_map", f"{m!r} is not a model of this plan; known: {known}")
+        if self.tokenizer is not None:
+            self.tokenizer.check_models(known)
 
     # ---- helpers ---------------------------------------------------------------------
     def expand(self, p: str) -> Path:
@@ -365,6 +386,8 @@ class ResolvedPlan:
     # alignment: activations: {"config": the plan's alignment, "models": per source, its report}
     # (the plan above names the transported checkpoints and alignment none)
     alignment_report: dict | None = None
+    vocab: Vocabulary | None = None  # the output vocabulary (plan.tokenizer)
+    chat_template: str | None = None  # the resolved chat template text (plan.chat_template)
 
     def __post_init__(self) -> None:
         for j in self.jobs:
@@ -419,13 +442,18 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
             continue
         spec = plan.layer_map.get(mid, "proportional") if isinstance(plan.layer_map, dict) else plan.layer_map
         maps[mid] = resolve_layer_map(spec, tck.num_layers, ck.num_layers, mid)
-    jobs, outputs, patch = build_layout(plan, checkpoints, maps)
+    vocab = build_vocabulary(plan, checkpoints) if plan.tokenizer is not None else None
+    template = resolve_chat_template(plan)
+    if plan.chat_template and vocab is None and plan.copy_tokenizer:
+        check(has_tokenizer(plan.model_path(tid)), "chat_template",
+              f"the target {tid} has no tokenizer to set the chat template in ({plan.model_path(tid)})")
+    jobs, outputs, patch = build_layout(plan, checkpoints, maps, vocab)
     hetero_why = None
     for j in jobs:
         ref = j.shape
         for mid, name in j.sources.items():
             shape = checkpoints[mid].tensors[name].shape
-            if shape == ref:
+            if shape == ref or (j.vocab is not None and shape[1:] == ref[1:]):  # rows: permuted into the vocab
                 continue
             why = f"{name} is {_shape_desc(shape)} in {mid}, {_shape_desc(ref)} in the output"
             check(j.space == "latent", "space" if plan.space == "weight" else "rest",
@@ -474,14 +502,18 @@ def resolve_plan(plan: MergePlan) -> ResolvedPlan:
         "plan": {k: v for k, v in plan_to_dict(plan).items()
                  if k not in ("models", "vae", "out_dir", "cache_dir", "zoo_dir", "batch_size",
                               "device", "overwrite", "origin", "allow_crimes", "keep_layers",
-                              "allow_download", "layout")},
+                              "allow_download", "layout")
+                 and not (k in ("tokenizer", "chat_template") and v is None)},
         "models": {m: [i.digest, i.vae_digest] for m, i in infos.items()},
         "jobs": sha256_json([j.record() for j in jobs]),
         "config": patch,
+        **({"vocab": vocab.digest()} if vocab is not None else {}),
+        **({"chat_template": template} if template is not None else {}),
     })[:16]
     for ck in checkpoints.values():
         ck.close()
-    return ResolvedPlan(plan, infos, jobs, hetero_why is not None, digest, outputs, patch)
+    return ResolvedPlan(plan, infos, jobs, hetero_why is not None, digest, outputs, patch,
+                        vocab=vocab, chat_template=template)
 
 
 def _architecture(ck: Checkpoint) -> str | None:

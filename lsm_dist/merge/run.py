@@ -33,6 +33,7 @@ from lsm_dist.merge.plan import (
     resolve_plan,
     write_plan_record,
 )
+from lsm_dist.merge.vocab import write_tokenizer
 from lsm_dist.utils import get_logger
 
 log = get_logger("lsm.merge")
@@ -66,11 +67,22 @@ def run_assemble(rp: ResolvedPlan) -> Path:
         return rp.model_dir
     groups = {g: [j.name for j in jobs] for g, jobs in rp.groups.items()}
     t = rp.models[rp.plan.target]
+    # mergekit writes the tokenizer it built (or, for a chat template, the target's re-saved)
+    # instead of copying the target's tokenizer files
+    built = rp.vocab is not None or bool(rp.plan.chat_template and rp.plan.copy_tokenizer)
+    if rp.plan.chat_template and not built:
+        log.warning("chat_template: no tokenizer is written (copy_tokenizer: false), so neither is the template")
+
+    def extra(tmp: Path) -> None:
+        if built:
+            write_tokenizer(rp, tmp)
+        write_card(tmp, rp)
+
     out = assemble(t.open(), rp.layers_dir, rp.model_dir, rp.digest,
                    parse_size(rp.plan.max_shard_size), groups,
                    extra={"method": rp.plan.method, "space": rp.plan.space},
                    outputs=rp.outputs, config_patch=rp.config_patch,
-                   write_extra=lambda tmp: write_card(tmp, rp), copy_tokenizer=rp.plan.copy_tokenizer)
+                   write_extra=extra, copy_tokenizer=rp.plan.copy_tokenizer and not built)
     if not rp.plan.keep_layers:  # the checkpoint holds every merged tensor: the layer files go
         remove_own_layers(rp.layers_dir)
     return out
