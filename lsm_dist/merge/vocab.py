@@ -121,10 +121,10 @@ def load_tokenizer(path: Path, what: str):
     ``tokenizer.model``), local files only, no remote code."""
     d = tokenizer_dir(path)
     check(has_tokenizer(path), what, f"{d} holds no tokenizer ({' or '.join(TOKENIZER_FILES)})")
-    from transformers import AutoTokenizer
+    from lsm_dist.checkpoint import load_tokenizer as load
 
     try:
-        return AutoTokenizer.from_pretrained(str(d), use_fast=True, trust_remote_code=False, local_files_only=True)
+        return load(d)
     except Exception as e:  # transformers raises many kinds; the message names the file
         raise ConfigError(f"{what}: cannot load the tokenizer in {d}: {type(e).__name__}: {e}") from None
 
