@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from lsm_dist.checkpoint import Checkpoint
 from lsm_dist.config import ConfigError
 from lsm_dist.merge import functional as F
+from lsm_dist.merge.hetero import AlignConfig
 from lsm_dist.merge.plan import load_plan
 from lsm_dist.merge.run import run_merge
 from tests.merge_helpers import build_model, train_tiny_vae
@@ -102,6 +103,27 @@ def test_an_outlier_channel_is_carried_not_amplified():
     back = c.t_from_s() @ a_s[:50].T  # and back: the other units exactly, the outlier to its spread
     np.testing.assert_allclose(back[1:], a_t[:50, 1:].T, atol=0.05)
     np.testing.assert_allclose(back[0], a_t[:50, 0], atol=0.5)
+
+
+def test_a_massive_target_unit_is_not_multiplied_into_the_source():
+    """A unit the target uses for massive activations (RMS 1000x the others', as SmolLM2's MLP
+    layer 11 writes) coupled to an ordinary source unit: unbounded, the map multiplies that source
+    unit by the full ratio (measured on SmolLM2 <- Gemma-3: up to 4e4; a 5 % merge reached
+    perplexity 1e4); with max_gain the pair's gain stays within the factor of the median's."""
+    rng = np.random.default_rng(0)
+    a_s = rng.normal(size=(4000, 8))
+    a_t = 3.0 * a_s[:, ::-1] + rng.normal(scale=0.01, size=(4000, 8))  # median gain 3
+    a_t[:, 0] *= 1000.0  # the massive unit (still the same direction: the coupling keeps it)
+    free = F.couple(a_t, a_s).t_from_s()
+    assert np.abs(free).max() > 2000
+    for mg in (1.0, 2.0, 4.0):
+        c = F.couple(a_t, a_s, max_gain=mg)
+        m = c.t_from_s()
+        assert np.abs(m).max() <= 3.0 * mg * 1.001
+        np.testing.assert_allclose(np.abs(m[1:]).max(1), 3.0, rtol=0.01)  # the others untouched
+        np.testing.assert_allclose(c.s_from_t() @ m, np.eye(8), atol=1e-6)  # still inverse maps
+    with pytest.raises(ConfigError, match="max_gain"):
+        AlignConfig(method="activations", max_gain=0.5)
 
 
 def test_self_and_permuted_copies_come_back_exactly(pair, tmp_path):

@@ -135,7 +135,8 @@ def _activations_lines(report: dict) -> list[str]:
     """The card's account of a functional alignment (``merge.functional``)."""
     c = report["config"]
     lines = [f"- `activations` (functional alignment, lsm_dist.merge.functional): depth map `{c['depth']}`, "
-             f"{c['calibration_items']} calibration items per task beside the English text"
+             f"{c['calibration_items']} calibration items per task beside the English text, unit gains "
+             + (f"within {c['max_gain']:g}x of the layer's median" if c.get("max_gain") else "unbounded")
              + (f"; task vector carried relative to `{c['source_base']}`" if c.get("source_base") else ""),
              "- the sources' MLPs (gate / up / down) are transported into the target's basis by OT couplings of "
              "their units' activations; attention, embeddings and norms are the target's (head shapes of "

@@ -24,7 +24,11 @@ on activations:
    vectors over the calibration positions); an exact optimal transport plan Γ with uniform
    marginals (``ot.emd``; a signed permutation when the widths are equal) couples the units,
    and its row-normalized form P (rows sum to 1) with the signs of the cosines and the
-   units' scales gives the linear maps ``R_t←s = diag(ρ_t)(P ⊙ S)diag(1/ρ_s)`` and back.
+   units' scales gives the linear maps ``R_t←s = diag(ρ_t)(P ⊙ S)diag(1/ρ_s)`` and back. Each
+   pair's gain ρ_t/ρ_s is bounded within ``max_gain`` (default 2) of the P-weighted median gain
+   of the site: a unit the target uses for its massive activations (SmolLM2's layer-11 MLP writes
+   channels of RMS 2·10³) otherwise multiplied an ordinary Gemma-3 unit by up to 4·10⁴, and a
+   5 % merge reached perplexity 10⁴ (docs/experiments.md).
 4. **Transport** of the source MLP of the paired layer into the target's shapes:
    ``gate' = P_n · G_s · R_in(s←t)``, ``up' = R_n(t←s) · U_s · R_in(s←t)``,
    ``down' = R_out(t←s) · D_s · R_n(s←t)`` (the gate keeps its pre-activation scale; signs and
@@ -60,7 +64,7 @@ from lsm_dist.config import ConfigError
 from lsm_dist.utils import atomic_write_json, get_logger, read_json, sha256_json
 
 log = get_logger("lsm.merge")
-ALIGN_VERSION = 2  # bump when the transport changes its output (enters the cache digest)
+ALIGN_VERSION = 3  # bump when the transport changes its output (enters the cache digest)
 SITES = ("in", "neurons", "out")
 MARKER = "lsm_alignment.json"
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -166,33 +170,47 @@ def _normalize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @dataclasses.dataclass
 class Coupling:
     """Target units (rows) ↔ source units (columns): row-normalized plan ``P`` (rows sum to 1),
-    signs ``S`` of the cosines, the units' RMS scales, and the mean |cos| of the coupled pairs
-    (the quality reported)."""
+    signs ``S`` of the cosines, the units' RMS scales, the mean |cos| of the coupled pairs (the
+    quality reported) and ``max_gain``: the bound on a pair's scale ratio ρ_t/ρ_s around the
+    median over the coupled pairs (0: unbounded; module doc, step 3)."""
 
     P: np.ndarray
     S: np.ndarray
     rms_t: np.ndarray
     rms_s: np.ndarray
     quality: float
+    max_gain: float = 0.0
+
+    def gains(self) -> np.ndarray:
+        """(n_t, n_s): ρ_t/ρ_s of every pair, within ``max_gain`` of the coupled pairs' median
+        (the P-weighted median of the log-ratios)."""
+        g = np.log(_safe(self.rms_t))[:, None] - np.log(_safe(self.rms_s))[None, :]
+        if self.max_gain > 0:
+            sup = self.P > 0
+            vals, w = g[sup], self.P[sup]
+            order = np.argsort(vals)
+            cum = np.cumsum(w[order])
+            med = vals[order][np.searchsorted(cum, cum[-1] / 2)]
+            bound = np.log(self.max_gain)
+            g = np.clip(g, med - bound, med + bound)
+        return np.exp(g)
 
     def t_from_s(self, signed: bool = True, scaled: bool = True) -> np.ndarray:
         """(n_t, n_s): a source unit vector → the target units' estimate."""
         M = self.P * self.S if signed else self.P.copy()
-        if scaled:
-            M = (_safe(self.rms_t)[:, None] * M) / _safe(self.rms_s)[None, :]
-        return M
+        return M * self.gains() if scaled else M
 
     def s_from_t(self) -> np.ndarray:
         """(n_s, n_t): a target unit vector → the source units' estimate."""
         Q = self.P.T * (self.P.shape[0] / self.P.shape[1])  # columns of Γ, rows summing to 1
-        return (_safe(self.rms_s)[:, None] * (Q * self.S.T)) / _safe(self.rms_t)[None, :]
+        return Q * self.S.T / self.gains().T
 
 
 def _safe(sd: np.ndarray) -> np.ndarray:
     return np.where(sd > 0, sd, 1.0)
 
 
-def couple(a_t: np.ndarray, a_s: np.ndarray) -> Coupling:
+def couple(a_t: np.ndarray, a_s: np.ndarray, max_gain: float = 0.0) -> Coupling:
     """The exact OT coupling of target units to source units by |cosine| (module doc)."""
     import ot
 
@@ -204,7 +222,7 @@ def couple(a_t: np.ndarray, a_s: np.ndarray) -> Coupling:
     G = ot.emd(np.full(nt, 1.0 / nt), np.full(ns, 1.0 / ns), cost, numItermax=max(10**6, 50 * nt * ns))
     P = G * nt
     S = np.where(cos < 0, -1.0, 1.0)
-    return Coupling(P, S, rms_t, rms_s, float((P * np.abs(cos)).sum(1).mean()))
+    return Coupling(P, S, rms_t, rms_s, float((P * np.abs(cos)).sum(1).mean()), max_gain)
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -260,7 +278,8 @@ class Fitted:
                 "quality": {s: [round(c[k].quality, 4) for c in self.couplings] for k, s in enumerate(SITES)}}
 
 
-def fit(keys_t: list, acts_t: dict, keys_s: list, acts_s: dict, depth: str = "proportional") -> Fitted:
+def fit(keys_t: list, acts_t: dict, keys_s: list, acts_s: dict, depth: str = "proportional",
+        max_gain: float = 0.0) -> Fitted:
     """Layer map and per-layer couplings of the source onto the target from captured activations."""
     from lsm_dist.merge.hetero import proportional_layer_map
 
@@ -275,7 +294,7 @@ def fit(keys_t: list, acts_t: dict, keys_s: list, acts_s: dict, depth: str = "pr
         lmap = cka_layer_map(sim)
     else:
         lmap = proportional_layer_map(nt, ns)
-    couplings = [tuple(couple(acts_t[t][site][it], acts_s[s][site][is_]) for site in SITES)
+    couplings = [tuple(couple(acts_t[t][site][it], acts_s[s][site][is_], max_gain) for site in SITES)
                  for t, s in enumerate(lmap)]
     return Fitted(lmap, couplings, [cka(t, s) for t, s in enumerate(lmap)], len(it))
 
@@ -367,15 +386,16 @@ def transport_plan(plan):
         fit_on = sb or m  # the maps are fitted on the source base when a task vector is carried
         key = sha256_json({"v": ALIGN_VERSION, "target": digests[tid], "source": digests[m],
                            "fit_on": digests[fit_on], "base": digests[sb] if sb else None,
-                           "calibration": calib, "depth": a.depth, "items": a.calibration_items})[:16]
+                           "calibration": calib, "depth": a.depth, "items": a.calibration_items,
+                           "max_gain": a.max_gain})[:16]
         out = cache_root() / "aligned" / key
         rec = None
         with contextlib.suppress(OSError, ValueError):
             rec = read_json(out / MARKER)
         if not (isinstance(rec, dict) and rec.get("key") == key):
-            fitted = fit(*activations(tid), *activations(fit_on), depth=a.depth)
+            fitted = fit(*activations(tid), *activations(fit_on), depth=a.depth, max_gain=a.max_gain)
             tensors = transported_tensors(fitted, opened[m], opened[tid], opened[sb] if sb else None)
-            rec = {"key": key, "target": tid, "source": m, "source_base": sb, "depth": a.depth,
+            rec = {"key": key, "target": tid, "source": m, "source_base": sb, "depth": a.depth, "max_gain": a.max_gain,
                    "calibration": calib, **fitted.report(opened[fit_on].num_layers)}
             log.info("alignment: %s -> %s: layer map %s, dropped source layers %s", m, tid,
                      rec["layer_map"], rec["dropped_source_layers"])

@@ -61,6 +61,10 @@ class AlignConfig:
                                   None)
     calibration_items: int = doc("activations: items of each zoo task in the calibration text (beside "
                                  "the English text)", 200)
+    max_gain: float = doc("activations: bound on a coupled pair's scale ratio (target unit RMS / "
+                          "source unit RMS) around the layer's median ratio, a factor (0: unbounded; "
+                          "unbounded, a unit the target uses for its massive activations multiplied a "
+                          "source unit by up to 4e4)", 2.0)
 
     def __post_init__(self) -> None:
         check_choice(self.method, "alignment.method", ALIGNMENTS)
@@ -68,6 +72,8 @@ class AlignConfig:
         check(self.max_samples >= 2, "alignment.max_samples", f"must be >= 2, got {self.max_samples!r}")
         check_choice(self.depth, "alignment.depth", DEPTHS)
         check(self.calibration_items >= 0, "alignment.calibration_items", "must be >= 0")
+        check(self.max_gain == 0 or (self.max_gain >= 1 and math.isfinite(self.max_gain)),
+              "alignment.max_gain", f"must be 0 (unbounded) or a factor >= 1, got {self.max_gain!r}")
         check(self.source_base is None or self.method == "activations", "alignment.source_base",
               "only alignment: activations carries a task vector")
 
