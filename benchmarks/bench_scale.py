@@ -1,7 +1,8 @@
 """The whole chain at the scale the project is for, measured stage by stage.
 
     python benchmarks/bench_scale.py --shape llama-3b                     # every stage
-    python benchmarks/bench_scale.py --shape qwen2-7b --stages convert ties mergekit assemble
+    python benchmarks/bench_scale.py --shape qwen2-7b --stages generate convert weight
+    python benchmarks/bench_scale.py --shape llama-1b --stages generate weight --methods linear ties dare_ties
     python benchmarks/bench_scale.py --shape toy                          # CI: the same code at a toy shape
 
 1. **generate**: a checkpoint pair with the exact tensor names and shapes of the architecture
@@ -18,7 +19,9 @@
    steps on 1 and on 2 ZeRO-3 ranks (per-rank memory), **merge** the pair in latent space through
    ``slurm/submit_merge.sh 2`` on the local Slurm (two array tasks: the time of the slowest vs
    the mean), **assemble** and **forward** (transformers loads the result and runs one forward
-   pass), weight-space **ties** through ``lsm merge`` and through ``mergekit-yaml`` back to back.
+   pass), **weight**: the same mergekit config (``--methods``: linear / ties / dare_ties) through
+   ``lsm merge CONFIG OUT`` and through ``mergekit-yaml CONFIG OUT`` back to back, the outputs
+   compared tensor by tensor.
 3. Per stage: wall time, samples/s (and per core), the peak RSS of every process of the stage
    (psutil, sampled every 50 ms over the process tree -- Slurm jobs: every process running the
    plan), bytes read and written (``/proc/<pid>/io`` of the tree), the disk high-water of the
@@ -27,7 +30,7 @@
 
 The targets (issue: scale) are checked in ``report()``: peak RSS of every process ≤ 2 × the
 largest tensor in float32 + the VAE and its optimizer + 1.5 GB; slowest array task ≤ 1.25 × the
-mean; weight TIES ≤ 1.0× mergekit's time at ≤ 0.5× its peak memory; ZeRO-3 per-rank model state
+mean; weight-space merges ≤ 1.0× mergekit's time at ≤ 0.5× its peak memory; ZeRO-3 per-rank model state
 ≈ ½ of one rank's.
 """
 
@@ -53,12 +56,14 @@ sys.path.insert(0, str(REPO))
 
 SHAPES = {
     "toy": dict(family="llama", layers=2, hidden=64, inter=160, heads=4, kv=2, vocab=256, tied=False, bias=False),
+    "llama-1b": dict(family="llama", layers=16, hidden=2048, inter=8192, heads=32, kv=8, vocab=128256, tied=True,
+                     bias=False),
     "llama-3b": dict(family="llama", layers=28, hidden=3072, inter=8192, heads=24, kv=8, vocab=128256, tied=True,
                      bias=False),
     "qwen2-7b": dict(family="qwen2", layers=28, hidden=3584, inter=18944, heads=28, kv=4, vocab=152064, tied=False,
                      bias=True),
 }
-STAGES = ("generate", "convert", "train", "train_paper", "merge", "forward", "ties", "mergekit")
+STAGES = ("generate", "convert", "train", "train_paper", "merge", "forward", "weight")
 # SmolLM2-135M-Instruct (hidden 576), per role: (mean, std), averaged over its layers
 # (measured from runs/zoo-real/smollm2-135m, 2026-12-06; recomputed by role_stats() when present)
 SMOLLM2 = {"q_proj": (0.0, 0.2001), "k_proj": (0.0, 0.2056), "v_proj": (0.0, 0.1892), "o_proj": (0.0, 0.1751),
@@ -391,29 +396,60 @@ def stage_forward(a, w: Path, res: dict) -> None:
     res["forward"] = r | {"finite": "finite True" in r["output_tail"]}
 
 
-def stage_ties(a, w: Path, res: dict) -> None:
-    out = w / "ties-lsm"
-    shutil.rmtree(out, ignore_errors=True)
-    plan = w / "ties.yaml"
-    plan.write_text(json.dumps({"models": {"A": str(w / "A"), "B": str(w / "B")}, "base": "A", "method": "ties",
-                                "params": {"density": 0.5}, "space": "weight", "rest": "weight",
-                                "out_dir": str(out), "keep_layers": False}))
-    res["ties"] = run(lsm("merge", str(plan)), w)
-    shutil.rmtree(out, ignore_errors=True)  # the disk for mergekit's output
+# mergekit configs of the weight-space comparison: model B onto A, bfloat16 (mergekit's own syntax;
+# lsm merge reads the same file)
+MK_CONFIGS = {
+    "linear": lambda A, B: {"merge_method": "linear", "dtype": "bfloat16",
+                            "models": [{"model": A, "parameters": {"weight": 0.5}},
+                                       {"model": B, "parameters": {"weight": 0.5}}]},
+    "ties": lambda A, B: {"merge_method": "ties", "base_model": A, "dtype": "bfloat16",
+                          "models": [{"model": B, "parameters": {"density": 0.5, "weight": 1.0}}]},
+    "dare_ties": lambda A, B: {"merge_method": "dare_ties", "base_model": A, "dtype": "bfloat16",
+                               "models": [{"model": B, "parameters": {"density": 0.5, "weight": 1.0}}]},
+}
+RANDOM_METHODS = {"dare_ties"}  # equal in distribution, not bit for bit (different random streams)
 
 
-def stage_mergekit(a, w: Path, res: dict) -> None:
-    out = w / "ties-mergekit"
-    shutil.rmtree(out, ignore_errors=True)
-    cfg = w / "ties-mk.yml"
-    cfg.write_text(json.dumps({"merge_method": "ties", "base_model": str(w / "A"), "dtype": "bfloat16",
-                               "models": [{"model": str(w / "B"), "parameters": {"density": 0.5, "weight": 1.0}}]}))
+def _same_tensors(x: Path, y: Path) -> dict:
+    """Tensor by tensor (one pair in memory at a time): names, and how many differ bit for bit."""
+    from lsm_dist.checkpoint import Checkpoint
+
+    cx, cy = Checkpoint(x), Checkpoint(y)
+    try:
+        names = sorted(cx.tensors)
+        if names != sorted(cy.tensors):
+            return {"same_names": False, "tensors": len(names)}
+        differ = sum(not torch.equal(cx.read(n), cy.read(n)) for n in names)
+        return {"same_names": True, "tensors": len(names), "differ": differ}
+    finally:
+        cx.close()
+        cy.close()
+
+
+def stage_weight(a, w: Path, res: dict) -> None:
+    """Each method of ``a.methods`` through ``lsm merge CONFIG OUT`` and ``mergekit-yaml CONFIG OUT``
+    back to back, the same mergekit config file, the same flags; outputs compared, then deleted."""
     mk = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
-    res["mergekit"] = run([mk, str(cfg), str(out), "--no-write-model-card", "--out-shard-size", "2B"], w)
-    shutil.rmtree(out, ignore_errors=True)
-    if "ties" in res:
-        res["ties_vs_mergekit"] = {"time": res["ties"]["wall_s"] / res["mergekit"]["wall_s"],
-                                   "peak_rss": res["ties"]["peak_rss_mib"] / res["mergekit"]["peak_rss_mib"]}
+    flags = ["--no-write-model-card", "--out-shard-size", "2B"]
+    res["weight"] = {}
+    for m in a.methods:
+        cfg = w / f"{m}-mk.yml"
+        cfg.write_text(json.dumps(MK_CONFIGS[m](str(w / "A"), str(w / "B"))))
+        outs = {tool: w / f"{m}-{tool}" for tool in ("lsm", "mergekit")}
+        for o in outs.values():
+            shutil.rmtree(o, ignore_errors=True)
+        r = {"lsm": run(lsm("merge", str(cfg), str(outs["lsm"]), *flags), w),
+             "mergekit": run([mk, str(cfg), str(outs["mergekit"]), *flags], w)}
+        r["time_ratio"] = r["lsm"]["wall_s"] / r["mergekit"]["wall_s"]
+        r["peak_rss_ratio"] = r["lsm"]["peak_rss_mib"] / r["mergekit"]["peak_rss_mib"]
+        r["compared"] = _same_tensors(outs["lsm"], outs["mergekit"])
+        r["bit_equal"] = None if m in RANDOM_METHODS else r["compared"].get("differ") == 0
+        for o in outs.values():
+            shutil.rmtree(o, ignore_errors=True)
+        res["weight"][m] = r
+        print(f"  {m:10s} lsm {r['lsm']['wall_s']:8.1f} s {r['lsm']['peak_rss_mib']:7.0f} MiB | mergekit "
+              f"{r['mergekit']['wall_s']:8.1f} s {r['mergekit']['peak_rss_mib']:7.0f} MiB | x{r['time_ratio']:.2f} "
+              f"time, x{r['peak_rss_ratio']:.2f} memory, bit-equal {r['bit_equal']}", flush=True)
 
 
 def report(a, res: dict) -> dict:
@@ -421,15 +457,15 @@ def report(a, res: dict) -> dict:
     largest = max(math.prod(s) for _, s, _, _ in tensor_specs(a.shape)) * 4 / 2**20
     bound = 2 * largest + 1536 + 200  # + the demo VAE and its optimizer (~0.8M params) and imports
     peaks = {k: v.get("peak_rss_mib") for k, v in res.items() if isinstance(v, dict) and "peak_rss_mib" in v
-             and k not in ("mergekit", "train", "train_paper", "generate")}
+             and k not in ("train", "train_paper", "generate")}
+    peaks |= {f"weight_{m}": r["lsm"]["peak_rss_mib"] for m, r in res.get("weight", {}).items()}
     return {"largest_tensor_fp32_mib": largest, "rss_bound_mib": bound,
             "rss_within_bound": {k: v <= bound for k, v in peaks.items()},
             "slowest_task_within_1.25x_mean": {k: res.get("merge", {}).get(f"{k}_slowest_over_mean", math.nan) <= 1.25
                                                for k in ("encode", "merge") if f"{k}_slowest_over_mean" in res.get("merge", {})},
-            "ties_time_le_mergekit": res.get("ties_vs_mergekit", {}).get("time", math.nan) <= 1.0
-            if "ties_vs_mergekit" in res else None,
-            "ties_rss_le_half_mergekit": res.get("ties_vs_mergekit", {}).get("peak_rss", math.nan) <= 0.5
-            if "ties_vs_mergekit" in res else None}
+            "weight_time_le_mergekit": {m: r["time_ratio"] <= 1.0 for m, r in res.get("weight", {}).items()},
+            "weight_rss_le_half_mergekit": {m: r["peak_rss_ratio"] <= 0.5 for m, r in res.get("weight", {}).items()},
+            "weight_bit_equal_mergekit": {m: r["bit_equal"] for m, r in res.get("weight", {}).items()}}
 
 
 def main() -> int:
@@ -438,12 +474,14 @@ def main() -> int:
     ap.add_argument("--stages", nargs="*", choices=STAGES, default=list(STAGES))
     ap.add_argument("--workdir", default=None, help="default runs/bench_scale/<shape> (the pair is reused)")
     ap.add_argument("--out", default=None, help="where bench_scale.json goes (default: the workdir)")
+    ap.add_argument("--methods", nargs="*", choices=MK_CONFIGS, default=["ties"],
+                    help="weight stage: the methods run through lsm and mergekit (default ties)")
     ap.add_argument("--train-steps", type=int, default=None)
     ap.add_argument("--paper-steps", type=int, default=None)
     ap.add_argument("--clean", action="store_true", help="delete the workdir at the end")
     args = ap.parse_args()
     toy = args.shape == "toy"
-    a = argparse.Namespace(shape=SHAPES[args.shape], train_steps=args.train_steps or (10 if toy else 200),
+    a = argparse.Namespace(shape=SHAPES[args.shape], methods=args.methods, train_steps=args.train_steps or (10 if toy else 200),
                            paper_steps=args.paper_steps or (2 if toy else 10),
                            paper_vae="configs/vae/tiny.yaml" if toy else "configs/vae/paper-175m.yaml")
     w = Path(args.workdir or REPO / "runs" / "bench_scale" / args.shape).resolve()

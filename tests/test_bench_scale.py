@@ -31,18 +31,23 @@ def test_generated_shapes_are_the_architectures():
 @pytest.mark.slurm
 @pytest.mark.timeout(1200)
 def test_bench_scale_toy_runs_every_stage(tmp_path, slurm_cluster):
-    p = subprocess.run([sys.executable, "benchmarks/bench_scale.py", "--shape", "toy", "--workdir", str(tmp_path / "w")],
+    p = subprocess.run([sys.executable, "benchmarks/bench_scale.py", "--shape", "toy", "--workdir", str(tmp_path / "w"),
+                        "--methods", "linear", "ties", "dare_ties"],
                        cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((tmp_path / "w" / "bench_scale.json").read_text())
     assert res["errors"] == {}
     with safe_open(str(next((tmp_path / "w" / "B").glob("*.safetensors"))), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {__import__("torch").bfloat16}  # noqa: SIM118
-    for stage in ("convert", "train", "merge", "forward", "ties", "mergekit"):
+    for stage in ("convert", "train", "merge", "forward"):
         r = res[stage]
         assert r["wall_s"] > 0 and r["peak_rss_mib"] > 0, stage
     assert res["convert"]["samples_per_s"] > 0 and res["forward"]["finite"]
     assert {t["stage"] for t in res["merge"]["array_tasks"]} >= {"encode", "merge"}
     assert len([t for t in res["merge"]["array_tasks"] if t["stage"] == "merge"]) == 2  # two array tasks
     assert res["train_paper"]["1_rank"]["per_rank_peak_rss_mib"] and len(res["train_paper"]["2_rank"]["per_rank_peak_rss_mib"]) == 2
-    assert set(res["targets"]["rss_within_bound"]) >= {"convert", "merge", "ties"}
+    assert set(res["targets"]["rss_within_bound"]) >= {"convert", "merge", "weight_ties"}
+    for m in ("linear", "ties", "dare_ties"):  # the same mergekit config through both tools
+        r = res["weight"][m]
+        assert r["lsm"]["wall_s"] > 0 and r["mergekit"]["peak_rss_mib"] > 0 and r["compared"]["same_names"], m
+    assert res["targets"]["weight_bit_equal_mergekit"] == {"linear": True, "ties": True, "dare_ties": None}
