@@ -290,9 +290,9 @@ def test_retention_and_report_files(tmp_path):
     assert tasks == ["a/acc", "b/acc", "c/acc"]  # perplexity is not an accuracy
     assert frac["merge"] == {"a/acc": pytest.approx(0.75), "b/acc": pytest.approx(0.5), "c/acc": pytest.approx(1.5)}
     tasks, frac = plots.retention(rows, ["ea", "eb"], base="base")  # only where an expert beats the base
-    assert tasks == ["a/acc", "b/acc"]
-    assert frac == {"base": {"a/acc": pytest.approx(0.25), "b/acc": pytest.approx(0.4)},
-                    "merge": {"a/acc": pytest.approx(0.75), "b/acc": pytest.approx(0.5)}}
+    assert tasks == ["a/acc", "b/acc"]  # and the share of the gain over the base, as the tables
+    assert frac == {"base": {"a/acc": pytest.approx(0.0), "b/acc": pytest.approx(0.0)},
+                    "merge": {"a/acc": pytest.approx(0.4 / 0.6), "b/acc": pytest.approx(0.05 / 0.3)}}
     # with standard errors, a gain within two of them is no skill of the expert's: b (0.5 vs
     # 0.2, se 0.1 each: 0.3 > 2 x 0.141) stays, a (0.8 vs 0.2, se 0.3 each: 0.6 < 0.85) goes
     noisy = [{**r, "metrics": {**r["metrics"], "a/acc_stderr": 0.3, "b/acc_stderr": 0.1}} for r in rows]

@@ -5,8 +5,9 @@
   perplexity tasks (``word_perplexity``, lower is better) in their own panel with their own
   log colour scale; brighter is better in both, the best value of each column in bold;
 - :func:`retention_plot` (``results_retention.png``): each other checkpoint's score as a
-  fraction of the best expert's score on the accuracy tasks (needs the experts' names; with the
-  base's, only the tasks where the best expert beats the base);
+  fraction of the best expert's score on the accuracy tasks (needs the experts' names); with the
+  base's, the share of the best expert's gain over the base kept, on the tasks where it gains
+  (the measure of the retention tables);
 - :func:`plot_sweep` (``results_lambda.png``, experiments): accuracy vs λ, one panel per
   metric, one line per merge family, reference lines for the originals;
   :func:`lambda_sweeps` finds λ sweeps among scored merges from their resolved plans.
@@ -170,12 +171,13 @@ def heatmap(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = ""
 # --------------------------------------------------------------------------- retention
 def retention(rows: Sequence[Mapping[str, Any]], experts: Sequence[str],
               base: str | None = None) -> tuple[list[str], dict[str, dict[str, float]]]:  # fmt: skip
-    """``(tasks, {name: {task: score / best expert's score}})`` over the accuracy tasks, for
-    every checkpoint that is not an expert. With a ``base``, only the tasks where the best expert
-    beats it (the experts' own tasks: on the others "a fraction of the best expert" says
-    nothing) -- by more than two standard errors of the difference where the rows carry
-    ``<metric>_stderr`` (a gain within noise is no skill of the expert's); a task no expert
-    scores above 0 is left out."""
+    """``(tasks, {name: {task: share}})`` over the accuracy tasks, for every checkpoint that is
+    not an expert. Without a ``base`` the share is score / best expert's score. With one, it is
+    the share of the best expert's *gain* kept, (score − base) / (best − base) -- the measure of
+    the demo's and the experiments' retention tables (0 = the base, 1 = the best expert) -- on
+    the tasks where the best expert beats the base (the experts' own tasks) by more than two
+    standard errors of the difference where the rows carry ``<metric>_stderr`` (a gain within
+    noise is no skill of the expert's); a task no expert scores above 0 is left out."""
     by = {r["name"]: r["metrics"] for r in rows}
     tasks, best = [], {}
     for _task, k, lower in task_metrics(rows):
@@ -186,7 +188,8 @@ def retention(rows: Sequence[Mapping[str, Any]], experts: Sequence[str],
         if not lower and b > 0:
             tasks.append(k)
             best[k] = b
-    return tasks, {r["name"]: {k: _num(r["metrics"].get(k)) / best[k] for k in tasks}
+    ref = {k: _num(by[base].get(k)) if base in by else 0.0 for k in tasks}
+    return tasks, {r["name"]: {k: (_num(r["metrics"].get(k)) - ref[k]) / (best[k] - ref[k]) for k in tasks}
                    for r in rows if r["name"] not in experts}  # fmt: skip
 
 
@@ -222,6 +225,8 @@ def retention_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, experts:
         ax.scatter(xs, ys, color=colors[j], marker=MARKERS[j % len(MARKERS)], s=30, zorder=3,
                    label=k.replace("/", " "), edgecolor="white", linewidth=0.5)
     ax.axvline(1.0, color="k", lw=1, ls="--")
+    if base in frac:
+        ax.axvline(0.0, color="0.4", lw=0.8, ls=":")
     ax.annotate("= best expert", (1.0, 0.0), xycoords=("data", "axes fraction"), xytext=(3, 3),
                 textcoords="offset points", fontsize=7, ha="left", va="bottom")
     ax.annotate("mean", (1.0, 1.0), xycoords="axes fraction", xytext=(4, 2), textcoords="offset points",
@@ -239,11 +244,13 @@ def retention_plot(rows: Sequence[Mapping[str, Any]], path: str | Path, experts:
             if over:
                 ax.annotate("→ " + ", ".join(over), (1.6, n - 1 - i), xytext=(-2, 5), textcoords="offset points",
                             ha="right", fontsize=6.5)
-    ax.set_xlabel(f"score / best expert's score on the task (experts: {', '.join(experts)}); mean on the right",
-                  fontsize=9)
+    what = ("share of the best expert's gain over the base kept, (score − base) / (best − base)" if base in frac
+            else "score / best expert's score on the task")
+    ax.set_xlabel(f"{what} (experts: {', '.join(experts)}); mean on the right", fontsize=9)
     ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x:.0%}"))
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title("retention: each checkpoint vs the best expert, per task", fontsize=10, loc="left")
+    ax.set_title("retention per task: 0 % = the base, 100 % = the best expert" if base in frac
+                 else "retention: each checkpoint vs the best expert, per task", fontsize=10, loc="left")
     ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.07, 1.0), frameon=False, title="task",
               title_fontsize=8)
     return save(fig, path)
