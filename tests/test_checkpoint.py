@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from lsm_dist.checkpoint import Checkpoint, CheckpointError, UnknownTensorError, classify
+from lsm_dist.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    UnknownTensorError,
+    classify,
+    nonfinite_count,
+)
 from tests.helpers import llama_tensors, write_checkpoint
 
 
@@ -72,3 +78,22 @@ def test_missing_and_truncated_files(tmp_path):
     f.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{notjson")
     with pytest.raises(CheckpointError, match="junk.safetensors: corrupt safetensors header"):
         Checkpoint(f)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_nonfinite_count_fast_paths_are_exact(dtype):
+    """The fast checks (a float32 / float64 sum, 16-bit exponent bits) count exactly what
+    isfinite counts: NaN and both infinities, in non-contiguous tensors too; a sum that overflows
+    on finite values is no false alarm."""
+    x = torch.randn(1000).to(dtype)
+    assert nonfinite_count(x) == 0
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[7] = y[500] = bad
+        assert nonfinite_count(y) == 2, bad
+    big = torch.full((10,), 6e4 if dtype == torch.float16 else 3e38).to(dtype)
+    assert nonfinite_count(big) == 0  # the sum overflows, the values are finite
+    nc = torch.randn(20, 30).to(dtype).t()
+    nc[3, 4] = float("nan")
+    assert not nc.is_contiguous() and nonfinite_count(nc) == 1
+    assert nonfinite_count(torch.arange(5)) == 0

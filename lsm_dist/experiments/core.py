@@ -79,8 +79,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                   {"alignment": "emd", "lambdas": [0.1]},
                   {"alignment": "sinkhorn", "lambdas": [0.1], "reg": 0.05, "max_samples": 512},
                   # (no `none` variant: untransported tensors of other shapes cannot merge)
-                  {"alignment": "activations", "space": "weight", "lambdas": [0.05, 0.1, 0.2, 0.5]},
-                  {"alignment": "activations", "space": "latent", "lambdas": [0.1]}],
+                  {"alignment": "activations", "space": "weight", "lambdas": [0.02, 0.05, 0.1, 0.2]},
+                  {"alignment": "activations", "space": "latent", "lambdas": [0.05]}],
         transfers={"smollm2-arith": "smollm2-135m", "smollm2-reverse": "smollm2-135m",
                    "gemma3-arith": "gemma3-270m", "gemma3-reverse": "gemma3-270m"},
         transfer_variants=[{"alignment": "activations", "space": "weight", "lambdas": [0.5, 1.0]},

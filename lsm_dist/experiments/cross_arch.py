@@ -95,11 +95,15 @@ def _shape_difference(a: str, b: str) -> str | None:
     from lsm_dist.checkpoint import Checkpoint
 
     ca, cb = Checkpoint(a), Checkpoint(b)
-    for name, t in ca.tensors.items():
-        u = cb.tensors.get(name)
-        if t.block in ("attn", "mlp") and u is not None and tuple(u.shape) != tuple(t.shape):
-            return f"{name} is {'x'.join(map(str, t.shape))} in {a}, {'x'.join(map(str, u.shape))} in {b}"
-    return None
+    try:
+        for name, t in ca.tensors.items():
+            u = cb.tensors.get(name)
+            if t.block in ("attn", "mlp") and u is not None and tuple(u.shape) != tuple(t.shape):
+                return f"{name} is {'x'.join(map(str, t.shape))} in {a}, {'x'.join(map(str, u.shape))} in {b}"
+        return None
+    finally:
+        ca.close()
+        cb.close()
 
 
 def run(ctx: Context) -> Path:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lsm_dist.checkpoint import DTYPES, Checkpoint, TensorInfo
+from lsm_dist.checkpoint import DTYPES, Checkpoint, TensorInfo, nonfinite_count
 from lsm_dist.chunking import STAT_BLOCK, denormalize
 from lsm_dist.console import progress
 from lsm_dist.dist import balanced_share
@@ -192,13 +192,23 @@ def merge_weight_tensor(rp, job, checkpoints: dict[str, Checkpoint]) -> torch.Te
         (m,) = job.inputs
         return checkpoints[m].read(job.sources[m]).to(DTYPES[job.dtype])
     cast = DTYPES[SAFETENSORS_DTYPES[plan.dtype]] if plan.dtype else None
+    work = cast if plan.arithmetic == "dtype" else None
+    # the operator's working dtype (apply_operator): each input is widened to it once, here, and
+    # checked there (a float32 check is a sum); under a vocabulary the rows are permuted first,
+    # in the inputs' dtype, as mergekit does
+    wide = None if job.vocab is not None else (
+        work if work is not None and get_operator(plan.method).native_dtype else torch.float32)
 
     def read(m: str) -> torch.Tensor:
         x = checkpoints[m].read(job.sources[m])
-        if x.is_floating_point() and not torch.isfinite(x).all():
+        if cast is not None:
+            x = x.to(cast)
+        if wide is not None and x.is_floating_point():
+            x = x.to(wide)
+        if n_bad := nonfinite_count(x):
             raise MergeError(f"models.{m} ({checkpoints[m]!r}): tensor {job.sources[m]!r} holds "
-                             f"{int((~torch.isfinite(x)).sum())} NaN/Inf value(s)")
-        return x.to(cast) if cast is not None else x
+                             f"{n_bad} NaN/Inf value(s)")
+        return x
 
     if job.vocab is not None:  # each input in the output vocabulary first (mergekit: before the method)
         vs = rp.vocab.permute({m: read(m) for m in job.vocab}, job.vocab_base, job.name)
@@ -206,7 +216,6 @@ def merge_weight_tensor(rp, job, checkpoints: dict[str, Checkpoint]) -> torch.Te
     else:
         xs = [read(m) for m in job.inputs]
         base = read(job.base) if job.base is not None else None
-    work = cast if plan.arithmetic == "dtype" else None
     out = apply_operator(plan.method, xs, job.params, base=base, key=job.name, dtype=work)
     return out.to(DTYPES[job.dtype])
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from lsm_dist.checkpoint import ROLE_BLOCK, Checkpoint
+from lsm_dist.checkpoint import ROLE_BLOCK, Checkpoint, nonfinite_count
 from lsm_dist.chunking import ChunkSpec, norm_stats, normalize_range
 from lsm_dist.console import progress
 from lsm_dist.dist import balanced_share
@@ -186,9 +186,8 @@ def encode_names(ck: Checkpoint, names: list[str], vae: TransformerVAE, vae_dir:
         info = ck.tensors[name]
         t = ck.read(name)
         ck.close()  # drop the mmap: resident memory stays one tensor, not the touched file pages
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{ck!r}: tensor {name!r} holds {int((~torch.isfinite(t)).sum())} NaN/Inf value(s); "
-                             "cannot encode it")
+        if n_bad := nonfinite_count(t):
+            raise ValueError(f"{ck!r}: tensor {name!r} holds {n_bad} NaN/Inf value(s); cannot encode it")
         scale = None
         if base is not None:
             w_base = base.read(name).float()

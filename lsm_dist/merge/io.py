@@ -15,6 +15,7 @@ from lsm_dist.checkpoint import (
     DTYPES,
     CheckpointError,
     TensorInfo,
+    nonfinite_count,
     read_safetensors_header,
     write_safetensors,
 )
@@ -120,8 +121,7 @@ def write_streaming(path: str | Path, infos: list[TensorInfo], fetch: Callable[[
                 if tuple(x.shape) != tuple(t.shape) or x.dtype != DTYPES[t.dtype]:
                     raise error(f"tensor {t.name!r}: got {tuple(x.shape)} {x.dtype}, expected "
                                 f"{tuple(t.shape)} {DTYPES[t.dtype]}")
-                if x.is_floating_point() and not torch.isfinite(x).all():
-                    n_bad = int((~torch.isfinite(x)).sum())
+                if n_bad := nonfinite_count(x):
                     raise error(f"tensor {t.name!r} holds {n_bad} NaN/Inf value(s)")
                 f.write(memoryview(x.contiguous().reshape(-1).view(torch.uint8).numpy()))  # no copy
                 del x
