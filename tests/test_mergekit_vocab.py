@@ -421,3 +421,57 @@ def test_tokens_beyond_vocab_size_refused(vocab_zoo, tmp_path):
     with pytest.raises(ConfigError, match=r"models.cut: its tokenizer holds 1 token\(s\) at ids >= its vocab_size"):
         prepare(load_plan(write_cfg(tmp_path, text.replace("{cut}", "{tools}") + "base_model: {cut}\n"
                                     "tokenizer_source: union\n", zoo, "b.yml"), [f"out_dir={tmp_path / 'b'}"]))
+
+
+@pytest.mark.slow
+def test_a_model_card_config_runs_unchanged_and_equals_mergekit(vocab_zoo, tmp_path):
+    """The issue's "done when": a config as a mergekit model card gives it -- Hub ids, `int8_mask`,
+    `tokenizer_source: union`, a leftover `name:` -- with the models in the HF cache (offline), run
+    by `lsm merge CONFIG OUT` and by `mergekit-yaml CONFIG OUT` from the same cache: every tensor
+    bit for bit, the same vocabulary. mergekit 0.1.5 lists a repo's files online before it reads
+    its cache (mergekit/common.py, ModelReference.local_path: list_repo_files), so offline it cannot
+    run a Hub id even when cached: it is given the same config with the snapshot paths the ids
+    resolve to."""
+    from lsm_dist.cli import main
+    from tests.test_hub import lay_out
+
+    py = peer_python()
+    if py is None:
+        if os.environ.get("LSM_REQUIRE_PEERS") == "1":
+            pytest.fail("LSM_REQUIRE_PEERS=1 but mergekit is not installed")
+        pytest.skip("mergekit is not installed")
+    cache = tmp_path / "hf"
+    snaps = {"HuggingFaceTB/SmolLM2-135M-Instruct": lay_out(cache, "HuggingFaceTB/SmolLM2-135M-Instruct", vocab_zoo["base"]),
+             "someone/SmolLM2-tools": lay_out(cache, "someone/SmolLM2-tools", vocab_zoo["tools"])}
+    cfg = tmp_path / "card.yml"
+    cfg.write_text("name: smol-tools\nslices:\n  - sources:\n"
+                   "      - model: HuggingFaceTB/SmolLM2-135M-Instruct\n        layer_range: [0, 4]\n"
+                   "      - model: someone/SmolLM2-tools\n        layer_range: [0, 4]\n"
+                   "merge_method: slerp\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n"
+                   "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n"
+                   "    - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\n"
+                   "  int8_mask: true\ntokenizer_source: union\ndtype: float32\n")
+    mk_cfg = tmp_path / "card-paths.yml"
+    text = cfg.read_text()
+    for repo, snap in snaps.items():
+        text = text.replace(repo, str(snap))
+    mk_cfg.write_text(text)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTHONPATH")},
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    r = subprocess.run([py, "-c", RUNNER, str(mk_cfg), str(tmp_path / "mk")], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setenv("HF_HUB_CACHE", str(cache))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        assert main(["merge", str(cfg), str(tmp_path / "OUT")]) == 0
+    finally:
+        mp.undo()
+    ours, theirs = Checkpoint(tmp_path / "OUT"), Checkpoint(tmp_path / "mk")
+    assert set(ours.names) == set(theirs.names)
+    diff = [n for n in sorted(ours.names) if not torch.equal(ours.read(n), theirs.read(n))]
+    assert not diff, f"{len(diff)} tensor(s) differ, e.g. {diff[:3]}"
+    assert _tokenizer(tmp_path / "OUT").get_vocab() == _tokenizer(tmp_path / "mk").get_vocab()
+    assert ours.tensors["model.embed_tokens.weight"].shape[0] > Checkpoint(vocab_zoo["base"]).tensors[
+        "model.embed_tokens.weight"].shape[0]  # the union grew the vocabulary
