@@ -426,6 +426,17 @@ def peer_python() -> str | None:
     return sys.executable if importlib.util.find_spec("mergekit") is not None else None
 
 
+def require_peer() -> str:
+    """The Python that runs mergekit; skips without one (fails under LSM_REQUIRE_PEERS=1, as CI runs)."""
+    py = peer_python()
+    if py is None:
+        msg = "mergekit is not installed (pip install -e .[dev], or set LSM_MERGEKIT_PYTHON)"
+        if os.environ.get("LSM_REQUIRE_PEERS") == "1":
+            pytest.fail(f"LSM_REQUIRE_PEERS=1 but {msg}")
+        pytest.skip(msg)
+    return py
+
+
 RUNNER = """
 import sys
 from mergekit.scripts.run_yaml import main
@@ -438,12 +449,7 @@ for cfg, out in zip(args[0::2], args[1::2]):
 @pytest.fixture(scope="module")
 def peer_outputs(mk_zoo, tmp_path_factory):
     """Every example merged by mergekit (one process, `mergekit-yaml`'s own entry point)."""
-    py = peer_python()
-    if py is None:
-        msg = "mergekit is not installed (pip install -e .[dev], or set LSM_MERGEKIT_PYTHON)"
-        if os.environ.get("LSM_REQUIRE_PEERS") == "1":
-            pytest.fail(f"LSM_REQUIRE_PEERS=1 but {msg}")
-        pytest.skip(msg)
+    py = require_peer()
     d = tmp_path_factory.mktemp("peer")
     argv, outs = [], {}
     for case in CASES:

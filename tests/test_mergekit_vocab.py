@@ -17,7 +17,7 @@ from lsm_dist.checkpoint import Checkpoint
 from lsm_dist.config import ConfigError
 from lsm_dist.merge import load_plan, prepare, run_merge
 from tests.merge_helpers import build_model, perturbed_expert
-from tests.test_mergekit import RUNNER, peer_python, write_cfg
+from tests.test_mergekit import RUNNER, require_peer, write_cfg
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -234,12 +234,7 @@ dtype: float32
 @pytest.fixture(scope="module")
 def vocab_peer_outputs(vocab_zoo, tmp_path_factory):
     """VOCAB_CASES merged by mergekit 0.1.5 (one process, mergekit-yaml's entry point)."""
-    py = peer_python()
-    if py is None:
-        msg = "mergekit is not installed (pip install -e .[dev], or set LSM_MERGEKIT_PYTHON)"
-        if os.environ.get("LSM_REQUIRE_PEERS") == "1":
-            pytest.fail(f"LSM_REQUIRE_PEERS=1 but {msg}")
-        pytest.skip(msg)
+    py = require_peer()
     d = tmp_path_factory.mktemp("vocab_peer")
     argv, outs = [], {}
     for name, (_, text) in VOCAB_CASES.items():
@@ -435,11 +430,7 @@ def test_a_model_card_config_runs_unchanged_and_equals_mergekit(vocab_zoo, tmp_p
     from lsm_dist.cli import main
     from tests.test_hub import lay_out
 
-    py = peer_python()
-    if py is None:
-        if os.environ.get("LSM_REQUIRE_PEERS") == "1":
-            pytest.fail("LSM_REQUIRE_PEERS=1 but mergekit is not installed")
-        pytest.skip("mergekit is not installed")
+    py = require_peer()
     cache = tmp_path / "hf"
     snaps = {"HuggingFaceTB/SmolLM2-135M-Instruct": lay_out(cache, "HuggingFaceTB/SmolLM2-135M-Instruct", vocab_zoo["base"]),
              "someone/SmolLM2-tools": lay_out(cache, "someone/SmolLM2-tools", vocab_zoo["tools"])}
