@@ -19,7 +19,7 @@
    steps on 1 and on 2 ZeRO-3 ranks (per-rank memory), **merge** the pair in latent space through
    ``slurm/submit_merge.sh 2`` on the local Slurm (two array tasks: the time of the slowest vs
    the mean), **assemble** and **forward** (transformers loads the result and runs one forward
-   pass), **weight**: the same mergekit config (``--methods``: linear / ties / dare_ties) through
+   pass), **weight**: the same mergekit config (``--methods``: linear / ties / ties_spread / dare_ties) through
    ``lsm merge CONFIG OUT`` and through ``mergekit-yaml CONFIG OUT`` back to back, the outputs
    compared tensor by tensor.
 3. Per stage: wall time, samples/s (and per core), the peak RSS of every process of the stage
@@ -407,7 +407,12 @@ MK_CONFIGS = {
     "dare_ties": lambda A, B: {"merge_method": "dare_ties", "base_model": A, "dtype": "bfloat16",
                                "models": [{"model": B, "parameters": {"density": 0.5, "weight": 1.0}}]},
 }
+MK_CONFIGS["ties_spread"] = MK_CONFIGS["ties"]
+# lsm overrides on top of the same file: ties_spread = mergekit's ties config with the tie break that
+# merges by row blocks (mergekit configs default to tie_break: argsort, mergekit's own selection)
+LSM_OVERRIDES = {"ties_spread": ["params.tie_break=spread"]}
 RANDOM_METHODS = {"dare_ties"}  # equal in distribution, not bit for bit (different random streams)
+OTHER_TIES = {"ties_spread"}  # another choice among entries tied at the threshold: equal elsewhere
 
 
 def _same_tensors(x: Path, y: Path) -> dict:
@@ -438,12 +443,12 @@ def stage_weight(a, w: Path, res: dict) -> None:
         outs = {tool: w / f"{m}-{tool}" for tool in ("lsm", "mergekit")}
         for o in outs.values():
             shutil.rmtree(o, ignore_errors=True)
-        r = {"lsm": run(lsm("merge", str(cfg), str(outs["lsm"]), *flags), w),
+        r = {"lsm": run(lsm("merge", str(cfg), str(outs["lsm"]), *LSM_OVERRIDES.get(m, []), *flags), w),
              "mergekit": run([mk, str(cfg), str(outs["mergekit"]), *flags], w)}
         r["time_ratio"] = r["lsm"]["wall_s"] / r["mergekit"]["wall_s"]
         r["peak_rss_ratio"] = r["lsm"]["peak_rss_mib"] / r["mergekit"]["peak_rss_mib"]
         r["compared"] = _same_tensors(outs["lsm"], outs["mergekit"])
-        r["bit_equal"] = None if m in RANDOM_METHODS else r["compared"].get("differ") == 0
+        r["bit_equal"] = None if m in RANDOM_METHODS | OTHER_TIES else r["compared"].get("differ") == 0
         for o in outs.values():
             shutil.rmtree(o, ignore_errors=True)
         res["weight"][m] = r

@@ -194,14 +194,18 @@ class AdaptedCheckpoint(Checkpoint):
             return x
         return (x.float() + d).to(x.dtype)  # as peft's in-place `W += delta` rounds
 
-    def iter_rows(self, name: str, max_elems: int = 1 << 22):
+    def read_rows(self, name: str, a: int, b: int) -> torch.Tensor:
+        """Rows of the adapted tensor, the same values as ``read(name)[a:b]``: the adapter's
+        delta of the tensor is formed whole once (kept while its rows are read) and sliced."""
+        x = super().read_rows(name, a, b)
         if name not in self.adapter.modules:
-            yield from super().iter_rows(name, max_elems)
-            return
-        x = self.read(name)
-        step = max(1, max_elems // max(1, x.numel() // max(1, x.shape[0])))
-        for a in range(0, x.shape[0], step):
-            yield x[a : a + step].clone()
+            return x
+        if getattr(self, "_delta_of", None) != name:
+            self._delta = None  # the previous tensor's delta goes first
+            self._delta, self._delta_of = self.adapter.delta(name), name
+        if self._delta is None:
+            return x
+        return (x.float() + self._delta[a:b]).to(x.dtype)
 
     def source_files(self) -> list[str]:
         return super().source_files() + self.adapter.files()

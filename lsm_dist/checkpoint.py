@@ -512,19 +512,25 @@ class Checkpoint:
             raise KeyError(f"{self.path}: no tensor named {name!r}")
         return self._read(info, 0, info.nbytes, out).reshape(info.shape)
 
+    def read_rows(self, name: str, a: int, b: int) -> torch.Tensor:
+        """Rows ``[a, b)`` of a tensor (its first axis; a 0-d tensor is one row), read by byte
+        range: only those bytes are read."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise KeyError(f"{self.path}: no tensor named {name!r}")
+        rows = info.shape[0] if info.shape else 1
+        if not 0 <= a <= b <= rows:
+            raise IndexError(f"{self.path}: rows [{a}, {b}) of {name!r}, which has {rows}")
+        row_bytes = info.nbytes // max(rows, 1)
+        return self._read(info, a * row_bytes, (b - a) * row_bytes).reshape(b - a, *info.shape[1:])
+
     def iter_rows(self, name: str, max_elems: int = 1 << 22) -> Iterator[torch.Tensor]:
         """Row blocks of a tensor, read by byte range: memory bounded by ``max_elems``."""
         info = self.tensors[name]
-        if len(info.shape) == 0:
-            yield self.read(name).reshape(1)
-            return
-        rows = info.shape[0]
-        per_row = max(info.numel // max(rows, 1), 1)
-        row_bytes = info.nbytes // max(rows, 1)
-        step = max(1, max_elems // per_row)
+        rows = info.shape[0] if info.shape else 1
+        step = max(1, max_elems // max(info.numel // max(rows, 1), 1))
         for a in range(0, rows, step):
-            b = min(a + step, rows)
-            yield self._read(info, a * row_bytes, (b - a) * row_bytes).reshape(b - a, *info.shape[1:])
+            yield self.read_rows(name, a, min(a + step, rows))
 
     def check_finite(self, names: Iterable[str] | None = None, max_elems: int = 1 << 22) -> None:
         """``CheckpointError`` naming the file and tensor when a floating tensor among ``names``
@@ -550,6 +556,14 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors)"
 
 
+def _sha256_file(path: str) -> str:
+    fh = hashlib.sha256()
+    with open(path, "rb") as fp:
+        while buf := fp.read(1 << 22):
+            fh.update(buf)
+    return fh.hexdigest()
+
+
 def content_digest(ck: Checkpoint, memo_dir: str | Path | None = None) -> str:
     """sha256 over every file of ``ck`` (``Checkpoint.source_files``: config.json, the
     safetensors files, a LoRA adapter's files) (memoized per file by
@@ -562,19 +576,22 @@ def content_digest(ck: Checkpoint, memo_dir: str | Path | None = None) -> str:
             memo = read_json(memo_path)
         except ValueError:
             memo = {}
-    h, changed = hashlib.sha256(), False
+    stale = {}
     for f in files:
         st = os.stat(f)
-        key = os.path.realpath(f)
         stamp = [st.st_size, st.st_mtime_ns]
-        if memo.get(key, {}).get("stat") != stamp:
-            fh = hashlib.sha256()
-            with open(f, "rb") as fp:
-                while buf := fp.read(1 << 22):
-                    fh.update(buf)
-            memo[key] = {"stat": stamp, "sha256": fh.hexdigest()}
-            changed = True
-        h.update(f"{Path(f).name}:{memo[key]['sha256']}\n".encode())
+        if memo.get(os.path.realpath(f), {}).get("stat") != stamp:
+            stale[os.path.realpath(f)] = stamp
+    if stale:  # files hashed side by side (hashlib and reads release the GIL): a pair of shards at once
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, min(len(stale), os.cpu_count() or 1, 8))) as pool:
+            for key, digest in zip(stale, pool.map(_sha256_file, stale)):
+                memo[key] = {"stat": stale[key], "sha256": digest}
+    changed = bool(stale)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{Path(f).name}:{memo[os.path.realpath(f)]['sha256']}\n".encode())
     if changed and memo_path is not None:
         atomic_write_json(memo_path, memo)
     return h.hexdigest()[:16]

@@ -154,7 +154,7 @@ def test_dare_seeded():
     p0 = apply_operator("dare", [x], MergeParams(drop_p=0.0), base=base, key="w")
     assert torch.allclose(p0, x)
     out = apply_operator("dare", [x], MergeParams(drop_p=0.5, seed=3), base=base, key="w")
-    keep = torch.rand(1000, generator=make_generator(3, "w")) < 0.5  # the documented mask: kept where u < 1-p
+    keep = torch.rand(1000, generator=make_generator(3, "w:0:0")) < 0.5  # the documented mask (input 0, row block 0): kept where u < 1-p
     assert torch.allclose(out, torch.where(keep, 2 * x, torch.zeros_like(x)))
     again = apply_operator("dare", [x], MergeParams(drop_p=0.5, seed=3), base=base, key="w")
     other = apply_operator("dare", [x], MergeParams(drop_p=0.5, seed=4), base=base, key="w")
@@ -573,3 +573,85 @@ def test_hetero_dropped_layers_named_and_delta_encoding_refused_early(zoo, tmp_p
                    inputs=["a"], method="task_arithmetic", alignment="gaussian", encoding="delta")
     with pytest.raises(ConfigError, match="encoding: heterogeneous models .* delta encoding encodes task vectors"):
         prepare(bad)
+
+
+# ------------------------------------------------------------- merging by row blocks
+def _tied_pair(rows=600, cols=300, n=3, seed=0):
+    """bf16-stored weights and n fine-tunes: their float32 deltas hold large tie groups."""
+    g = torch.Generator().manual_seed(seed)
+    base = (0.02 * torch.randn(rows, cols, generator=g)).bfloat16().float()
+    xs = [(base + 1e-3 * torch.randn(rows, cols, generator=g)).bfloat16().float() for _ in range(n)]
+    return base, xs
+
+
+@pytest.mark.parametrize("method,params", [
+    ("linear", dict(weights=[0.5, 0.3, 0.2])), ("task_arithmetic", dict(scale=0.7)),
+    ("ties", dict(density=[0.2, 0.5, 0.9])), ("dare_ties", dict(density=0.4)),
+    ("dare_linear", dict(density=[0.3, 0.6, 0.5], rescale="l1")),
+])
+def test_row_block_stream_equals_the_whole_tensor_merge(monkeypatch, method, params):
+    """apply_operator_stream (rows read block by block, as a weight merge reads a checkpoint)
+    gives the whole-tensor result bit for bit, over several row blocks."""
+    from lsm_dist.merge import task_vectors
+    from lsm_dist.merge.operators import apply_operator_stream
+
+    monkeypatch.setattr(task_vectors, "BLOCK_ELEMS", 7000)  # 23 rows of 300: 27 blocks
+    base, xs = _tied_pair()
+    p = MergeParams(seed=5, **params)
+    whole = apply_operator(method, xs, p, base=None if method == "linear" else base, key="m.w")
+    blocks = list(apply_operator_stream(method, 3, lambda i, a, b: xs[i][a:b].bfloat16(),
+                                        None if method == "linear" else (lambda a, b: base[a:b]),
+                                        tuple(base.shape), p, key="m.w"))
+    assert len(blocks) == len(task_vectors.row_spans(tuple(base.shape))) > 20
+    assert torch.equal(torch.cat(blocks), whole)
+
+
+def test_ties_spread_keeps_exactly_k_spread_over_the_tensor(monkeypatch):
+    """tie_break: spread keeps exactly max(1, floor(d·n)) entries of each delta, every entry
+    above the threshold, tied entries spread over the rows (an index order would keep the
+    first rows' only); without ties it is mergekit's argsort selection exactly."""
+    from lsm_dist.merge import task_vectors
+    from lsm_dist.merge.task_vectors import magnitude_mask
+
+    monkeypatch.setattr(task_vectors, "BLOCK_ELEMS", 9000)
+    base, (x,) = _tied_pair(n=1)
+    d = x - base
+    for dens in (0.05, 0.3, 0.5):
+        k = int(dens * d.numel())
+        p = MergeParams(density=dens, normalize=False, tie_break="spread")
+        kept = apply_operator("ties", [x], p, base=base, key="k") != base
+        assert int(kept.sum()) == k
+        kth = d.abs().reshape(-1).sort(descending=True).values[k - 1]
+        assert bool(kept[d.abs() > kth].all()) and not bool(kept[d.abs() < kth].any())
+        tied = d.abs() == kth
+        share = kept[tied].float().reshape(-1)
+        first, second = kept[:300][tied[:300]].float().mean(), kept[300:][tied[300:]].float().mean()
+        assert 0 < float(share.mean()) < 1 and abs(float(first - second)) < 0.1, (dens, first, second)
+    cont = base + 1e-3 * torch.randn(base.shape, generator=torch.Generator().manual_seed(9))  # no ties
+    for dens in (0.1, 0.5):
+        spread = apply_operator("ties", [cont], MergeParams(density=dens, tie_break="spread"), base=base, key="c")
+        exact = apply_operator("ties", [cont], MergeParams(density=dens, tie_break="argsort"), base=base, key="c")
+        assert torch.equal(spread, exact)
+        assert torch.equal(spread != base, magnitude_mask(cont - base, dens).bool())
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
+def test_single_process_weight_merge_writes_each_tensor_once(zoo, tmp_path, method, monkeypatch):
+    """One process, weight space: the checkpoint is written as the tensors are merged (no
+    layers/ at any point), bit for bit what the layer-file path (keep_layers) assembles."""
+    import lsm_dist.merge.run as run_mod
+    from lsm_dist.merge import task_vectors
+
+    monkeypatch.setattr(task_vectors, "BLOCK_ELEMS", 2000)  # several row blocks per matrix
+    kw = dict(models=("base", "a", "b"), base="base", method=method, space="weight", vae=None,
+              params=MergeParams(density=0.5, seed=2))
+    monkeypatch.setattr(run_mod, "run_decode", lambda *a, **k: pytest.fail("layer files written"))
+    direct = Checkpoint(run_merge(plan_for(zoo, tmp_path / "direct", **kw)))  # keep_layers: false by default
+    assert not (tmp_path / "direct" / "layers").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(task_vectors, "BLOCK_ELEMS", 2000)
+    layered = Checkpoint(run_merge(plan_for(zoo, tmp_path / "layered", keep_layers=True, **kw)))
+    assert (tmp_path / "layered" / "layers").is_dir()
+    assert direct.names == layered.names
+    for name in direct.names:
+        assert torch.equal(direct.read(name), layered.read(name)), name

@@ -71,9 +71,16 @@ def _masks(seed: int, key: str, probs: list[torch.Tensor]) -> list[torch.Tensor]
     return [(torch.rand(10, generator=g) < p).float() for p in probs]
 
 
+def _dare_masks(seed: int, key: str, probs: list[float], n: int = 10) -> list[torch.Tensor]:
+    """DARE's documented masks (merged by row blocks): input i's draws for row block j come
+    from the generator of ``(seed, f"{key}:{i}:{j}")``; a 10-entry tensor is one block."""
+    return [(torch.rand(n, generator=make_generator(seed, f"{key}:{i}:0")) < p).float()
+            for i, p in enumerate(probs)]
+
+
 def test_dare_ties_per_input_density_inverse_and_l1():
     d = [0.3, 0.8]
-    k1, k2 = _masks(7, "w", [torch.full((10,), 0.3), torch.full((10,), 0.8)])
+    k1, k2 = _dare_masks(7, "w", d)
     p = MergeParams(density=d, weights=[1.0, 1.0], seed=7)
     out = apply_operator("dare_ties", [D1, D2], p, base=ZERO, key="w")
     e1, e2 = D1 * k1 / 0.3, D2 * k2 / 0.8  # inverse rescale: 1 / keep probability

@@ -377,10 +377,12 @@ def models(tmp_path_factory):
 
 
 def weight_plan(built: dict, out: Path, **kw):
+    """A cheap merge that writes layer files (keep_layers), for the tests of what a merge leaves."""
     from lsm_dist.merge import MergePlan
 
     fields = dict(models={"base": str(built["base"]), "a": str(built["a"])}, space="weight",
-                  out_dir=str(out), cache_dir=str(built["cache"]), max_shard_size="60KB")  # fmt: skip
+                  out_dir=str(out), cache_dir=str(built["cache"]), max_shard_size="60KB",
+                  keep_layers=True)  # fmt: skip
     return MergePlan(**(fields | kw))
 
 
@@ -469,7 +471,7 @@ def test_killed_merge_leftovers_are_cleaned(models, tmp_path):
     assert not layer_tmp.exists() and not dead.exists() and keep.is_dir()
 
 
-@pytest.mark.parametrize("how", ["file-size-limit", "full-tmpfs"])
+@pytest.mark.parametrize("how", ["file-size-limit", "full-tmpfs", "file-size-limit-no-layer-files"])
 def test_merge_on_full_disk_names_the_file(models, tmp_path, how):
     import os
     import subprocess
@@ -484,11 +486,12 @@ def test_merge_on_full_disk_names_the_file(models, tmp_path, how):
         if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(out)],
                           capture_output=True).returncode != 0:  # fmt: skip
             pytest.skip("cannot mount a tmpfs here (not root)")
-    else:
-        pre = _limited(100_000)  # EFBIG past 100 KB: a layer file does not fit
+    else:  # EFBIG past 100 KB: a layer file does not fit (without layer files: past 30 KB, a shard)
+        pre = _limited(30_000 if how.endswith("no-layer-files") else 100_000)
     try:
         plan = {"models": {"base": str(models["base"]), "a": str(models["a"])}, "space": "weight",
-                "out_dir": str(out), "cache_dir": str(models["cache"]), "max_shard_size": "60KB"}
+                "out_dir": str(out), "cache_dir": str(models["cache"]), "max_shard_size": "60KB",
+                "keep_layers": not how.endswith("no-layer-files")}
         (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         res = subprocess.run([sys.executable, "-m", "lsm_dist.cli", "merge", "-c", str(tmp_path / "plan.yaml")],

@@ -25,14 +25,15 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 
 from lsm_dist.checkpoint import AUX_FILES, INDEX_NAME, Checkpoint, TensorInfo
+from lsm_dist.console import progress
 from lsm_dist.merge.decode import META_KEY, is_own_layer_entry
-from lsm_dist.merge.io import read_meta, release_memory, write_streaming
+from lsm_dist.merge.io import TensorOrRows, read_meta, release_memory, write_streaming
 from lsm_dist.utils import atomic_write_json, fsync_dir, get_logger, read_json, remove_dead_temps
 
 MARKER = "MERGE_COMPLETE.json"
@@ -169,15 +170,21 @@ def merged_files(layers_dir: Path, digest: str, groups: dict[str, list[str]] | N
 def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir: str | Path, digest: str,
              max_shard_size: int = 2 * 10**9, groups: dict[str, list[str]] | None = None,
              extra: dict | None = None, outputs: list[TensorInfo] | None = None,
-             config_patch: dict | None = None, write_extra=None, copy_tokenizer: bool = True) -> Path:
+             config_patch: dict | None = None, write_extra=None, copy_tokenizer: bool = True,
+             compute: Callable[[str], TensorOrRows] | None = None, computed: Collection[str] = (),
+             bar: bool = False) -> Path:
     """Build the HF checkpoint ``model_dir`` (see module doc) and mark it complete.
 
     ``outputs``: the checkpoint's tensors in order (default: the target's); names not in the
     layer files are copied from the target. ``config_patch``: keys set in the copied
     config.json (e.g. ``num_hidden_layers`` of a layer-stacking merge, ``dtype``).
-    ``write_extra(tmp_dir)``: writes further files (the model card) before the rename."""
+    ``write_extra(tmp_dir)``: writes further files (the model card) before the rename.
+    ``compute(name)``: the merged tensor (or its row blocks) of each name in ``computed``, merged
+    as it is written (a single-process weight-space merge: no layer files, each tensor written
+    once); ``groups`` then names only the layer files already written. ``bar``: a console bar."""
     model_dir, layers_dir = Path(model_dir), Path(layers_dir)
     merged = merged_files(layers_dir, digest, groups)
+    computed = set(computed) - set(merged)
     foreign = [p for p in foreign_outputs(layers_dir, model_dir) if p == model_dir or model_dir in p.parents]
     if foreign:
         raise AssemblyError(f"{foreign[0]} was not written by lsm merge ({MARKER} does not list it): refusing "
@@ -196,7 +203,10 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
             unknown = sorted(set(merged) - set(expected))
             if unknown:
                 raise AssemblyError(f"layer files hold tensors the output lacks: {unknown[:5]}")
-            copied = sorted(n for n in expected if n not in merged and n not in tck.tensors)
+            unknown = sorted(computed - set(expected))
+            if unknown:
+                raise AssemblyError(f"merged tensors the output lacks: {unknown[:5]}")
+            copied = sorted(n for n in expected if n not in merged and n not in computed and n not in tck.tensors)
             if copied:
                 raise AssemblyError(f"output tensors neither merged nor in the target: {copied[:5]}")
             src = tck.path if tck.path.is_dir() else tck.path.parent
@@ -207,8 +217,15 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
                 cfg = read_json(tmp / "config.json")
                 atomic_write_json(tmp / "config.json", {**cfg, **config_patch})
 
-            def fetch(name: str) -> torch.Tensor:
+            shards = plan_shards(infos, max_shard_size)
+            n = len(shards)
+            pbar = progress(total=len(infos), desc="assemble", unit="tensor", disable=not bar)
+
+            def fetch(name: str) -> TensorOrRows:
                 release_memory()
+                pbar.update(1)
+                if name in computed:
+                    return compute(name)
                 f = merged.get(name)
                 if f is None:
                     x = tck.read(name)
@@ -219,14 +236,13 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
                     handles[f] = safe_open(str(f), framework="pt")
                 return handles[f].get_tensor(name)
 
-            shards = plan_shards(infos, max_shard_size)
-            n = len(shards)
             weight_map, total = {}, 0
             for i, part in enumerate(shards):
                 fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
                 total += write_streaming(tmp / fname, part, fetch, error=AssemblyError)
                 weight_map |= {t.name: fname for t in part}
             handles.clear()
+            pbar.close()
             atomic_write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
             _verify(tmp, tck, expected)
             num = len(infos)
@@ -235,7 +251,8 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
         # the marker goes in before the rename: model/ appears complete (and provably ours) at once
         atomic_write_json(tmp / MARKER, {
             "files": sorted(p.name for p in tmp.iterdir()),
-            "plan_digest": digest, "tensors": num, "merged_tensors": len(merged), "shards": n,
+            "plan_digest": digest, "tensors": num, "merged_tensors": len(merged) + len(computed),
+            "shards": n,
             "total_size": total, "target": str(tck.path), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(extra or {}),
         })  # fmt: skip
@@ -254,7 +271,7 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
         handles.clear()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("assemble: %s (%d tensors, %d merged, %d shard(s))", model_dir, num, len(merged), n)
+    log.info("assemble: %s (%d tensors, %d merged, %d shard(s))", model_dir, num, len(merged) + len(computed), n)
     return model_dir
 
 

@@ -220,6 +220,49 @@ def merge_weight_tensor(rp, job, checkpoints: dict[str, Checkpoint]) -> torch.Te
     return out.to(DTYPES[job.dtype])
 
 
+def merge_weight_rows(rp, job, checkpoints: dict[str, Checkpoint]):
+    """:func:`merge_weight_tensor` by row blocks (an iterator of the merged tensor's rows, the
+    same values bit for bit), reading only those rows of each input: memory is a few row blocks,
+    not the inputs' and output's whole tensors. None where the tensor is merged whole (a copy,
+    a tensor in an output vocabulary, an operator that needs whole tensors)."""
+    from lsm_dist.merge.operators import apply_operator_stream
+
+    plan = rp.plan
+    if job.space != "weight" or job.vocab is not None:
+        return None
+    cast = DTYPES[SAFETENSORS_DTYPES[plan.dtype]] if plan.dtype else None
+    work = cast if plan.arithmetic == "dtype" else None
+    wide = work if work is not None and get_operator(plan.method).native_dtype else torch.float32
+    shape = tuple(job.shape)
+    for m in (*job.inputs, *([job.base] if job.base is not None else [])):
+        got = tuple(checkpoints[m].tensors[job.sources[m]].shape)
+        if got != shape:
+            raise MergeError(f"models.{m} ({checkpoints[m]!r}): tensor {job.sources[m]!r} has shape {got}, "
+                             f"the merge's is {shape}")
+
+    def reader(m: str):
+        def read(a: int, b: int) -> torch.Tensor:
+            x = checkpoints[m].read_rows(job.sources[m], a, b)
+            if cast is not None:
+                x = x.to(cast)
+            if x.is_floating_point():
+                x = x.to(wide)
+            if n_bad := nonfinite_count(x):
+                raise MergeError(f"models.{m} ({checkpoints[m]!r}): tensor {job.sources[m]!r} holds "
+                                 f"{n_bad} NaN/Inf value(s) (rows {a}..{b})")
+            return x
+        return read
+
+    reads = [reader(m) for m in job.inputs]
+    stream = apply_operator_stream(plan.method, len(reads), lambda i, a, b: reads[i](a, b),
+                                   reader(job.base) if job.base is not None else None, shape,
+                                   job.params, key=job.name, dtype=work)
+    if stream is None:
+        return None
+    out = DTYPES[job.dtype]
+    return (blk.to(out) for blk in stream)
+
+
 def run_decode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None,
                bar: bool = False) -> dict[str, int]:  # fmt: skip
     """Write this worker's layer files (skipping finished ones) → {"written", "skipped"};
@@ -256,7 +299,8 @@ def run_decode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None,
                 if job.space == "latent":
                     return merge_latent_tensor(rp, job, caches, vae, device, checkpoints[plan.target],
                                                checkpoints.get(plan.base))
-                return merge_weight_tensor(rp, job, checkpoints)
+                rows = merge_weight_rows(rp, job, checkpoints)
+                return merge_weight_tensor(rp, job, checkpoints) if rows is None else rows
 
             meta = {"plan_digest": rp.digest, "group": g, "tensors": sorted(jobs)}
             write_streaming(group_file(rp, g), infos, fetch, {"format": "pt", META_KEY: json.dumps(meta)},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
 
@@ -20,6 +20,8 @@ from lsm_dist.checkpoint import (
     write_safetensors,
 )
 from lsm_dist.utils import atomic_open, fsync_dir, named_os_error
+
+TensorOrRows = torch.Tensor | Iterator[torch.Tensor]  # a tensor, or its row blocks in order
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
@@ -91,13 +93,15 @@ def autocast(device: torch.device):
     return nullcontext()
 
 
-def write_streaming(path: str | Path, infos: list[TensorInfo], fetch: Callable[[str], torch.Tensor],
+def write_streaming(path: str | Path, infos: list[TensorInfo], fetch: Callable[[str], TensorOrRows],
                     metadata: dict[str, str] | None = None, error: type[Exception] = ValueError,
                     atomic: bool = False) -> int:
     """Write a safetensors file one tensor at a time: the header comes from the expected names,
     dtypes and shapes, then ``fetch(name)`` is called once per tensor and its bytes appended, so
-    memory holds one tensor. Each tensor must match its expected shape/dtype and be finite
-    (else ``error`` naming it). ``atomic``: write a temp file and rename. Returns data bytes."""
+    memory holds one tensor -- or one row block, where ``fetch`` returns an iterator of the
+    tensor's row blocks (first axis) in order. Each tensor must match its expected shape/dtype
+    and be finite (else ``error`` naming it). ``atomic``: write a temp file and rename. Returns
+    data bytes."""
     path = Path(path)
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     off = 0
@@ -117,14 +121,7 @@ def write_streaming(path: str | Path, infos: list[TensorInfo], fetch: Callable[[
             f.write(len(hb).to_bytes(8, "little"))
             f.write(hb)
             for t in infos:
-                x = fetch(t.name)
-                if tuple(x.shape) != tuple(t.shape) or x.dtype != DTYPES[t.dtype]:
-                    raise error(f"tensor {t.name!r}: got {tuple(x.shape)} {x.dtype}, expected "
-                                f"{tuple(t.shape)} {DTYPES[t.dtype]}")
-                if n_bad := nonfinite_count(x):
-                    raise error(f"tensor {t.name!r} holds {n_bad} NaN/Inf value(s)")
-                f.write(memoryview(x.contiguous().reshape(-1).view(torch.uint8).numpy()))  # no copy
-                del x
+                _write_tensor(f, t, fetch(t.name), error)
             f.flush()
             os.fsync(f.fileno())
         if atomic:
@@ -138,3 +135,23 @@ def write_streaming(path: str | Path, infos: list[TensorInfo], fetch: Callable[[
             raise named_os_error(e, path) from None
         raise
     return off
+
+
+def _write_tensor(f, t: TensorInfo, x: TensorOrRows, error: type[Exception]) -> None:
+    """Append one tensor's bytes (a tensor, or its row blocks in order), checked as they come."""
+    want, dtype = tuple(t.shape), DTYPES[t.dtype]
+    rows, whole = 0, isinstance(x, torch.Tensor)
+    for blk in ([x] if whole else x):
+        shape = tuple(blk.shape)
+        if whole and shape != want or not whole and (shape[1:] != want[1:] or len(shape) != max(len(want), 1)) \
+                or blk.dtype != dtype:
+            raise error(f"tensor {t.name!r}: got {'' if whole else 'a row block '}{shape} {blk.dtype}, "
+                        f"expected {want} {dtype}")
+        if n_bad := nonfinite_count(blk):
+            raise error(f"tensor {t.name!r} holds {n_bad} NaN/Inf value(s)"
+                        + ("" if whole else f" (rows {rows}..{rows + shape[0]})"))
+        f.write(memoryview(blk.contiguous().reshape(-1).view(torch.uint8).numpy()))  # no copy
+        rows += shape[0] if shape else 1
+        del blk
+    if not whole and rows != (want[0] if want else 1):
+        raise error(f"tensor {t.name!r}: its row blocks hold {rows} rows, expected {want[0] if want else 1}")

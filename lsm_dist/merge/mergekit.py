@@ -67,7 +67,7 @@ REQUIRED = {"linear": ["weight"], "slerp": ["t"], "nuslerp": ["weight"], "multis
             "dare_linear": ["weight"], "breadcrumbs": ["weight"], "breadcrumbs_ties": ["weight"],
             "della": ["weight"], "della_linear": ["weight"], "nearswap": ["t"]}
 # mergekit's defaults where the project's differ (rescale: the random methods rescale by default)
-DEFAULTS = {"density": 1.0, "sign_tie": "positive", "scale": 1.0}
+DEFAULTS = {"density": 1.0, "sign_tie": "positive", "scale": 1.0, "tie_break": "argsort"}
 RESCALE_DEFAULT = {"dare_ties": "l1", "dare_linear": "l1", "della": "l1", "della_linear": "l1"}
 PER_INPUT = ("weight", "density", "gamma", "epsilon")
 MERGEKIT_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",

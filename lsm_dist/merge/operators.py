@@ -42,6 +42,7 @@ DOT_THRESHOLD = 0.9995
 GRANULARITIES = ("tensor", "vector", "column")
 RESCALES = ("inverse", "l1", "none")
 SIGN_TIES = ("zero", "positive")
+TIE_BREAKS = ("spread", "argsort")
 
 
 @dataclass
@@ -72,6 +73,12 @@ class MergeParams:
         "after random dropping: inverse (kept entries × 1/keep-probability, as the DARE/DELLA "
         "papers) | l1 (match the delta's L1 norm, mergekit's `rescale: true`) | none; null = inverse "
         "for the random methods (dare*, della*), none for the others", None)
+    tie_break: str = doc(
+        "ties / magnitude trimming, which of the entries tied at the density threshold are kept (bf16 "
+        "weights make large tie groups): spread (a fixed hash order of their positions: the same on any "
+        "device, merged by row blocks, memory of a block) | argsort (torch's argsort order on the CPU, "
+        "as mergekit: bit-equal to it; the whole tensor and its argsort in memory). Default: spread; "
+        "argsort for mergekit configs", "spread")
     sign_tie: str = doc(
         "sign-consensus methods, entries whose weighted delta sum is exactly 0: zero (no sign is "
         "elected, the entry keeps the base) | positive (+ wins, as mergekit)", "zero")
@@ -118,6 +125,7 @@ class MergeParams:
         check(self.rescale is None or self.rescale in RESCALES, "params.rescale",
               f"{self.rescale!r} is not one of {list(RESCALES)}")
         check_choice(self.sign_tie, "params.sign_tie", SIGN_TIES)
+        check_choice(self.tie_break, "params.tie_break", TIE_BREAKS)
         check(math.isfinite(self.scale), "params.scale", f"must be finite, got {self.scale!r}")
         check(isinstance(self.max_iter, int) and self.max_iter >= 1, "params.max_iter", "must be >= 1")
         check(self.tol > 0, "params.tol", f"must be > 0, got {self.tol!r}")
@@ -153,6 +161,10 @@ class Operator:
     promotes: bool = False
     weights: str = "none"  # none | sum_to_one | scale | normalize
     per_input: tuple[str, ...] = ()  # per-input parameters besides weights (density, gamma, ...)
+    # by row blocks: stream(n, read, read_base, shape, params, key) -> iterator of merged row blocks
+    # (read(i, a, b) / read_base(a, b): rows [a, b) in the working dtype), None where the params
+    # need the whole tensor; see apply_operator_stream
+    stream: Callable | None = None
     doc: str = ""
 
     @property
@@ -262,7 +274,33 @@ def apply_operator(
     xs = [x.to(work) for x in xs]
     base = base.to(work) if base is not None and op.base != "none" else None
     lv = [v.float() for v in logvars] if logvars is not None else None
-    return op.fn(xs, params, base=base, logvars=lv, gen=make_generator(params.seed, key))
+    return op.fn(xs, params, base=base, logvars=lv, gen=make_generator(params.seed, key), key=key)
+
+
+def apply_operator_stream(name: str, n: int, read: Callable, read_base: Callable | None,
+                          shape: tuple[int, ...], params: MergeParams | None = None, key: str = "",
+                          dtype: torch.dtype | None = None):
+    """The merged tensor as an iterator of row blocks (the rows of ``row_spans(shape)``, in
+    order), for operators that merge row by row (linear, soup, task arithmetic, TIES with
+    ``tie_break: spread``, DARE): ``read(i, a, b)`` / ``read_base(a, b)`` return rows ``[a, b)``
+    of input i / the base, which are cast to the working dtype (as :func:`apply_operator`).
+    Memory: a few row blocks, never the whole tensor. None when the operator (or its params)
+    needs whole tensors: then call :func:`apply_operator`. Same values as it, bit for bit."""
+    params = params or MergeParams()
+    op = get_operator(name)
+    if op.stream is None:
+        return None
+    op.validate(params, n, read_base is not None)
+    work = dtype if (dtype is not None and op.native_dtype) else torch.float32
+    takes_base = read_base is not None and op.base != "none"
+
+    def rd(i: int, a: int, b: int) -> torch.Tensor:
+        return read(i, a, b).to(work)
+
+    def rb(a: int, b: int) -> torch.Tensor:
+        return read_base(a, b).to(work)
+
+    return op.stream(n, rd, rb if takes_base else None, tuple(shape), params, key)
 
 
 # ---------------------------------------------------------------------------- operators
@@ -286,13 +324,27 @@ def weighted_sum(xs: Sequence[torch.Tensor], w: Sequence[float], normalize: bool
     return out
 
 
-@register_operator("soup", min_inputs=1, weights="sum_to_one")
+def stream_weighted(name: str, normalize: Callable[[MergeParams], bool]) -> Callable:
+    """The ``stream`` of an operator that is a :func:`weighted_sum` (row by row, the same sums)."""
+
+    def stream(n: int, read, read_base, shape, p: MergeParams, key: str):
+        from lsm_dist.merge.task_vectors import row_spans
+
+        w = resolve_weights(OPERATORS[name], p, n)
+        return (weighted_sum([read(i, a, b) for i in range(n)], w, normalize(p)) for a, b in row_spans(shape))
+
+    return stream
+
+
+@register_operator("soup", min_inputs=1, weights="sum_to_one",
+                   stream=stream_weighted("soup", lambda p: False))
 def soup(xs, p: MergeParams, **_) -> torch.Tensor:
     """Weighted mean Σ w_i z_i (uniform weights by default; they must sum to 1 unless normalize)."""
     return weighted_sum(xs, resolve_weights(OPERATORS["soup"], p, len(xs)))
 
 
-@register_operator("linear", min_inputs=1, weights="normalize")
+@register_operator("linear", min_inputs=1, weights="normalize",
+                   stream=stream_weighted("linear", lambda p: p.normalize is not False))
 def linear(xs, p: MergeParams, **_) -> torch.Tensor:
     """mergekit's linear: Σ w_i z_i, divided by Σ w_i unless normalize is false (weights default 1)."""
     w = resolve_weights(OPERATORS["linear"], p, len(xs))

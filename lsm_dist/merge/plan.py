@@ -186,8 +186,10 @@ class MergePlan:
                                "(safetensors, configs, tokenizers only) when not in the HF cache; off: "
                                "the cache only", False)
     keep_layers: bool | None = doc("keep layers/ (the per-layer merged tensors) once the checkpoint is "
-                                   "assembled; false halves the disk a finished merge takes (None: true for "
-                                   "layout lsm, false for layout mergekit)", None)
+                                   "assembled; false halves the disk a finished merge takes, and a weight-space "
+                                   "merge in one process then writes no layer files at all: each tensor is "
+                                   "merged as the checkpoint is written (None: true for a latent merge of "
+                                   "layout lsm, false otherwise)", None)
     layout: str = doc("lsm: out_dir/{merge_plan.json, layers/, model/} | mergekit: the model is out_dir "
                       "itself, as mergekit-yaml CONFIG OUT leaves it (+ mergekit_config.yml), the record, "
                       "layer files and log in out_dir/.lsm_merge/", "lsm")
@@ -263,7 +265,7 @@ class MergePlan:
         check_choice(self.latent_dtype, "latent_dtype", LATENT_DTYPES)
         check_choice(self.layout, "layout", LAYOUTS)
         if self.keep_layers is None:
-            self.keep_layers = self.layout == "lsm"
+            self.keep_layers = self.layout == "lsm" and self.space == "latent"
         check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
         check(self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device) is not None,
               "device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from lsm_dist.merge.assemble import assemble, is_complete, remove_own_layers
 from lsm_dist.merge.card import write_card
-from lsm_dist.merge.decode import run_decode
+from lsm_dist.merge.decode import group_done, merge_weight_rows, merge_weight_tensor, run_decode
 from lsm_dist.merge.encode import run_encode
 from lsm_dist.merge.plan import (
     MergePlan,
@@ -62,7 +62,10 @@ def prepare(plan: MergePlan | str | Path, overrides: Sequence[str] = ()) -> Reso
     return rp
 
 
-def run_assemble(rp: ResolvedPlan) -> Path:
+def run_assemble(rp: ResolvedPlan, direct: bool = False, bar: bool = False) -> Path:
+    """Assemble ``out_dir/model`` from the layer files; ``direct``: merge the tensors whose layer
+    file is not written as the checkpoint is written (weight space, one process: each merged
+    tensor written once, by row blocks where the method allows)."""
     if is_complete(rp.model_dir, rp.digest):
         return rp.model_dir
     groups = {g: [j.name for j in jobs] for g, jobs in rp.groups.items()}
@@ -78,11 +81,26 @@ def run_assemble(rp: ResolvedPlan) -> Path:
             write_tokenizer(rp, tmp)
         write_card(tmp, rp)
 
+    compute, computed = None, ()
+    if direct:
+        if rp.plan.space != "weight":
+            raise ValueError("a direct assembly merges in weight space only (latent merges write layer files)")
+        done = {g for g in groups if rp.layers_dir.is_dir() and group_done(rp, g)}
+        computed = [n for g, names in groups.items() if g not in done for n in names]
+        groups = {g: groups[g] for g in done}
+        jobs = {j.name: j for js in rp.groups.values() for j in js}
+        checkpoints = {m: i.open() for m, i in rp.models.items()}
+
+        def compute(name: str):
+            rows = merge_weight_rows(rp, jobs[name], checkpoints)
+            return merge_weight_tensor(rp, jobs[name], checkpoints) if rows is None else rows
+
     out = assemble(t.open(), rp.layers_dir, rp.model_dir, rp.digest,
                    parse_size(rp.plan.max_shard_size), groups,
                    extra={"method": rp.plan.method, "space": rp.plan.space},
                    outputs=rp.outputs, config_patch=rp.config_patch,
-                   write_extra=extra, copy_tokenizer=rp.plan.copy_tokenizer and not built)
+                   write_extra=extra, copy_tokenizer=rp.plan.copy_tokenizer and not built,
+                   compute=compute, computed=computed, bar=bar)
     if not rp.plan.keep_layers:  # the checkpoint holds every merged tensor: the layer files go
         remove_own_layers(rp.layers_dir)
     return out
@@ -95,6 +113,9 @@ def run_merge(plan: MergePlan | str | Path, overrides: Sequence[str] = (), bar: 
     if is_complete(rp.model_dir, rp.digest):
         log.info("merge %s: already complete in %s", rp.digest, rp.model_dir)
         return rp.model_dir
+    if rp.plan.space == "weight" and not rp.plan.keep_layers:
+        # one process, weight space: merged as the checkpoint is written (no layer files)
+        return run_assemble(rp, direct=True, bar=bar)
     vaes: dict = {}
     if rp.plan.space == "latent":
         s = run_encode(rp, vaes=vaes, bar=bar)

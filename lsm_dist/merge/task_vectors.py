@@ -17,17 +17,25 @@ One procedure, parameterized per method (as mergekit's generalized task arithmet
 5. **sum** the (agreeing) weighted deltas; with ``normalize`` divide by the sum of the
    (agreeing) weights, per entry (1 where that is 0); multiply by ``params.scale``; add the base.
 
-Random masks come from the operator's generator (seeded by the plan's seed and the tensor
-name), one uniform draw per entry and input, so a merge is reproducible on any rank.
+Linear-style sums, TIES trimming (``tie_break: spread``) and DARE drops run by **row blocks**
+(:func:`stream_deltas`): a weight merge reads the inputs' rows block by block from their files.
+Random masks come from one generator per input and row block (seeded by the plan's seed, the
+tensor name, the input and the block), one uniform draw per entry, so a merge is reproducible on
+any rank; Breadcrumbs and DELLA (ranks over the tensor / a row) and ``tie_break: argsort``
+(mergekit's selection) merge whole tensors.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterator
 
 import torch
 
 from lsm_dist.merge.operators import (
     OPERATORS,
     MergeParams,
+    make_generator,
     per_input,
     register_operator,
     resolve_weights,
@@ -103,10 +111,22 @@ def sparsify(delta: torch.Tensor, how: str | None, density: float, rescale: str,
 
 def merge_deltas(name: str, xs, p: MergeParams, base: torch.Tensor, gen: torch.Generator,
                  how: str | None, consensus: bool, normalize_default: bool,
-                 density: list[float] | None = None) -> torch.Tensor:
-    """Steps 1-5 of the module doc for method ``name``."""
-    op = OPERATORS[name]
+                 density: list[float] | None = None, key: str = "") -> torch.Tensor:
+    """Steps 1-5 of the module doc for method ``name`` on whole tensors: by row blocks
+    (:func:`stream_deltas` over views of ``xs``) where the method streams, else at once."""
     n = len(xs)
+    if streams(how, p):
+        shape = tuple(base.shape)
+        flat = [x.reshape(shape[0], -1) if x.dim() else x.reshape(1, 1) for x in (*xs, base)]
+        out = torch.empty(flat[-1].shape, dtype=base.dtype)
+        pos = 0
+        for blk in stream_deltas(name, n, lambda i, a, b: flat[i][a:b], lambda a, b: flat[n][a:b],
+                                 flat[-1].shape, p, how, consensus, normalize_default, density,
+                                 key=key):
+            out[pos:pos + blk.shape[0]] = blk
+            pos += blk.shape[0]
+        return out.reshape(shape)
+    op = OPERATORS[name]
     w = torch.tensor(resolve_weights(op, p, n), dtype=base.dtype)
     dens = density if density is not None else (per_input(p, "density", n) if how else [1.0] * n)
     gam = per_input(p, "gamma", n) if how == "outliers" else [0.0] * n
@@ -115,13 +135,21 @@ def merge_deltas(name: str, xs, p: MergeParams, base: torch.Tensor, gen: torch.G
     deltas = base.new_empty((n, *base.shape))
     for i, x in enumerate(xs):
         deltas[i] = sparsify(x - base, how, dens[i], rescale, gen, gam[i], eps[i])
-    wv = w.reshape(n, *([1] * base.dim()))
+    return base + combine(deltas, w, p, consensus, normalize_default)
+
+
+def combine(deltas: torch.Tensor, w: torch.Tensor, p: MergeParams, consensus: bool,
+            normalize_default: bool) -> torch.Tensor:
+    """Steps 3-5 without the base: the (agreeing) weighted deltas summed, normalized, scaled
+    (``deltas``: the sparsified deltas stacked on a first axis, weighted in place)."""
+    n = deltas.shape[0]
+    wv = w.reshape(n, *([1] * (deltas.dim() - 1)))
     deltas.mul_(wv)
     if consensus:
         signs = deltas.sign()
         total = deltas.sum(dim=0)
         elected = torch.where(total >= 0, 1.0, -1.0) if p.sign_tie == "positive" else total.sign()
-        mask = ((signs == elected) & (signs != 0)).to(base.dtype)
+        mask = ((signs == elected) & (signs != 0)).to(deltas.dtype)
         mixed = (deltas * mask).sum(dim=0)
         divisor = (wv * mask).sum(dim=0)
         divisor[divisor == 0] = 1
@@ -134,7 +162,172 @@ def merge_deltas(name: str, xs, p: MergeParams, base: torch.Tensor, gen: torch.G
         mixed /= divisor
     if p.scale != 1.0:
         mixed *= p.scale
-    return base + mixed
+    return mixed
+
+
+# ------------------------------------------------------------------ by row blocks
+# A tensor is merged in blocks of whole rows (its first axis) of about BLOCK_ELEMS entries: the
+# blocks depend on the tensor's shape only, so a result does not depend on memory settings or
+# on whether the inputs were in memory (latents) or read from disk block by block (weights).
+BLOCK_ELEMS = 1 << 22
+_HALF = 1 << 16
+
+
+def row_spans(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The row blocks ``[a, b)`` of a tensor of ``shape`` (a 0-d tensor: one row)."""
+    rows = shape[0] if shape else 1
+    per_row = max(1, math.prod(shape[1:])) if shape else 1
+    step = max(1, BLOCK_ELEMS // per_row)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def streams(how: str | None, p: MergeParams) -> bool:
+    """Whether a task-vector method merges by row blocks under ``p``: no sparsification, random
+    drops (DARE) and magnitude trimming (TIES) with ``tie_break: spread``; Breadcrumbs and DELLA
+    (ranks over the whole tensor / row) and mergekit's argsort order need the whole tensor."""
+    return how is None or how == "random" or (how == "magnitude" and p.tie_break == "spread")
+
+
+def _bits(d: torch.Tensor) -> torch.Tensor:
+    """|d| as float32 bit patterns (int32): for non-negative floats their order is the values'."""
+    return d.abs().float().reshape(-1).view(torch.int32)
+
+
+def _kth_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest entry of a histogram (k ≥ 1), and how many lie above it."""
+    c = hist.flip(0).cumsum(0)
+    j = int(torch.searchsorted(c, k))
+    return len(hist) - 1 - j, (int(c[j - 1]) if j else 0)
+
+
+def _spread(a: int, n: int) -> torch.Tensor:
+    """16-bit Fibonacci hashes of the flat positions ``a .. a+n-1``: a fixed pseudo-random order,
+    spread over the tensor, in which entries tied at a trimming threshold are kept."""
+    idx = torch.arange(a, a + n, dtype=torch.int64)
+    return ((idx * 0x9E3779B1) & 0xFFFFFFFF) >> 16
+
+
+def magnitude_thresholds(sweep, ks: dict[int, int]) -> dict[int, tuple[int, int, int, int]]:
+    """Per input i, what keeps exactly the ``ks[i]`` largest |δ_i|: ``(t, keep, h, rest)``, t the
+    float32 bit pattern of the k-th largest |δ_i| (all above it are kept), and of the entries
+    equal to t, those whose :func:`_spread` hash is below h and the first ``rest`` (in index
+    order) whose hash is h (h = -1: none of them, h = 2^16: all). Found exactly by radix selection
+    with 16-bit histograms over ``sweep()`` (an iterator of ``(start, {i: δ_i block})``, start the
+    block's flat offset): two passes, a third where the tied entries are split. Memory: the
+    histograms and a block, never the whole tensor (an argsort of it is 16 bytes per entry)."""
+    hi = {i: torch.zeros(_HALF, dtype=torch.int64) for i in ks}
+    for _, deltas in sweep():
+        for i in ks:
+            hi[i] += torch.bincount((_bits(deltas[i]) >> 16).long(), minlength=_HALF)
+    top = {i: _kth_from_top(hi[i], k) for i, k in ks.items()}
+    lo = {i: torch.zeros(_HALF, dtype=torch.int64) for i in ks}
+    for _, deltas in sweep():
+        for i in ks:
+            b = _bits(deltas[i])
+            lo[i] += torch.bincount((b[(b >> 16) == top[i][0]] & (_HALF - 1)).long(), minlength=_HALF)
+    out, split = {}, {}
+    for i, k in ks.items():
+        bucket, above = top[i]
+        low, above_low = _kth_from_top(lo[i], k - above)
+        t, keep, tied = (bucket << 16) | low, k - above - above_low, int(lo[i][low])
+        out[i] = (t, keep, _HALF, 0) if keep == tied else (t, keep, -1, 0)
+        if 0 < keep < tied:
+            split[i] = torch.zeros(_HALF, dtype=torch.int64)
+    if split:
+        for start, deltas in sweep():
+            for i, h in split.items():
+                eq = _bits(deltas[i]) == out[i][0]
+                h += torch.bincount(_spread(start, eq.numel())[eq], minlength=_HALF)
+        for i, h in split.items():
+            c = h.cumsum(0)
+            j = int(torch.searchsorted(c, out[i][1]))
+            out[i] = (out[i][0], out[i][1], j, out[i][1] - (int(c[j - 1]) if j else 0))
+    return out
+
+
+def stream_deltas(name: str, n: int, read, read_base, shape: tuple[int, ...], p: MergeParams,
+                  how: str | None, consensus: bool, normalize_default: bool,
+                  density: list[float] | None = None, key: int | str = "") -> Iterator[torch.Tensor]:
+    """Steps 1-5 of the module doc by row blocks (:func:`row_spans`): ``read(i, a, b)`` and
+    ``read_base(a, b)`` give rows ``[a, b)`` of input i and of the base (in the working dtype);
+    yields the merged rows in order. TIES trimming keeps exactly ``max(1, floor(d·n))`` entries:
+    those above the threshold of :func:`magnitude_thresholds` and, of those equal to it, the ones
+    first in a fixed hash order of their positions (``tie_break: spread``: the same on any device,
+    spread over the tensor; mergekit's argsort picks tied entries in an order of its own, and
+    weights stored in bf16 make large tie groups). DARE draws each row block's mask from its own generator (seeded by the
+    plan's seed, the tensor, the input and the block). ``rescale: l1`` first sums |δ| and |kept δ|
+    over the tensor (float64) in a pass of its own."""
+    if not streams(how, p):
+        raise ValueError(f"{name}: this setting merges whole tensors, not row blocks")
+    op = OPERATORS[name]
+    spans = row_spans(tuple(shape))
+    numel = math.prod(shape)
+    dens = density if density is not None else (per_input(p, "density", n) if how else [1.0] * n)
+    rescale = p.rescale or ("inverse" if how == "random" else "none")
+    trimmed = [i for i in range(n) if how is not None and dens[i] < 1.0]
+
+    def deltas_of(a: int, b: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        base = read_base(a, b)
+        return base, [read(i, a, b) - base for i in range(n)]
+
+    row = numel // max(1, spans[-1][1]) if spans else 0
+
+    def sweep():
+        for a, b in spans:
+            yield a * row, dict(enumerate(deltas_of(a, b)[1]))
+
+    thr = magnitude_thresholds(sweep, {i: max(1, int(dens[i] * numel)) for i in trimmed}) \
+        if how == "magnitude" and trimmed else {}
+    seen_ties = dict.fromkeys(trimmed, 0)
+
+    def masks(j: int, deltas: list[torch.Tensor], ties: dict[int, int]) -> dict[int, torch.Tensor]:
+        out = {}
+        for i in trimmed:
+            d = deltas[i]
+            if how == "random":
+                gen = make_generator(p.seed, f"{key}:{i}:{j}")
+                out[i] = (torch.rand(d.shape, generator=gen) < dens[i]).to(d.dtype)
+                continue
+            t, keep, h, rest = thr[i]
+            bits = _bits(d)
+            m = bits > t
+            if h >= 0 and bool((eq := bits == t).any()):
+                if h >= _HALF:
+                    m |= eq
+                else:
+                    hs = _spread(spans[j][0] * row, eq.numel())
+                    m |= eq & (hs < h)
+                    last = eq & (hs == h)
+                    if ties[i] < rest and bool(last.any()):
+                        m |= last & (last.cumsum(0) <= rest - ties[i])
+                        ties[i] = min(rest, ties[i] + int(last.sum()))
+            out[i] = m.reshape(d.shape).to(d.dtype)
+        return out
+
+    factor: dict[int, torch.Tensor] = {}
+    if rescale == "l1" and trimmed:
+        sums = {i: [0.0, 0.0] for i in trimmed}
+        ties = dict(seen_ties)
+        for j, (a, b) in enumerate(spans):
+            _, deltas = deltas_of(a, b)
+            for i, m in masks(j, deltas, ties).items():
+                sums[i][0] += float(deltas[i].abs().sum(dtype=torch.float64))
+                sums[i][1] += float((deltas[i] * m).abs().sum(dtype=torch.float64))
+        factor = {i: torch.tensor(s[0] / s[1], dtype=torch.float32) for i, s in sums.items()
+                  if s[0] >= L1_EPS and s[1] >= L1_EPS}
+    w = None
+    for j, (a, b) in enumerate(spans):
+        base, deltas = deltas_of(a, b)
+        if w is None:
+            w = torch.tensor(resolve_weights(op, p, n), dtype=base.dtype)
+        for i, m in masks(j, deltas, seen_ties).items():
+            kept = deltas[i] * m
+            if rescale == "inverse" and how == "random":
+                kept = kept / dens[i]
+            elif i in factor:
+                kept = kept * factor[i]
+            deltas[i] = kept
+        yield base + combine(torch.stack(deltas), w, p, consensus, normalize_default)
 
 
 # name: (sparsification, sign consensus, normalize by default, per-input parameters)
@@ -165,13 +358,19 @@ DOCS = {
 def _register(name: str) -> None:
     how, consensus, norm, extra = FAMILY[name]
 
-    def fn(xs, p: MergeParams, base: torch.Tensor, gen: torch.Generator, **_) -> torch.Tensor:
+    def fn(xs, p: MergeParams, base: torch.Tensor, gen: torch.Generator, key: str = "", **_) -> torch.Tensor:
         dens = [1.0 - p.drop_p] * len(xs) if name == "dare" else None
-        return merge_deltas(name, xs, p, base, gen, how, consensus, norm, density=dens)
+        return merge_deltas(name, xs, p, base, gen, how, consensus, norm, density=dens, key=key)
+
+    def stream(n: int, read, read_base, shape, p: MergeParams, key: str):
+        if not streams(how, p):
+            return None
+        dens = [1.0 - p.drop_p] * n if name == "dare" else None
+        return stream_deltas(name, n, read, read_base, shape, p, how, consensus, norm, density=dens, key=key)
 
     fn.__doc__ = DOCS[name]
     register_operator(name, min_inputs=1, needs_base=True, weights="scale", per_input=extra,
-                      native_dtype=True)(fn)
+                      native_dtype=True, stream=stream)(fn)
 
 
 for _name in FAMILY:
