@@ -413,7 +413,9 @@ def _final(cfg: SearchConfig, template: dict, out: Path, ppl_ref: float | None) 
     atomic_write_text(out / "best_plan.yaml", yaml.safe_dump(plan, sort_keys=False))
     mk = to_mergekit(plan)
     if mk is not None:
-        atomic_write_text(out / "best_mergekit.yml", yaml.safe_dump(mk, sort_keys=False))
+        head = ["# the best recipe as a mergekit config (lsm search); where it differs from best_plan.yaml:"]
+        head += [f"#   - {d}" for d in mk[1]] or ["#   nowhere: mergekit computes the same merge"]
+        atomic_write_text(out / "best_mergekit.yml", "\n".join(head) + "\n" + yaml.safe_dump(mk[0], sort_keys=False))
     test = {"searched": evaluate_candidate(plan, cfg.tasks, cfg.test_n, str(out / "best"), ppl_ref, cfg.ppl_penalty,
                                            cfg.eval_batch_size, rows="test")}
     refs_val = {}
@@ -432,10 +434,13 @@ def _final(cfg: SearchConfig, template: dict, out: Path, ppl_ref: float | None) 
     return _report(cfg, out, recs, best, test, refs_val)
 
 
-def to_mergekit(plan: dict) -> dict | None:
+def to_mergekit(plan: dict) -> tuple[dict, list[str]] | None:
     """The plan as a mergekit config where mergekit has its method and it is a weight-space merge
-    of plain checkpoints (None otherwise)."""
+    of plain checkpoints (None otherwise), and what mergekit would compute differently from it
+    (the project's settings that mergekit's syntax cannot say; empty: the same merge). A
+    setting with filter conditions keeps the plan's value as its catch-all (the plan's rule)."""
     from lsm_dist.merge.mergekit import METHODS
+    from lsm_dist.merge.task_vectors import FAMILY
 
     method = plan.get("method")
     if plan.get("space", "latent") != "weight" or method not in METHODS:
@@ -444,6 +449,32 @@ def to_mergekit(plan: dict) -> dict | None:
     models = plan["models"]
     if any(isinstance(m, dict) and m.get("lora") for m in models.values()):
         return None
+    typed = {k: v for k, v in (plan.get("params") or {}).items() if k != "seed"}
+    differ = []
+    how, consensus = FAMILY.get(method, (None, False, False, ()))[:2]
+    if consensus and typed.get("sign_tie", "zero") != "positive":
+        differ.append("sign election at an exact zero sum: none here (sign_tie: zero), + in mergekit")
+    if how == "magnitude" and typed.get("tie_break", "spread") != "argsort":
+        differ.append("entries tied at the density threshold: a hash order of positions here (tie_break: "
+                      "spread), torch's argsort order in mergekit")
+    if how in ("random", "della"):
+        differ.append("random masks: another random stream than mergekit's (equal in distribution)")
+    rescale = typed.pop("rescale", None) or ("inverse" if how in ("random", "della") else "none")
+    if how is not None and "rescale" in rev:
+        if rescale == "inverse":
+            differ.append("kept entries rescaled by 1 / keep probability here (rescale: inverse); mergekit "
+                          "rescales to the L1 norm or not at all")
+        elif rescale == "l1":
+            typed["rescale"] = True
+    for key in ("tie_break", "sign_tie"):
+        typed.pop(key, None)
+    if plan.get("rest", "target") != "weight" and plan.get("slices") is None:
+        differ.append("tensors outside attention / MLP (embeddings, norms, head) copied from the target "
+                      "here (rest: target), merged by mergekit")
+    if plan.get("blocks", "both") not in ("both", ["attn", "mlp"]) or plan.get("include") or plan.get("exclude"):
+        differ.append("blocks / include / exclude select tensors here; mergekit merges every tensor")
+    if "density" in rev and "density" not in typed:
+        typed["density"] = 0.5  # the project's default (mergekit's: 1)
 
     def params(d: dict) -> dict:
         return {rev[k]: v for k, v in (d or {}).items() if k in rev}
@@ -456,13 +487,18 @@ def to_mergekit(plan: dict) -> dict | None:
             out["base_model"] = path
             continue
         out["models"].append({"model": path, "parameters": params(m.get("params") if isinstance(m, dict) else {})})
-    shared = params({**(plan.get("tensor_params") or {}), **{k: v for k, v in (plan.get("params") or {}).items()
-                                                            if k not in ("seed",)}})
-    if shared:
+    shared = dict(typed)
+    for k, v in (plan.get("tensor_params") or {}).items():
+        conds = [v] if isinstance(v, dict) else v
+        if (k in typed and isinstance(conds, list) and conds and all(isinstance(c, dict) for c in conds)
+                and not any(c.get("filter") in (None, "*") for c in conds)):
+            v = [*conds, {"value": typed[k]}]  # where no filter matches: the plan's typed value
+        shared[k] = v
+    if shared := params(shared):
         out["parameters"] = shared
     if plan.get("dtype"):
         out["dtype"] = plan["dtype"]
-    return out
+    return out, differ
 
 
 def _plot(cfg: SearchConfig, out: Path, refs_val: dict) -> None:

@@ -93,3 +93,28 @@ def test_search_on_slurm(tiny_zoo, tmp_path, slurm_cluster):
     run_search(cfg)
     assert len(_journal(tmp_path / "search" / "random")) == 2
     assert list((tmp_path / "search" / "random" / "submitit").glob("*_log.out"))
+
+
+def test_best_recipe_as_mergekit_keeps_filtered_gradients_and_names_differences():
+    """A filtered gradient of the scale keeps the plan's scale as its catch-all (it was dropped:
+    mergekit would have merged every other tensor at λ 1), and best_mergekit.yml names what
+    mergekit computes differently; none where the plan uses mergekit's semantics."""
+    from lsm_dist.merge.mergekit import plan_data
+    from lsm_dist.search import to_mergekit
+
+    plan = {"models": {"b": {"path": "/m/b"}, "x": {"path": "/m/x", "params": {"weight": 1.2}}},
+            "base": "b", "target": "b", "inputs": ["x"], "method": "ties", "space": "weight",
+            "params": {"density": 0.3, "scale": 0.9, "seed": 4},
+            "tensor_params": {"scale": [{"filter": "mlp", "value": [1.2, 0.8]}]}}
+    mk, differ = to_mergekit(plan)
+    assert mk["parameters"]["lambda"] == [{"filter": "mlp", "value": [1.2, 0.8]}, {"value": 0.9}]
+    assert mk["parameters"]["density"] == 0.3 and "rescale" not in mk["parameters"]
+    assert plan_data(mk)["tensor_params"]["scale"][-1] == {"value": 0.9}
+    assert any("sign_tie" in d for d in differ) and any("tie_break" in d for d in differ)
+    assert any("rest: target" in d for d in differ)
+    same = {**plan, "rest": "weight", "params": {**plan["params"], "sign_tie": "positive", "tie_break": "argsort"}}
+    assert to_mergekit(same)[1] == []
+    dare = {**same, "method": "dare_ties"}
+    assert any("1 / keep probability" in d for d in to_mergekit(dare)[1])
+    assert to_mergekit({**dare, "params": {**dare["params"], "rescale": "l1"}})[0]["parameters"]["rescale"] is True
+    assert to_mergekit({**plan, "space": "latent"}) is None

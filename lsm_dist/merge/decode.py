@@ -240,6 +240,8 @@ def merge_weight_rows(rp, job, checkpoints: dict[str, Checkpoint]):
             raise MergeError(f"models.{m} ({checkpoints[m]!r}): tensor {job.sources[m]!r} has shape {got}, "
                              f"the merge's is {shape}")
 
+    checked: set[tuple[str, int, int]] = set()  # TIES reads each block more than once: checked once
+
     def reader(m: str):
         def read(a: int, b: int) -> torch.Tensor:
             x = checkpoints[m].read_rows(job.sources[m], a, b)
@@ -247,6 +249,9 @@ def merge_weight_rows(rp, job, checkpoints: dict[str, Checkpoint]):
                 x = x.to(cast)
             if x.is_floating_point():
                 x = x.to(wide)
+            if (m, a, b) in checked:
+                return x
+            checked.add((m, a, b))
             if n_bad := nonfinite_count(x):
                 raise MergeError(f"models.{m} ({checkpoints[m]!r}): tensor {job.sources[m]!r} holds "
                                  f"{n_bad} NaN/Inf value(s) (rows {a}..{b})")

@@ -200,11 +200,10 @@ def _kth_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return len(hist) - 1 - j, (int(c[j - 1]) if j else 0)
 
 
-def _spread(a: int, n: int) -> torch.Tensor:
-    """16-bit Fibonacci hashes of the flat positions ``a .. a+n-1``: a fixed pseudo-random order,
-    spread over the tensor, in which entries tied at a trimming threshold are kept."""
-    idx = torch.arange(a, a + n, dtype=torch.int64)
-    return ((idx * 0x9E3779B1) & 0xFFFFFFFF) >> 16
+def _spread(pos: torch.Tensor) -> torch.Tensor:
+    """16-bit Fibonacci hashes of flat positions (int64): a fixed pseudo-random order, spread
+    over the tensor, in which entries tied at a trimming threshold are kept."""
+    return ((pos * 0x9E3779B1) & 0xFFFFFFFF) >> 16
 
 
 def magnitude_thresholds(sweep, ks: dict[int, int]) -> dict[int, tuple[int, int, int, int]]:
@@ -236,8 +235,8 @@ def magnitude_thresholds(sweep, ks: dict[int, int]) -> dict[int, tuple[int, int,
     if split:
         for start, deltas in sweep():
             for i, h in split.items():
-                eq = _bits(deltas[i]) == out[i][0]
-                h += torch.bincount(_spread(start, eq.numel())[eq], minlength=_HALF)
+                pos = (_bits(deltas[i]) == out[i][0]).nonzero().squeeze(1)
+                h += torch.bincount(_spread(pos + start), minlength=_HALF)
         for i, h in split.items():
             c = h.cumsum(0)
             j = int(torch.searchsorted(c, out[i][1]))
@@ -291,16 +290,17 @@ def stream_deltas(name: str, n: int, read, read_base, shape: tuple[int, ...], p:
             t, keep, h, rest = thr[i]
             bits = _bits(d)
             m = bits > t
-            if h >= 0 and bool((eq := bits == t).any()):
-                if h >= _HALF:
-                    m |= eq
-                else:
-                    hs = _spread(spans[j][0] * row, eq.numel())
-                    m |= eq & (hs < h)
-                    last = eq & (hs == h)
-                    if ties[i] < rest and bool(last.any()):
-                        m |= last & (last.cumsum(0) <= rest - ties[i])
-                        ties[i] = min(rest, ties[i] + int(last.sum()))
+            if h >= _HALF:
+                m |= bits == t
+            elif h >= 0:  # the tied entries whose hash is below h, then the first `rest` with hash h
+                pos = (bits == t).nonzero().squeeze(1)
+                hs = _spread(pos + spans[j][0] * row)
+                take = hs < h
+                last = (hs == h).nonzero().squeeze(1)
+                if ties[i] < rest and last.numel():
+                    take[last[: rest - ties[i]]] = True
+                    ties[i] = min(rest, ties[i] + last.numel())
+                m[pos[take]] = True
             out[i] = m.reshape(d.shape).to(d.dtype)
         return out
 
