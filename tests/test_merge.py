@@ -592,17 +592,17 @@ def _tied_pair(rows=600, cols=300, n=3, seed=0):
 def test_row_block_stream_equals_the_whole_tensor_merge(monkeypatch, method, params):
     """apply_operator_stream (rows read block by block, as a weight merge reads a checkpoint)
     gives the whole-tensor result bit for bit, over several row blocks."""
-    from lsm_dist.merge import task_vectors
+    from lsm_dist.merge import operators as ops
     from lsm_dist.merge.operators import apply_operator_stream
 
-    monkeypatch.setattr(task_vectors, "BLOCK_ELEMS", 7000)  # 23 rows of 300: 27 blocks
+    monkeypatch.setattr(ops, "BLOCK_ELEMS", 7000)  # 23 rows of 300: 27 blocks
     base, xs = _tied_pair()
     p = MergeParams(seed=5, **params)
     whole = apply_operator(method, xs, p, base=None if method == "linear" else base, key="m.w")
     blocks = list(apply_operator_stream(method, 3, lambda i, a, b: xs[i][a:b].bfloat16(),
                                         None if method == "linear" else (lambda a, b: base[a:b]),
                                         tuple(base.shape), p, key="m.w"))
-    assert len(blocks) == len(task_vectors.row_spans(tuple(base.shape))) > 20
+    assert len(blocks) == len(ops.row_spans(tuple(base.shape))) > 20
     assert torch.equal(torch.cat(blocks), whole)
 
 
@@ -610,10 +610,10 @@ def test_ties_spread_keeps_exactly_k_spread_over_the_tensor(monkeypatch):
     """tie_break: spread keeps exactly max(1, floor(d·n)) entries of each delta, every entry
     above the threshold, tied entries spread over the rows (an index order would keep the
     first rows' only); without ties it is mergekit's argsort selection exactly."""
-    from lsm_dist.merge import task_vectors
+    from lsm_dist.merge import operators as ops
     from lsm_dist.merge.task_vectors import magnitude_mask
 
-    monkeypatch.setattr(task_vectors, "BLOCK_ELEMS", 9000)
+    monkeypatch.setattr(ops, "BLOCK_ELEMS", 9000)
     base, (x,) = _tied_pair(n=1)
     d = x - base
     for dens in (0.05, 0.3, 0.5):
@@ -640,18 +640,36 @@ def test_single_process_weight_merge_writes_each_tensor_once(zoo, tmp_path, meth
     """One process, weight space: the checkpoint is written as the tensors are merged (no
     layers/ at any point), bit for bit what the layer-file path (keep_layers) assembles."""
     import lsm_dist.merge.run as run_mod
-    from lsm_dist.merge import task_vectors
+    from lsm_dist.merge import operators as ops
 
-    monkeypatch.setattr(task_vectors, "BLOCK_ELEMS", 2000)  # several row blocks per matrix
+    monkeypatch.setattr(ops, "BLOCK_ELEMS", 2000)  # several row blocks per matrix
     kw = dict(models=("base", "a", "b"), base="base", method=method, space="weight", vae=None,
               params=MergeParams(density=0.5, seed=2))
     monkeypatch.setattr(run_mod, "run_decode", lambda *a, **k: pytest.fail("layer files written"))
     direct = Checkpoint(run_merge(plan_for(zoo, tmp_path / "direct", **kw)))  # keep_layers: false by default
     assert not (tmp_path / "direct" / "layers").exists()
     monkeypatch.undo()
-    monkeypatch.setattr(task_vectors, "BLOCK_ELEMS", 2000)
+    monkeypatch.setattr(ops, "BLOCK_ELEMS", 2000)
     layered = Checkpoint(run_merge(plan_for(zoo, tmp_path / "layered", keep_layers=True, **kw)))
     assert (tmp_path / "layered" / "layers").is_dir()
     assert direct.names == layered.names
     for name in direct.names:
         assert torch.equal(direct.read(name), layered.read(name)), name
+
+
+def test_streaming_writer_starts_writeback_and_writes_the_same_bytes(tmp_path, monkeypatch):
+    """write_streaming hands written bytes to writeback as it goes (fadvise); the file is the
+    same byte for byte, whole tensors and row blocks alike."""
+    from lsm_dist.checkpoint import TensorInfo
+    from lsm_dist.merge import io
+
+    xs = {f"t{i}": torch.randn(64, 32) for i in range(4)}
+    infos = [TensorInfo(n, "", "F32", (64, 32), None, None, None, "weight") for n in xs]
+    io.write_streaming(tmp_path / "a.safetensors", infos, lambda n: xs[n])
+    calls = []
+    real = io._start_writeback
+    monkeypatch.setattr(io, "WRITEBACK_BYTES", 1)
+    monkeypatch.setattr(io, "_start_writeback", lambda f, since: calls.append(since) or real(f, since))
+    io.write_streaming(tmp_path / "b.safetensors", infos, lambda n: iter(xs[n].split(16)))
+    assert len(calls) == 4
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()

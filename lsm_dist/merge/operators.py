@@ -324,12 +324,24 @@ def weighted_sum(xs: Sequence[torch.Tensor], w: Sequence[float], normalize: bool
     return out
 
 
+# A tensor merged by row blocks is cut into blocks of whole rows (its first axis) of about
+# BLOCK_ELEMS entries: the blocks depend on the tensor's shape only, so a result does not depend
+# on memory settings or on whether the inputs were in memory (latents) or read from disk (weights).
+BLOCK_ELEMS = 1 << 22
+
+
+def row_spans(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The row blocks ``[a, b)`` of a tensor of ``shape`` (a 0-d tensor: one row)."""
+    rows = shape[0] if shape else 1
+    per_row = max(1, math.prod(shape[1:])) if shape else 1
+    step = max(1, BLOCK_ELEMS // per_row)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
 def stream_weighted(name: str, normalize: Callable[[MergeParams], bool]) -> Callable:
     """The ``stream`` of an operator that is a :func:`weighted_sum` (row by row, the same sums)."""
 
     def stream(n: int, read, read_base, shape, p: MergeParams, key: str):
-        from lsm_dist.merge.task_vectors import row_spans
-
         w = resolve_weights(OPERATORS[name], p, n)
         return (weighted_sum([read(i, a, b) for i in range(n)], w, normalize(p)) for a, b in row_spans(shape))
 

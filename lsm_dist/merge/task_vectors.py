@@ -39,6 +39,7 @@ from lsm_dist.merge.operators import (
     per_input,
     register_operator,
     resolve_weights,
+    row_spans,
 )
 
 L1_EPS = 1e-7
@@ -166,19 +167,7 @@ def combine(deltas: torch.Tensor, w: torch.Tensor, p: MergeParams, consensus: bo
 
 
 # ------------------------------------------------------------------ by row blocks
-# A tensor is merged in blocks of whole rows (its first axis) of about BLOCK_ELEMS entries: the
-# blocks depend on the tensor's shape only, so a result does not depend on memory settings or
-# on whether the inputs were in memory (latents) or read from disk block by block (weights).
-BLOCK_ELEMS = 1 << 22
 _HALF = 1 << 16
-
-
-def row_spans(shape: tuple[int, ...]) -> list[tuple[int, int]]:
-    """The row blocks ``[a, b)`` of a tensor of ``shape`` (a 0-d tensor: one row)."""
-    rows = shape[0] if shape else 1
-    per_row = max(1, math.prod(shape[1:])) if shape else 1
-    step = max(1, BLOCK_ELEMS // per_row)
-    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
 def streams(how: str | None, p: MergeParams) -> bool:
