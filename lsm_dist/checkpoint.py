@@ -556,6 +556,19 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors)"
 
 
+def identity_digest(ck: Checkpoint) -> str:
+    """A checkpoint's identity by its files (``Checkpoint.source_files``: real path, size,
+    modification time in ns, inode) and its headers (names, shapes, dtypes): what the content
+    digest's memo already trusts on a re-run, without reading the weights (a weight-space
+    merge's plan digest; latent caches stay keyed on :func:`content_digest`). A file written
+    again gets a new mtime, a copy a new path and inode: either is another identity."""
+    files = []
+    for f in ck.source_files():
+        st = os.stat(f)
+        files.append([Path(f).name, os.path.realpath(f), st.st_size, st.st_mtime_ns, st.st_ino])
+    return sha256_json({"files": files, "headers": ck.digest()})[:16]
+
+
 def _sha256_file(path: str) -> str:
     fh = hashlib.sha256()
     with open(path, "rb") as fp:

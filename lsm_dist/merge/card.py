@@ -4,7 +4,8 @@ directory (before ``MERGE_COMPLETE.json``).
 
 - YAML front matter: ``base_model`` (the input checkpoints), ``tags: [merge, lsm_dist]``,
   ``library_name: transformers``;
-- body: method and space, the inputs with their content digests (and the VAE's), the
+- body: method and space, the inputs with their digests (content in latent space, the files'
+  identity in weight space: ``checkpoint.identity_digest``) and the VAE's, the
   parameters (plan-level, per model, per tensor, slices), the VAE, the alignment, the plan
   digest, the project version and where the plan came from (e.g. a mergekit config);
 - ``lsm eval`` appends / replaces a results table between two markers
@@ -82,7 +83,8 @@ def card_text(rp) -> str:
              f"# {Path(plan.out_dir).name}", "",
              f"Merged with lsm_dist {_version()}: method "
              f"`{plan.method}` in {space}; tensors outside `{'/'.join(plan.blocks)}` {rest}.", "",
-             "## Inputs", "", "| model | role | path | content digest | VAE digest |", "|---|---|---|---|---|"]
+             "## Inputs", "", f"| model | role | path | {'content' if plan.space == 'latent' else 'file'} digest | VAE digest |",
+             "|---|---|---|---|---|"]
     for m in used:
         info = rp.models[m]
         role = ", ".join(r for r, on in (("target", m == plan.target), ("base", m == plan.base),

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lsm_dist.adapters import open_model, split_model_ref
-from lsm_dist.checkpoint import Checkpoint, TensorInfo, content_digest
+from lsm_dist.checkpoint import Checkpoint, TensorInfo, content_digest, identity_digest
 from lsm_dist.chunking import ChunkSpec
 from lsm_dist.config import (
     ConfigError,
@@ -548,7 +548,10 @@ def _model_infos(plan, checkpoints, maps, jobs) -> dict[str, ModelInfo]:
                 latent_dims[mid] = vcfg.latent_dim
             else:  # this model's tensors are only merged in weight space
                 vpath = vcfg = vdig = None
-        infos[mid] = ModelInfo(mid, ck.path, vpath, ck.num_layers, content_digest(ck, memo_dir(plan)),
+        # weight space: the files' identity (no read of the weights: hashing a 7B pair alone takes
+        # longer than merging it); latent space: the content, which keys the shared latent cache
+        digest = content_digest(ck, memo_dir(plan)) if plan.space == "latent" else identity_digest(ck)
+        infos[mid] = ModelInfo(mid, ck.path, vpath, ck.num_layers, digest,
                                vdig, vcfg, maps[mid], plan.model_ref(mid)[1])
     if len(set(latent_dims.values())) > 1:
         raise ConfigError(f"vae: the models' VAEs have different latent_dim {latent_dims}; "
