@@ -431,6 +431,17 @@ def _same_tensors(x: Path, y: Path) -> dict:
         cy.close()
 
 
+def drop_page_cache() -> bool:
+    """Write dirty pages back and drop the page cache (root only), so the next tool reads its
+    inputs from disk as on a machine that has not just read them. False where not allowed."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def stage_weight(a, w: Path, res: dict) -> None:
     """Each method of ``a.methods`` through ``lsm merge CONFIG OUT`` and ``mergekit-yaml CONFIG OUT``
     back to back, the same mergekit config file, the same flags; outputs compared, then deleted."""
@@ -443,8 +454,11 @@ def stage_weight(a, w: Path, res: dict) -> None:
         outs = {tool: w / f"{m}-{tool}" for tool in ("lsm", "mergekit")}
         for o in outs.values():
             shutil.rmtree(o, ignore_errors=True)
-        r = {"lsm": run(lsm("merge", str(cfg), str(outs["lsm"]), *LSM_OVERRIDES.get(m, []), *flags), w),
-             "mergekit": run([mk, str(cfg), str(outs["mergekit"]), *flags], w)}
+        r = {}
+        for tool, cmd in (("lsm", lsm("merge", str(cfg), str(outs["lsm"]), *LSM_OVERRIDES.get(m, []), *flags)),
+                          ("mergekit", [mk, str(cfg), str(outs["mergekit"]), *flags])):
+            r[f"{tool}_cold"] = a.cold and drop_page_cache()
+            r[tool] = run(cmd, w)
         r["time_ratio"] = r["lsm"]["wall_s"] / r["mergekit"]["wall_s"]
         r["peak_rss_ratio"] = r["lsm"]["peak_rss_mib"] / r["mergekit"]["peak_rss_mib"]
         r["compared"] = _same_tensors(outs["lsm"], outs["mergekit"])
@@ -484,9 +498,11 @@ def main() -> int:
     ap.add_argument("--train-steps", type=int, default=None)
     ap.add_argument("--paper-steps", type=int, default=None)
     ap.add_argument("--clean", action="store_true", help="delete the workdir at the end")
+    ap.add_argument("--cold", action="store_true",
+                    help="weight stage: drop the page cache before each tool's run (root): both read cold inputs")
     args = ap.parse_args()
     toy = args.shape == "toy"
-    a = argparse.Namespace(shape=SHAPES[args.shape], methods=args.methods, train_steps=args.train_steps or (10 if toy else 200),
+    a = argparse.Namespace(shape=SHAPES[args.shape], methods=args.methods, cold=args.cold, train_steps=args.train_steps or (10 if toy else 200),
                            paper_steps=args.paper_steps or (2 if toy else 10),
                            paper_vae="configs/vae/tiny.yaml" if toy else "configs/vae/paper-175m.yaml")
     w = Path(args.workdir or REPO / "runs" / "bench_scale" / args.shape).resolve()
