@@ -42,7 +42,12 @@ from lsm_dist.merge.encode import caches_for, make_cond, role_ids
 from lsm_dist.merge.hetero import align_latents
 from lsm_dist.merge.io import autocast, pick_device, read_meta, release_memory, write_streaming
 from lsm_dist.merge.layout import SAFETENSORS_DTYPES
-from lsm_dist.merge.operators import apply_operator, get_operator, make_generator
+from lsm_dist.merge.operators import (
+    apply_operator,
+    apply_operator_stream,
+    get_operator,
+    make_generator,
+)
 from lsm_dist.model import TransformerVAE, load_vae
 from lsm_dist.utils import get_logger
 
@@ -183,6 +188,16 @@ def unchunk_blocks(samples: np.ndarray, shape: tuple[int, ...], dtype: torch.dty
     return out.reshape(shape)
 
 
+def _weight_dtypes(plan) -> tuple[torch.dtype | None, torch.dtype | None, torch.dtype]:
+    """A weight merge's dtypes: ``cast`` (inputs rounded to ``plan.dtype`` first, as mergekit's
+    ``dtype``), ``work`` (the operator's arithmetic dtype when ``arithmetic: dtype``) and
+    ``wide``, the operator's working dtype (apply_operator): each input is widened to it once,
+    where it is read, and checked there (a float32 check is a sum)."""
+    cast = DTYPES[SAFETENSORS_DTYPES[plan.dtype]] if plan.dtype else None
+    work = cast if plan.arithmetic == "dtype" else None
+    return cast, work, work if work is not None and get_operator(plan.method).native_dtype else torch.float32
+
+
 def merge_weight_tensor(rp, job, checkpoints: dict[str, Checkpoint]) -> torch.Tensor:
     """The weight-space baseline: the same operator on the weights themselves (inputs rounded
     to ``plan.dtype`` first when set, as mergekit's ``dtype``, then permuted into the output
@@ -191,13 +206,9 @@ def merge_weight_tensor(rp, job, checkpoints: dict[str, Checkpoint]) -> torch.Te
     if job.space == "copy":
         (m,) = job.inputs
         return checkpoints[m].read(job.sources[m]).to(DTYPES[job.dtype])
-    cast = DTYPES[SAFETENSORS_DTYPES[plan.dtype]] if plan.dtype else None
-    work = cast if plan.arithmetic == "dtype" else None
-    # the operator's working dtype (apply_operator): each input is widened to it once, here, and
-    # checked there (a float32 check is a sum); under a vocabulary the rows are permuted first,
-    # in the inputs' dtype, as mergekit does
-    wide = None if job.vocab is not None else (
-        work if work is not None and get_operator(plan.method).native_dtype else torch.float32)
+    cast, work, wide = _weight_dtypes(plan)
+    if job.vocab is not None:  # the rows are permuted first, in the inputs' dtype, as mergekit does
+        wide = None
 
     def read(m: str) -> torch.Tensor:
         x = checkpoints[m].read(job.sources[m])
@@ -225,14 +236,10 @@ def merge_weight_rows(rp, job, checkpoints: dict[str, Checkpoint]):
     same values bit for bit), reading only those rows of each input: memory is a few row blocks,
     not the inputs' and output's whole tensors. None where the tensor is merged whole (a copy,
     a tensor in an output vocabulary, an operator that needs whole tensors)."""
-    from lsm_dist.merge.operators import apply_operator_stream
-
     plan = rp.plan
     if job.space != "weight" or job.vocab is not None:
         return None
-    cast = DTYPES[SAFETENSORS_DTYPES[plan.dtype]] if plan.dtype else None
-    work = cast if plan.arithmetic == "dtype" else None
-    wide = work if work is not None and get_operator(plan.method).native_dtype else torch.float32
+    cast, work, wide = _weight_dtypes(plan)
     shape = tuple(job.shape)
     for m in (*job.inputs, *([job.base] if job.base is not None else [])):
         got = tuple(checkpoints[m].tensors[job.sources[m]].shape)

@@ -235,7 +235,7 @@ def magnitude_thresholds(sweep, ks: dict[int, int]) -> dict[int, tuple[int, int,
 
 def stream_deltas(name: str, n: int, read, read_base, shape: tuple[int, ...], p: MergeParams,
                   how: str | None, consensus: bool, normalize_default: bool,
-                  density: list[float] | None = None, key: int | str = "") -> Iterator[torch.Tensor]:
+                  density: list[float] | None = None, key: str = "") -> Iterator[torch.Tensor]:
     """Steps 1-5 of the module doc by row blocks (:func:`row_spans`): ``read(i, a, b)`` and
     ``read_base(a, b)`` give rows ``[a, b)`` of input i and of the base (in the working dtype);
     yields the merged rows in order. TIES trimming keeps exactly ``max(1, floor(d·n))`` entries:
