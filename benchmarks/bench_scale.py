@@ -347,7 +347,8 @@ def stage_merge(a, w: Path, res: dict) -> None:
     plan.write_text(json.dumps({"models": {"A": str(w / "A"), "B": str(w / "B")}, "target": "A",
                                 "method": "lerp", "params": {"lambda": 0.5}, "space": "latent",
                                 "decode": "delta", "vae": str(vae), "out_dir": str(out),
-                                "cache_dir": str(w / "latent_cache"), "keep_layers": False}))
+                                "cache_dir": str(w / "latent_cache"), "keep_layers": False,
+                                "latent_dtype": a.latent_dtype}))
     shutil.rmtree(w / "latent_cache", ignore_errors=True)
     logs = w / "slurm-logs"
     logs.mkdir(exist_ok=True)
@@ -366,7 +367,15 @@ def stage_merge(a, w: Path, res: dict) -> None:
     if not (out / "model" / "MERGE_COMPLETE.json").is_file():
         raise RuntimeError(f"the merge jobs ended without a complete model in {out}; logs in {logs / 'logs'}")
     tasks = _task_times(logs / "logs")
-    res["merge"] = {"wall_s": round(wall, 1), **mon.summary(), "jobs": sub.stdout.strip(), "array_tasks": tasks}
+    res["merge"] = {"wall_s": round(wall, 1), **mon.summary(), "jobs": sub.stdout.strip(), "array_tasks": tasks,
+                    "latent_dtype": a.latent_dtype, "latent_bytes": dir_bytes(w / "latent_cache"),
+                    "output_bytes": dir_bytes(out)}
+    params = sum(math.prod(s) for _, s, _, _ in tensor_specs(a.shape))
+    for stage, n in (("encode", 2 * params), ("merge", params)):  # the pair encoded; one model's worth decoded
+        ts = [t["seconds"] for t in tasks if t["stage"] == stage]
+        if ts:  # the array's wall time is its slowest task's
+            res["merge"][f"{stage}_params_per_s"] = n / max(ts)
+            res["merge"][f"{stage}_params_per_s_per_task"] = n / max(ts) / len(ts)
     for stage in ("encode", "merge"):
         ts = [t["seconds"] for t in tasks if t["stage"] == stage]
         if ts:
@@ -482,6 +491,9 @@ def report(a, res: dict) -> dict:
             "rss_within_bound": {k: v <= bound for k, v in peaks.items()},
             "slowest_task_within_1.25x_mean": {k: res.get("merge", {}).get(f"{k}_slowest_over_mean", math.nan) <= 1.25
                                                for k in ("encode", "merge") if f"{k}_slowest_over_mean" in res.get("merge", {})},
+            "merge_disk_growth_le_latents_plus_output": (
+                res["merge"]["disk_growth_bytes"] <= res["merge"]["latent_bytes"] + res["merge"]["output_bytes"] + 2**26
+                if "latent_bytes" in res.get("merge", {}) else None),
             "weight_time_le_mergekit": {m: r["time_ratio"] <= 1.0 for m, r in res.get("weight", {}).items()},
             "weight_rss_le_half_mergekit": {m: r["peak_rss_ratio"] <= 0.5 for m, r in res.get("weight", {}).items()},
             "weight_bit_equal_mergekit": {m: r["bit_equal"] for m, r in res.get("weight", {}).items()}}
@@ -497,12 +509,15 @@ def main() -> int:
                     help="weight stage: the methods run through lsm and mergekit (default ties)")
     ap.add_argument("--train-steps", type=int, default=None)
     ap.add_argument("--paper-steps", type=int, default=None)
+    ap.add_argument("--latent-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="merge stage: the latent cache's dtype (bfloat16 halves its disk; default)")
     ap.add_argument("--clean", action="store_true", help="delete the workdir at the end")
     ap.add_argument("--cold", action="store_true",
                     help="weight stage: drop the page cache before each tool's run (root): both read cold inputs")
     args = ap.parse_args()
     toy = args.shape == "toy"
-    a = argparse.Namespace(shape=SHAPES[args.shape], methods=args.methods, cold=args.cold, train_steps=args.train_steps or (10 if toy else 200),
+    a = argparse.Namespace(shape=SHAPES[args.shape], methods=args.methods, cold=args.cold,
+                           latent_dtype=args.latent_dtype, train_steps=args.train_steps or (10 if toy else 200),
                            paper_steps=args.paper_steps or (2 if toy else 10),
                            paper_vae="configs/vae/tiny.yaml" if toy else "configs/vae/paper-175m.yaml")
     w = Path(args.workdir or REPO / "runs" / "bench_scale" / args.shape).resolve()
