@@ -214,6 +214,18 @@ def test_holdout_never_trained_on(corpora):
     assert len(capped) == 50 and set(capped.block.tolist()) == {0, 1}
     a, b = capped.shard(0, 3), capped.shard(1, 3)
     assert len(a) == len(b) == 16 and not torch.equal(a.x, b.x)
+    # a few samples from each of many blocks: memory is the samples taken (+ one block), not every
+    # block they came from (views kept whole blocks alive: 3.7 GB for 8192 samples at 3B)
+    import tracemalloc
+
+    keys = [(ti, st) for ti, st, _n, _b in blocks_of(c)]
+    block_bytes = max(n for *_, n, _b in blocks_of(c)) * 8 * 64 * 4
+    tracemalloc.start()
+    one_each = load_eval_set(c, keys, len(keys), 0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    taken = len(one_each) * 8 * 64 * 4
+    assert len(one_each) == len(keys) > 8 and peak < 2 * taken + 4 * block_bytes, (peak, taken, block_bytes)
 
 
 # ---- fail fast ----------------------------------------------------------------------------------
