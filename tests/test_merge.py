@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lsm_dist.checkpoint import Checkpoint
@@ -41,6 +42,7 @@ from lsm_dist.merge import (
     run_merge,
 )
 from lsm_dist.merge.decode import group_file
+from lsm_dist.merge.encode import caches_for
 from lsm_dist.merge.hetero import fit_and_apply
 from lsm_dist.merge.io import read_header
 from lsm_dist.model import TransformerVAE, VAEConfig, save_vae
@@ -376,6 +378,31 @@ def test_latent_cache_reused(zoo, tmp_path):
     assert s2["encoded"] == 0 and s2["reused"] == 2 * 28
     assert [f.stat().st_mtime_ns for f in files] == stamps
     assert {p.parent.parent.name for p in files} == {f"{m.digest}-{m.vae_digest}" for m in rp2.models.values()}
+
+
+def test_latent_cache_stores_logvar_only_when_a_method_needs_it(zoo, tmp_path):
+    cache = tmp_path / "cache"
+    name = "model.layers.1.mlp.up_proj.weight"
+    rp = prepare(plan_for(zoo, tmp_path / "m", models=("a", "b"), target="a", cache_dir=str(cache),
+                          latent_dtype="bfloat16"))
+    assert run_encode(rp)["encoded"] == 2 * 28
+    lc = caches_for(rp)["a"]
+    with safe_open(str(lc.tensor_path(name)), framework="pt") as f:
+        assert set(f.keys()) == {"mu"}  # the means alone: half the disk
+        assert f.get_tensor("mu").dtype == torch.bfloat16
+    mu, lv = lc.load(name)
+    assert lv is None and mu.dtype == torch.float32
+    with pytest.raises(FileNotFoundError, match="without log-variances"):
+        lc.load(name, logvar=True)
+    # a method that samples the posterior encodes again, with the log-variances, and then reuses them
+    sm = prepare(plan_for(zoo, tmp_path / "s", models=("a",), target="a", method="self_merge",
+                          cache_dir=str(cache), latent_dtype="bfloat16", params=MergeParams(samples=2)))
+    assert run_encode(sm)["encoded"] == 28
+    mu2, lv2 = caches_for(sm)["a"].load(name, logvar=True)
+    assert torch.equal(mu2, mu) and lv2.shape == mu.shape
+    assert run_encode(sm)["reused"] == 28 and run_encode(rp)["reused"] == 2 * 28
+    forward_ok(run_merge(plan_for(zoo, tmp_path / "s2", models=("a",), target="a", method="self_merge",
+                                  cache_dir=str(cache), latent_dtype="bfloat16", params=MergeParams(samples=2))))
 
 
 def test_encode_split_across_workers(zoo, tmp_path):

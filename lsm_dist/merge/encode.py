@@ -3,7 +3,7 @@
 Cache layout, one directory per (model content, VAE content)::
 
     <cache_dir>/<model_digest>-<vae_digest>/
-        tensors/<tensor name>.safetensors   # "mu", "logvar": (samples, latent_tokens, latent_dim)
+        tensors/<tensor name>.safetensors   # "mu" (+ "logvar" when a plan needs it): (samples, latent_tokens, latent_dim)
         manifest.json                       # name -> file, shape, dtype, mean, std, num_samples, ...
 
 Each tensor file carries its manifest entry in its safetensors metadata, so a tensor is
@@ -31,6 +31,7 @@ from lsm_dist.chunking import ChunkSpec, norm_stats, normalize_range
 from lsm_dist.console import progress
 from lsm_dist.dist import balanced_share
 from lsm_dist.merge.io import atomic_save, autocast, pick_device, read_meta, release_memory
+from lsm_dist.merge.operators import get_operator
 from lsm_dist.model import BLOCK_IDS, TransformerVAE, load_vae
 from lsm_dist.utils import atomic_write_json, get_logger
 
@@ -66,12 +67,13 @@ def make_cond(vae: TransformerVAE, n: int, layer: int | None, block: str, role: 
     return {"layer": full(-1 if layer is None else layer), "block": full(BLOCK_IDS[block]), "role": full(rid)}
 
 
-def latents_sha256(mu: torch.Tensor, lv: torch.Tensor) -> str:
-    """sha256 of the stored latents' bytes (mu, then logvar): recorded at encode, checked at load."""
+def latents_sha256(mu: torch.Tensor, lv: torch.Tensor | None) -> str:
+    """sha256 of the stored latents' bytes (mu, then logvar when stored): recorded at encode,
+    checked at load."""
     import hashlib
 
     h = hashlib.sha256()
-    for x in (mu, lv):
+    for x in (mu, lv) if lv is not None else (mu,):
         x = x.contiguous()
         h.update(x.view(torch.uint8).numpy().tobytes() if x.dtype != torch.bfloat16 else
                  x.view(torch.int16).numpy().tobytes())
@@ -100,9 +102,10 @@ class LatentCache:
             return None
         return meta
 
-    def has(self, name: str, latent_dtype: str) -> bool:
+    def has(self, name: str, latent_dtype: str, logvar: bool = False) -> bool:
+        """Valid latents of ``name`` in ``latent_dtype`` (with the log-variances when ``logvar``)."""
         e = self.entry(name)
-        return e is not None and e.get("latent_dtype") == latent_dtype
+        return e is not None and e.get("latent_dtype") == latent_dtype and (not logvar or e.get("logvar", True))
 
     def load(self, name: str, logvar: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mu, logvar or None) as float32 CPU tensors."""
@@ -110,7 +113,12 @@ class LatentCache:
         if not path.is_file():
             raise FileNotFoundError(f"latent cache {self.dir}: no latents for {name!r} (run the encode stage)")
         with safe_open(str(path), framework="pt") as f:
-            mu, lv = f.get_tensor("mu"), f.get_tensor("logvar")
+            stored = set(f.keys())
+            if logvar and "logvar" not in stored:
+                raise FileNotFoundError(f"{path}: encoded without log-variances, which this merge method needs "
+                                        "(run the encode stage of this plan: it encodes them)")
+            mu = f.get_tensor("mu")
+            lv = f.get_tensor("logvar") if "logvar" in stored else None
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))
         if latents_sha256(mu, lv) != meta.get("sha256"):
             raise ValueError(f"{path}: the latents do not match the checksum the encode stage recorded "
@@ -170,17 +178,20 @@ def encode_tensor(vae: TransformerVAE, t: torch.Tensor, cond_info: tuple, roles:
 
 def encode_names(ck: Checkpoint, names: list[str], vae: TransformerVAE, vae_dir: Path,
                  cache: LatentCache, batch_size: int = 256, device: torch.device | None = None,
-                 latent_dtype: str = "float32", base: Checkpoint | None = None) -> dict[str, int]:
+                 latent_dtype: str = "float32", base: Checkpoint | None = None,
+                 logvar: bool = False) -> dict[str, int]:
     """Encode ``names`` of ``ck`` into ``cache`` (skipping valid cached ones) → counts. With
     ``base`` (delta encoding, ``vae.cfg.delta`` set) the task vectors ``W − W_base`` are encoded
-    at the shared scale ``gain · std(W_base)`` (``lsm_dist.delta``)."""
+    at the shared scale ``gain · std(W_base)`` (``lsm_dist.delta``). The log-variances are
+    stored only with ``logvar`` (a method that samples the posterior needs them; the others read
+    the means alone: half the cache's disk)."""
     device = device or pick_device("auto")
     roles = role_ids(vae_dir)
     cfg = vae.cfg
     spec = ChunkSpec(cfg.tokens, cfg.chunk)
     stats = {"encoded": 0, "reused": 0, "samples": 0}
     for name in names:
-        if cache.has(name, latent_dtype):
+        if cache.has(name, latent_dtype, logvar):
             stats["reused"] += 1
             continue
         info = ck.tensors[name]
@@ -203,10 +214,11 @@ def encode_names(ck: Checkpoint, names: list[str], vae: TransformerVAE, vae_dir:
             "padding": spec.padding(info.numel), "layer": info.layer, "block": info.block,
             "role": info.role, "tokens": cfg.tokens, "chunk": cfg.chunk,
             "latent_shape": list(cfg.latent_shape), "latent_dtype": latent_dtype,
-            "model_digest": cache.model_digest, "vae_digest": cache.vae_digest,
-            "sha256": latents_sha256(mu, lv),
+            "model_digest": cache.model_digest, "vae_digest": cache.vae_digest, "logvar": logvar,
+            "sha256": latents_sha256(mu, lv if logvar else None),
         }  # fmt: skip
-        atomic_save({"mu": mu, "logvar": lv}, cache.tensor_path(name), {"format": FORMAT, "meta": json.dumps(meta)})
+        atomic_save({"mu": mu, "logvar": lv} if logvar else {"mu": mu}, cache.tensor_path(name),
+                    {"format": FORMAT, "meta": json.dumps(meta)})
         stats["encoded"] += 1
         stats["samples"] += int(mu.shape[0])
         del t, mu, lv
@@ -237,6 +249,7 @@ def run_encode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None,
     device = pick_device(rp.plan.device)
     vaes = {} if vaes is None else vaes
     work = encode_work(rp)
+    needs_logvar = get_operator(rp.plan.method).needs_logvar
     size = {(m, j.sources[m]): math.prod(j.shape) for j in rp.jobs for m in j.sources}  # the cost of encoding it
     mine = balanced_share(work, [size.get(w, 1) for w in work], idx, count)
     totals = {"encoded": 0, "reused": 0, "samples": 0}
@@ -248,7 +261,7 @@ def run_encode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None,
                 continue
             info = rp.models[mid]
             vae = vaes.get(str(info.vae))
-            if vae is None and any(not caches[mid].has(n, rp.plan.latent_dtype) for n in names):
+            if vae is None and any(not caches[mid].has(n, rp.plan.latent_dtype, needs_logvar) for n in names):
                 vae = vaes[str(info.vae)] = load_vae(info.vae, map_location=device)
             if vae is None:  # everything cached: no need to load the VAE
                 totals["reused"] += len(names)
@@ -258,7 +271,7 @@ def run_encode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None,
             with info.open() as ck:
                 try:
                     s = encode_names(ck, names, vae, info.vae, caches[mid], rp.plan.batch_size, device,
-                                     rp.plan.latent_dtype, base)
+                                     rp.plan.latent_dtype, base, needs_logvar)
                 except ValueError as e:
                     raise ValueError(f"models.{mid}: {e}") from None
             log.info("encode %s: %d tensor(s) encoded, %d reused", mid, s["encoded"], s["reused"])
@@ -275,7 +288,8 @@ def run_encode(rp, worker: tuple[int, int] = (0, 1), vaes: dict | None = None,
 def finalize_encode(rp) -> dict[str, LatentCache]:
     """Check every needed tensor was encoded, then write each model's manifest."""
     caches = caches_for(rp)
-    missing = [(m, n) for m, n in encode_work(rp) if not caches[m].has(n, rp.plan.latent_dtype)]
+    needs_logvar = get_operator(rp.plan.method).needs_logvar
+    missing = [(m, n) for m, n in encode_work(rp) if not caches[m].has(n, rp.plan.latent_dtype, needs_logvar)]
     if missing:
         raise FileNotFoundError(f"encode: {len(missing)} tensor(s) have no latents yet, e.g. {missing[:3]} "
                                 "(has every worker of the encode stage finished?)")
