@@ -18,8 +18,9 @@
    steps on 2 ranks (ZeRO-3), and the paper-size VAE (``configs/vae/paper-175m.yaml``) for a few
    steps on 1 and on 2 ZeRO-3 ranks (per-rank memory), **merge** the pair in latent space through
    ``slurm/submit_merge.sh 2`` on the local Slurm (two array tasks: the time of the slowest vs
-   the mean), **assemble** and **forward** (transformers loads the result and runs one forward
-   pass), **weight**: the same mergekit config (``--methods``: linear / ties / ties_spread / dare_ties) through
+   the mean), **encode_decode** model A alone (its VAE reconstruction: the latent stages for one
+   model, half a pair's disk), **forward** (transformers loads the latent result and runs one
+   forward pass), **weight**: the same mergekit config (``--methods``: linear / ties / ties_spread / dare_ties) through
    ``lsm merge CONFIG OUT`` and through ``mergekit-yaml CONFIG OUT`` back to back, the outputs
    compared tensor by tensor.
 3. Per stage: wall time, samples/s (and per core), the peak RSS of every process of the stage
@@ -63,7 +64,7 @@ SHAPES = {
     "qwen2-7b": dict(family="qwen2", layers=28, hidden=3584, inter=18944, heads=28, kv=4, vocab=152064, tied=False,
                      bias=True),
 }
-STAGES = ("generate", "convert", "train", "train_paper", "merge", "forward", "weight")
+STAGES = ("generate", "convert", "train", "train_paper", "merge", "encode_decode", "forward", "weight")
 # SmolLM2-135M-Instruct (hidden 576), per role: (mean, std), averaged over its layers
 # (measured from runs/zoo-real/smollm2-135m, 2026-12-06; recomputed by role_stats() when present)
 SMOLLM2 = {"q_proj": (0.0, 0.2001), "k_proj": (0.0, 0.2056), "v_proj": (0.0, 0.1892), "o_proj": (0.0, 0.1751),
@@ -192,12 +193,13 @@ class Monitor:
         self.bytes0 = self.high = dir_bytes(root)
         self.stop = threading.Event()
         self.pids: set[int] = set()
+        self.matched: list = []
         self.t = threading.Thread(target=self._run, daemon=True)
 
     def watch(self, pid: int) -> None:
         self.pids.add(pid)
 
-    def _procs(self):
+    def _procs(self, rescan: bool):
         out = []
         for pid in list(self.pids):
             try:
@@ -206,12 +208,15 @@ class Monitor:
             except self.psutil.Error:
                 pass
         if self.match is not None:
-            for p in self.psutil.process_iter(["cmdline"]):
-                try:
-                    if self.match(" ".join(p.info["cmdline"] or [])):
-                        out.append(p)
-                except self.psutil.Error:
-                    pass
+            if rescan:  # the whole process table once a second (every 50 ms it cost ~20 % of a core)
+                self.matched = []
+                for p in self.psutil.process_iter(["cmdline"]):
+                    try:
+                        if self.match(" ".join(p.info["cmdline"] or [])):
+                            self.matched += [p, *p.children(recursive=True)]
+                    except self.psutil.Error:
+                        pass
+            out += [p for p in self.matched if p.is_running()]
         return out
 
     def _run(self) -> None:
@@ -219,17 +224,16 @@ class Monitor:
         while not self.stop.is_set():
             if tick % 10 == 0:  # the work directory's size, every 0.5 s
                 self.high = max(self.high, dir_bytes(self.root))
-            tick += 1
-            for p in self._procs():
+            for p in self._procs(rescan=tick % 20 == 0):
                 try:
                     rss = p.memory_info().rss / 2**20
-                    name = " ".join(p.cmdline()[:4])[:120]
                     if rss > self.peak.get(p.pid, (0, ""))[0]:
-                        self.peak[p.pid] = (rss, name)
+                        self.peak[p.pid] = (rss, " ".join(p.cmdline()[:4])[:120])
                     io = p.io_counters()
                     self.io[p.pid] = (io.read_bytes, io.write_bytes)
                 except (self.psutil.Error, OSError):
                     pass
+            tick += 1
             time.sleep(0.05)
 
     def __enter__(self):
@@ -339,19 +343,30 @@ def stage_train_paper(a, w: Path, res: dict) -> None:
 
 
 def stage_merge(a, w: Path, res: dict) -> None:
-    """Latent merge of the pair through slurm/submit_merge.sh 2 on the local Slurm."""
+    """Latent merge of the pair (lerp, delta decoding) through slurm/submit_merge.sh 2 on the local Slurm."""
+    _latent_plan(a, w, res, "merge", {"models": {"A": str(w / "A"), "B": str(w / "B")}, "method": "lerp",
+                                      "params": {"lambda": 0.5}, "decode": "delta"})
+
+
+def stage_encode_decode(a, w: Path, res: dict) -> None:
+    """Model A alone encoded and decoded (its VAE reconstruction, W = D(z_A)) through
+    slurm/submit_merge.sh 2: the latent stages' cost for one model, half the disk of a pair."""
+    _latent_plan(a, w, res, "encode_decode", {"models": {"A": str(w / "A")}, "method": "passthrough",
+                                              "decode": "direct"})
+
+
+def _latent_plan(a, w: Path, res: dict, key: str, fields: dict) -> None:
+    """Run a latent-space plan on model A (target) through ``slurm/submit_merge.sh 2``; record
+    the wall time, every process's peak RSS, the disk high-water against latents + output, and
+    per array stage the slowest vs the mean task and the parameters per second."""
     vae = Path(res.get("train", {}).get("vae") or w / "vae_run" / "vae")
-    out = w / "merge"
-    shutil.rmtree(out, ignore_errors=True)
-    plan = w / "plan.yaml"
-    plan.write_text(json.dumps({"models": {"A": str(w / "A"), "B": str(w / "B")}, "target": "A",
-                                "method": "lerp", "params": {"lambda": 0.5}, "space": "latent",
-                                "decode": "delta", "vae": str(vae), "out_dir": str(out),
-                                "cache_dir": str(w / "latent_cache"), "keep_layers": False,
-                                "latent_dtype": a.latent_dtype}))
-    shutil.rmtree(w / "latent_cache", ignore_errors=True)
-    logs = w / "slurm-logs"
-    logs.mkdir(exist_ok=True)
+    out, cache, logs = w / key, w / "latent_cache", w / f"slurm-logs-{key}"
+    for d in (out, cache, logs):  # this benchmark's own outputs of an earlier run
+        shutil.rmtree(d, ignore_errors=True)
+    logs.mkdir()
+    plan = w / f"{key}.yaml"
+    plan.write_text(json.dumps({**fields, "target": "A", "space": "latent", "vae": str(vae), "out_dir": str(out),
+                                "cache_dir": str(cache), "keep_layers": False, "latent_dtype": a.latent_dtype}))
     t0 = time.perf_counter()
     with Monitor(w, match=lambda c: str(plan) in c) as mon:
         sub = subprocess.run(["bash", str(REPO / "slurm/submit_merge.sh"), "2", str(plan)], cwd=logs,
@@ -365,21 +380,19 @@ def stage_merge(a, w: Path, res: dict) -> None:
             time.sleep(1)
     wall = time.perf_counter() - t0
     if not (out / "model" / "MERGE_COMPLETE.json").is_file():
-        raise RuntimeError(f"the merge jobs ended without a complete model in {out}; logs in {logs / 'logs'}")
+        raise RuntimeError(f"the {key} jobs ended without a complete model in {out}; logs in {logs / 'logs'}")
     tasks = _task_times(logs / "logs")
-    res["merge"] = {"wall_s": round(wall, 1), **mon.summary(), "jobs": sub.stdout.strip(), "array_tasks": tasks,
-                    "latent_dtype": a.latent_dtype, "latent_bytes": dir_bytes(w / "latent_cache"),
-                    "output_bytes": dir_bytes(out)}
+    r = res[key] = {"wall_s": round(wall, 1), **mon.summary(), "jobs": sub.stdout.strip(), "array_tasks": tasks,
+                    "latent_dtype": a.latent_dtype, "latent_bytes": dir_bytes(cache), "output_bytes": dir_bytes(out)}
     params = sum(math.prod(s) for _, s, _, _ in tensor_specs(a.shape))
-    for stage, n in (("encode", 2 * params), ("merge", params)):  # the pair encoded; one model's worth decoded
+    encoded = params * len(fields["models"])
+    for stage, n in (("encode", encoded), ("merge", params)):  # every model encoded; one model decoded
         ts = [t["seconds"] for t in tasks if t["stage"] == stage]
         if ts:  # the array's wall time is its slowest task's
-            res["merge"][f"{stage}_params_per_s"] = n / max(ts)
-            res["merge"][f"{stage}_params_per_s_per_task"] = n / max(ts) / len(ts)
-    for stage in ("encode", "merge"):
-        ts = [t["seconds"] for t in tasks if t["stage"] == stage]
-        if ts:
-            res["merge"][f"{stage}_slowest_over_mean"] = max(ts) / (sum(ts) / len(ts))
+            r[f"{stage}_s"] = max(ts)
+            r[f"{stage}_params_per_s"] = n / max(ts)
+            r[f"{stage}_params_per_s_per_task"] = n / max(ts) / len(ts)
+            r[f"{stage}_slowest_over_mean"] = max(ts) / (sum(ts) / len(ts))
 
 
 def _task_times(logs: Path) -> list[dict]:
@@ -396,13 +409,16 @@ def _task_times(logs: Path) -> list[dict]:
 
 
 def stage_forward(a, w: Path, res: dict) -> None:
-    out = w / "merge" / "model"
+    """transformers loads the latent stage's result (the merge's, else encode_decode's) and runs one
+    forward pass."""
+    out = next((w / k / "model" for k in ("merge", "encode_decode") if (w / k / "model" / "config.json").is_file()),
+               w / "merge" / "model")
     code = ("import sys, time, torch; from lsm_dist.checkpoint import load_causal_lm; t = time.time(); "
             f"m = load_causal_lm({str(out)!r}, torch.bfloat16).eval(); "
             f"x = torch.randint(3, {min(a.shape['vocab'], 1000)}, (1, 16)); y = m(input_ids=x).logits; "
             "print('finite', bool(torch.isfinite(y).all()), 'load+forward', round(time.time() - t, 1))")
     r = run([sys.executable, "-c", code], w)
-    res["forward"] = r | {"finite": "finite True" in r["output_tail"]}
+    res["forward"] = r | {"model": str(out), "finite": "finite True" in r["output_tail"]}
 
 
 # mergekit configs of the weight-space comparison: model B onto A, bfloat16 (mergekit's own syntax;
@@ -424,20 +440,25 @@ RANDOM_METHODS = {"dare_ties"}  # equal in distribution, not bit for bit (differ
 OTHER_TIES = {"ties_spread"}  # another choice among entries tied at the threshold: equal elsewhere
 
 
-def _same_tensors(x: Path, y: Path) -> dict:
-    """Tensor by tensor (one pair in memory at a time): names, and how many differ bit for bit."""
+def tensor_digests(model: Path) -> dict[str, str]:
+    """sha256 of every tensor's dtype, shape and bytes, one tensor in memory at a time."""
     from lsm_dist.checkpoint import Checkpoint
 
-    cx, cy = Checkpoint(x), Checkpoint(y)
-    try:
-        names = sorted(cx.tensors)
-        if names != sorted(cy.tensors):
-            return {"same_names": False, "tensors": len(names)}
-        differ = sum(not torch.equal(cx.read(n), cy.read(n)) for n in names)
-        return {"same_names": True, "tensors": len(names), "differ": differ}
-    finally:
-        cx.close()
-        cy.close()
+    out = {}
+    with Checkpoint(model) as ck:
+        for n in ck.tensors:
+            t = ck.read(n).contiguous()
+            h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            out[n] = h.hexdigest()
+    return out
+
+
+def _same_tensors(x: dict[str, str], y: dict[str, str]) -> dict:
+    """Two outputs' tensor digests: same names, and how many tensors differ bit for bit."""
+    if sorted(x) != sorted(y):
+        return {"same_names": False, "tensors": len(x)}
+    return {"same_names": True, "tensors": len(x), "differ": sum(x[n] != y[n] for n in x)}
 
 
 def drop_page_cache() -> bool:
@@ -453,7 +474,8 @@ def drop_page_cache() -> bool:
 
 def stage_weight(a, w: Path, res: dict) -> None:
     """Each method of ``a.methods`` through ``lsm merge CONFIG OUT`` and ``mergekit-yaml CONFIG OUT``
-    back to back, the same mergekit config file, the same flags; outputs compared, then deleted."""
+    back to back, the same mergekit config file, the same flags; each output hashed tensor by tensor and
+    deleted before the other tool runs (disk: the pair + one output), then the digests compared."""
     mk = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
     flags = ["--no-write-model-card", "--out-shard-size", "2B"]
     res["weight"] = {}
@@ -463,17 +485,17 @@ def stage_weight(a, w: Path, res: dict) -> None:
         outs = {tool: w / f"{m}-{tool}" for tool in ("lsm", "mergekit")}
         for o in outs.values():
             shutil.rmtree(o, ignore_errors=True)
-        r = {}
+        r, digests = {}, {}
         for tool, cmd in (("lsm", lsm("merge", str(cfg), str(outs["lsm"]), *LSM_OVERRIDES.get(m, []), *flags)),
                           ("mergekit", [mk, str(cfg), str(outs["mergekit"]), *flags])):
             r[f"{tool}_cold"] = a.cold and drop_page_cache()
             r[tool] = run(cmd, w)
+            digests[tool] = tensor_digests(outs[tool])
+            shutil.rmtree(outs[tool], ignore_errors=True)
         r["time_ratio"] = r["lsm"]["wall_s"] / r["mergekit"]["wall_s"]
         r["peak_rss_ratio"] = r["lsm"]["peak_rss_mib"] / r["mergekit"]["peak_rss_mib"]
-        r["compared"] = _same_tensors(outs["lsm"], outs["mergekit"])
+        r["compared"] = _same_tensors(digests["lsm"], digests["mergekit"])
         r["bit_equal"] = None if m in RANDOM_METHODS | OTHER_TIES else r["compared"].get("differ") == 0
-        for o in outs.values():
-            shutil.rmtree(o, ignore_errors=True)
         res["weight"][m] = r
         print(f"  {m:10s} lsm {r['lsm']['wall_s']:8.1f} s {r['lsm']['peak_rss_mib']:7.0f} MiB | mergekit "
               f"{r['mergekit']['wall_s']:8.1f} s {r['mergekit']['peak_rss_mib']:7.0f} MiB | x{r['time_ratio']:.2f} "
@@ -487,13 +509,15 @@ def report(a, res: dict) -> dict:
     peaks = {k: v.get("peak_rss_mib") for k, v in res.items() if isinstance(v, dict) and "peak_rss_mib" in v
              and k not in ("train", "train_paper", "generate")}
     peaks |= {f"weight_{m}": r["lsm"]["peak_rss_mib"] for m, r in res.get("weight", {}).items()}
+    latent = {k: res[k] for k in ("merge", "encode_decode") if "latent_bytes" in res.get(k, {})}
     return {"largest_tensor_fp32_mib": largest, "rss_bound_mib": bound,
             "rss_within_bound": {k: v <= bound for k, v in peaks.items()},
-            "slowest_task_within_1.25x_mean": {k: res.get("merge", {}).get(f"{k}_slowest_over_mean", math.nan) <= 1.25
-                                               for k in ("encode", "merge") if f"{k}_slowest_over_mean" in res.get("merge", {})},
-            "merge_disk_growth_le_latents_plus_output": (
-                res["merge"]["disk_growth_bytes"] <= res["merge"]["latent_bytes"] + res["merge"]["output_bytes"] + 2**26
-                if "latent_bytes" in res.get("merge", {}) else None),
+            "slowest_task_within_1.25x_mean": {f"{key}.{k}": r[f"{k}_slowest_over_mean"] <= 1.25
+                                               for key, r in latent.items() for k in ("encode", "merge")
+                                               if f"{k}_slowest_over_mean" in r},
+            "disk_growth_le_latents_plus_output": {  # + 64 MiB: logs, plan, markers
+                key: r["disk_growth_bytes"] <= r["latent_bytes"] + r["output_bytes"] + 2**26
+                for key, r in latent.items()},
             "weight_time_le_mergekit": {m: r["time_ratio"] <= 1.0 for m, r in res.get("weight", {}).items()},
             "weight_rss_le_half_mergekit": {m: r["peak_rss_ratio"] <= 0.5 for m, r in res.get("weight", {}).items()},
             "weight_bit_equal_mergekit": {m: r["bit_equal"] for m, r in res.get("weight", {}).items()}}

@@ -39,12 +39,17 @@ def test_bench_scale_toy_runs_every_stage(tmp_path, slurm_cluster):
     assert res["errors"] == {}
     with safe_open(str(next((tmp_path / "w" / "B").glob("*.safetensors"))), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {__import__("torch").bfloat16}  # noqa: SIM118
-    for stage in ("convert", "train", "merge", "forward"):
+    for stage in ("convert", "train", "merge", "encode_decode", "forward"):
         r = res[stage]
         assert r["wall_s"] > 0 and r["peak_rss_mib"] > 0, stage
     assert res["convert"]["samples_per_s"] > 0 and res["forward"]["finite"]
     assert {t["stage"] for t in res["merge"]["array_tasks"]} >= {"encode", "merge"}
     assert len([t for t in res["merge"]["array_tasks"] if t["stage"] == "merge"]) == 2  # two array tasks
+    for key in ("merge", "encode_decode"):  # latents + output on disk, no second copy; bf16 means only
+        r = res[key]
+        assert r["latent_dtype"] == "bfloat16" and 0 < r["latent_bytes"] and r["encode_params_per_s"] > 0, key
+        assert res["targets"]["disk_growth_le_latents_plus_output"][key], (key, r["disk_growth_bytes"])
+    assert res["encode_decode"]["latent_bytes"] < 0.75 * res["merge"]["latent_bytes"]  # one model's latents
     assert res["train_paper"]["1_rank"]["per_rank_peak_rss_mib"] and len(res["train_paper"]["2_rank"]["per_rank_peak_rss_mib"]) == 2
     assert set(res["targets"]["rss_within_bound"]) >= {"convert", "merge", "weight_ties"}
     for m in ("linear", "ties", "dare_ties"):  # the same mergekit config through both tools
