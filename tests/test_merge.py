@@ -684,6 +684,59 @@ def test_single_process_weight_merge_writes_each_tensor_once(zoo, tmp_path, meth
         assert torch.equal(direct.read(name), layered.read(name)), name
 
 
+def test_assembly_frees_each_layer_file_once_copied(zoo, tmp_path, monkeypatch):
+    """keep_layers: false, layer files (a latent merge): each layer file is deleted as soon as
+    its tensors are in the output, so the merged weights are never on disk twice; an assembly
+    that fails after freeing some is re-run by merging those layers again, to the same bytes."""
+    import importlib
+
+    asm_mod = importlib.import_module("lsm_dist.merge.assemble")  # (the package exports a function of that name)
+    kw = dict(models=("base", "a"), target="base", max_shard_size="20KB")
+    ref = Checkpoint(run_merge(plan_for(zoo, tmp_path / "ref", keep_layers=True, **kw)))
+    plan = plan_for(zoo, tmp_path / "rel", keep_layers=False, **kw)
+    rp = prepare(plan)
+    run_encode(rp)
+    run_decode(rp)
+    layers = rp.layers_dir
+    seen, real = [], asm_mod.write_streaming
+
+    def watch(path, infos, fetch, **k):  # layer files present as each shard starts
+        seen.append(({t.name for t in infos}, {p.name for p in layers.glob("*.safetensors")}))
+        return real(path, infos, fetch, **k)
+
+    monkeypatch.setattr(asm_mod, "write_streaming", watch)
+    owner = {n: f"{g}.safetensors" for g, js in rp.groups.items() for n in (j.name for j in js)}
+    written: set[str] = set()
+    run_assemble(rp)
+    assert len(seen) > 3 and not layers.exists()
+    for names, present in seen:  # a file whose tensors all went into earlier shards is gone
+        done = {f for f in set(owner.values()) if all(n in written for n, o in owner.items() if o == f)}
+        assert not done & present, (done & present)
+        written |= names
+    # fail the assembly in the first shard after a layer file was freed: the freed ones are gone,
+    # a re-run of the merge stage writes them again
+    rp2 = prepare(plan_for(zoo, tmp_path / "fail", keep_layers=False, **kw))
+    run_decode(rp2)
+
+    def failing(path, infos, fetch, **k):
+        if len(list(rp2.layers_dir.glob("*.safetensors"))) < len(rp2.groups):
+            raise asm_mod.AssemblyError("injected: disk full")
+        return real(path, infos, fetch, **k)
+
+    monkeypatch.setattr(asm_mod, "write_streaming", failing)
+    with pytest.raises(asm_mod.AssemblyError, match="injected"):
+        run_assemble(rp2)
+    before = set(rp2.groups)
+    left = {p.stem for p in rp2.layers_dir.glob("*.safetensors")}
+    assert left and left < before and not rp2.model_dir.exists()
+    with pytest.raises(asm_mod.AssemblyError, match="run the merge/decode stage"):
+        run_assemble(rp2)
+    monkeypatch.setattr(asm_mod, "write_streaming", real)
+    assert run_decode(rp2)["written"] == len(before - left)
+    got = Checkpoint(run_assemble(rp2))
+    assert got.names == ref.names and all(torch.equal(got.read(n), ref.read(n)) for n in ref.names)
+
+
 def test_streaming_writer_starts_writeback_and_writes_the_same_bytes(tmp_path, monkeypatch):
     """write_streaming hands written bytes to writeback as it goes (fadvise); the file is the
     same byte for byte, whole tensors and row blocks alike."""

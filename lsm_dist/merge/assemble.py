@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -172,7 +173,7 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
              extra: dict | None = None, outputs: list[TensorInfo] | None = None,
              config_patch: dict | None = None, write_extra=None, copy_tokenizer: bool = True,
              compute: Callable[[str], TensorOrRows] | None = None, computed: Collection[str] = (),
-             bar: bool = False) -> Path:
+             bar: bool = False, release: bool = False) -> Path:
     """Build the HF checkpoint ``model_dir`` (see module doc) and mark it complete.
 
     ``outputs``: the checkpoint's tensors in order (default: the target's); names not in the
@@ -181,7 +182,12 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
     ``write_extra(tmp_dir)``: writes further files (the model card) before the rename.
     ``compute(name)``: the merged tensor (or its row blocks) of each name in ``computed``, merged
     as it is written (a single-process weight-space merge: no layer files, each tensor written
-    once); ``groups`` then names only the layer files already written. ``bar``: a console bar."""
+    once); ``groups`` then names only the layer files already written. ``bar``: a console bar.
+    ``release`` (``keep_layers: false``): each layer file is deleted as soon as its last tensor is
+    copied into the output, so the disk never holds the merged weights twice (the high-water is
+    the output + one layer file, not the output + every layer file); an assembly that fails after
+    that finds those layers missing and the merge stage writes them again (it skips only the
+    layer files present)."""
     model_dir, layers_dir = Path(model_dir), Path(layers_dir)
     merged = merged_files(layers_dir, digest, groups)
     computed = set(computed) - set(merged)
@@ -221,6 +227,8 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
             n = len(shards)
             pbar = progress(total=len(infos), desc="assemble", unit="tensor", disable=not bar)
 
+            left = Counter(merged[t.name] for t in infos if t.name in merged)  # tensors still to copy, per file
+
             def fetch(name: str) -> TensorOrRows:
                 release_memory()
                 pbar.update(1)
@@ -234,7 +242,12 @@ def assemble(target: str | Path | Checkpoint, layers_dir: str | Path, model_dir:
                 if f not in handles:
                     handles.clear()
                     handles[f] = safe_open(str(f), framework="pt")
-                return handles[f].get_tensor(name)
+                x = handles[f].get_tensor(name)  # a copy in memory: the file may go now
+                left[f] -= 1
+                if release and left[f] == 0:
+                    handles.pop(f, None)
+                    f.unlink()
+                return x
 
             weight_map, total = {}, 0
             for i, part in enumerate(shards):

@@ -100,7 +100,7 @@ def run_assemble(rp: ResolvedPlan, direct: bool = False, bar: bool = False) -> P
                    extra={"method": rp.plan.method, "space": rp.plan.space},
                    outputs=rp.outputs, config_patch=rp.config_patch,
                    write_extra=extra, copy_tokenizer=rp.plan.copy_tokenizer and not built,
-                   compute=compute, computed=computed, bar=bar)
+                   compute=compute, computed=computed, bar=bar, release=not rp.plan.keep_layers)
     if not rp.plan.keep_layers:  # the checkpoint holds every merged tensor: the layer files go
         remove_own_layers(rp.layers_dir)
     return out
