@@ -47,7 +47,7 @@ def test_bench_scale_toy_runs_every_stage(tmp_path, slurm_cluster):
     assert len([t for t in res["merge"]["array_tasks"] if t["stage"] == "merge"]) == 2  # two array tasks
     for key in ("merge", "encode_decode"):  # latents + output on disk, no second copy; bf16 means only
         r = res[key]
-        assert r["latent_dtype"] == "bfloat16" and 0 < r["latent_bytes"] and r["encode_params_per_s"] > 0, key
+        assert r["latent_dtype"] == "bfloat16" and r["latent_bytes"] > 0 and r["encode_params_per_s"] > 0, key
         assert res["targets"]["disk_growth_le_latents_plus_output"][key], (key, r["disk_growth_bytes"])
     assert res["encode_decode"]["latent_bytes"] < 0.75 * res["merge"]["latent_bytes"]  # one model's latents
     assert res["train_paper"]["1_rank"]["per_rank_peak_rss_mib"] and len(res["train_paper"]["2_rank"]["per_rank_peak_rss_mib"]) == 2
