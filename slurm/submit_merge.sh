@@ -35,14 +35,28 @@ PYEOF
 )
 mkdir -p logs
 # shellcheck disable=SC2086  # LSM_SBATCH_ARGS is a list of arguments
-sb() { local out; out=$(sbatch --parsable ${LSM_SBATCH_ARGS:-} "$@"); echo "${out%%;*}"; }
+# sb: submit one job and set JID. Not run in $(...): errexit does not reach into a command
+# substitution, and a failed sbatch must stop the chain (printing empty ids, exit 0, it did not),
+# cancelling the jobs already queued so that no stage runs without the ones after it.
+submitted=()
+sb() {
+  local out
+  if ! out=$(sbatch --parsable ${LSM_SBATCH_ARGS:-} "$@"); then
+    [ ${#submitted[@]} -eq 0 ] || scancel "${submitted[@]}" || true
+    echo "submit_merge.sh: sbatch failed (see its message above); nothing left queued" \
+         "${submitted[*]:+(cancelled ${submitted[*]})}" >&2
+    exit 1
+  fi
+  JID=${out%%;*}
+  submitted+=("$JID")
+}
 after=()
 enc=- fin=-
 if [ "$SPACE" = latent ]; then
-  enc=$(sb --array=0-$((N - 1)) "$here/merge.sh" encode "$@")
-  fin=$(sb --dependency=afterok:"$enc" --kill-on-invalid-dep=yes "$here/merge.sh" encode-finalize "$@")
+  sb --array=0-$((N - 1)) "$here/merge.sh" encode "$@"; enc=$JID
+  sb --dependency=afterok:"$enc" --kill-on-invalid-dep=yes "$here/merge.sh" encode-finalize "$@"; fin=$JID
   after=(--dependency=afterok:"$fin" --kill-on-invalid-dep=yes)
 fi
-mrg=$(sb --array=0-$((N - 1)) "${after[@]}" "$here/merge.sh" merge "$@")
-asm=$(sb --dependency=afterok:"$mrg" --kill-on-invalid-dep=yes "$here/merge.sh" assemble "$@")
+sb --array=0-$((N - 1)) "${after[@]}" "$here/merge.sh" merge "$@"; mrg=$JID
+sb --dependency=afterok:"$mrg" --kill-on-invalid-dep=yes "$here/merge.sh" assemble "$@"; asm=$JID
 echo "encode $enc finalize $fin merge $mrg assemble $asm"

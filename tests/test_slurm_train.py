@@ -329,6 +329,37 @@ def test_merge_array_and_assembly(tmp_path, slurm_cluster, cancel_after):
 
 
 @pytest.mark.slurm
+def test_submit_merge_stops_when_sbatch_fails(tmp_path, slurm_cluster):
+    """A refused sbatch stops slurm/submit_merge.sh with its message and a non-zero status (it
+    printed empty job ids and exited 0); a later refusal cancels the jobs already queued."""
+    import yaml
+
+    from tests.helpers import fake_sbatch_env
+    from tests.merge_helpers import build_model
+
+    base = build_model("llama", tmp_path / "base", 32, 2, 64, seed=0)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"models": {"a": str(base), "b": str(base)}, "method": "linear",
+                                    "space": "weight", "out_dir": str(tmp_path / "out")}))
+    # the real sbatch refuses a partition the cluster does not have
+    res = sh("bash", "slurm/submit_merge.sh", "2", str(plan), check=False,
+             env=job_env(LSM_SBATCH_ARGS="--partition=lsm-no-such-partition"))
+    assert res.returncode == 1 and "sbatch failed" in res.stderr, res
+    assert "invalid partition" in res.stderr.lower() and "merge" not in res.stdout, res
+    # the second submission refused: the first job is cancelled, nothing else is submitted
+    env = fake_sbatch_env(tmp_path)
+    fake = tmp_path / "bin"
+    (fake / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'sbatch-calls'}\n"
+                                 f"[ $(wc -l < {tmp_path / 'sbatch-calls'}) -lt 2 ] || exit 1\necho 77\n")
+    (fake / "scancel").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scancel-calls'}\n")
+    (fake / "scancel").chmod(0o755)
+    res = sh("bash", "slurm/submit_merge.sh", "2", str(plan), check=False, env=env)
+    assert res.returncode == 1 and "cancelled 77" in res.stderr, res
+    assert (tmp_path / "scancel-calls").read_text().split() == ["77"]
+    assert len((tmp_path / "sbatch-calls").read_text().splitlines()) == 2
+
+
+@pytest.mark.slurm
 def test_submit_fails_fast(corpus, tmp_path, slurm_cluster, cancel_after):
     """More nodes than the cluster has: refused at once with a message, nothing queued; a missing
     config fails the job at once, before any srun step."""
