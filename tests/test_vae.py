@@ -200,6 +200,17 @@ def test_deterministic_and_sampling():
     assert not torch.equal(s["z"], s["mu"])
 
 
+
+def test_encode_means_alone():
+    """A merge reading the means alone asks for no log-variances: none are computed or held."""
+    torch.manual_seed(0)
+    m = TransformerVAE(tiny()).eval()
+    x = torch.randn(4, 8, 64)
+    with torch.no_grad():
+        (mu, lv), (mu1, lv1) = m.encode(x), m.encode(x, logvar=False)
+    assert torch.equal(mu, mu1) and lv1 is None and lv.shape == mu.shape
+
+
 def test_cond_embeddings():
     cfg = tiny(cond="layer_block_role")
     m = TransformerVAE(cfg).eval()

@@ -71,7 +71,7 @@ def vae_reconstruct(vae, x: np.ndarray, cond_args: tuple, roles: dict, batch: in
     for s in range(0, len(x), batch):
         xb = torch.from_numpy(x[s : s + batch])
         cond = make_cond(vae, len(xb), *cond_args, roles, torch.device("cpu"))
-        mu, _ = vae.encode(xb, cond)
+        mu, _ = vae.encode(xb, cond, logvar=False)
         out[s : s + batch] = vae.decode(mu, cond).float().numpy()
     return out
 

@@ -152,16 +152,17 @@ class LatentCache:
 @torch.no_grad()
 def encode_tensor(vae: TransformerVAE, t: torch.Tensor, cond_info: tuple, roles: dict[str, int],
                   batch_size: int, device: torch.device, latent_dtype: torch.dtype = torch.float32,
-                  stats: tuple[float, float] | None = None):
+                  stats: tuple[float, float] | None = None, logvar: bool = True):
     """One tensor → (mu, logvar, mean, std): latents (samples, latent_tokens, latent_dim);
-    standardized with its own (mean, std), or with ``stats`` (delta encoding's shared scale)."""
+    standardized with its own (mean, std), or with ``stats`` (delta encoding's shared scale).
+    Without ``logvar`` the log-variances are neither computed nor held (logvar is None)."""
     cfg = vae.cfg
     spec = ChunkSpec(cfg.tokens, cfg.chunk)
     t32 = t.float() if t.dtype != torch.float32 else t  # one float32 copy; batches are views of it
     mean, std = norm_stats(t32) if stats is None else stats
     n = spec.num_samples(t32.numel())
     mu = torch.empty((n, *cfg.latent_shape), dtype=latent_dtype)
-    lv = torch.empty_like(mu)
+    lv = torch.empty_like(mu) if logvar else None
     layer, block, role = cond_info
     ctx = autocast(device) if device.type == "cuda" else nullcontext()
     for s in range(0, n, batch_size):
@@ -170,9 +171,10 @@ def encode_tensor(vae: TransformerVAE, t: torch.Tensor, cond_info: tuple, roles:
         x = torch.from_numpy(x).reshape(b, cfg.tokens, cfg.chunk).to(device)
         cond = make_cond(vae, b, layer, block, role, roles, device)
         with ctx:
-            m, v = vae.encode(x, cond)
+            m, v = vae.encode(x, cond, logvar=logvar)
         mu[s : s + b] = m.float().cpu().to(latent_dtype)
-        lv[s : s + b] = v.float().cpu().to(latent_dtype)
+        if lv is not None:
+            lv[s : s + b] = v.float().cpu().to(latent_dtype)
     return mu, lv, mean, std
 
 
@@ -207,7 +209,7 @@ def encode_names(ck: Checkpoint, names: list[str], vae: TransformerVAE, vae_dir:
             del w_base
         block = info.block if info.block in BLOCK_IDS else "other"
         mu, lv, mean, std = encode_tensor(vae, t, (info.layer, block, info.role), roles, batch_size,
-                                          device, LATENT_DTYPES[latent_dtype], scale)
+                                          device, LATENT_DTYPES[latent_dtype], scale, logvar)
         meta = {
             "format": FORMAT, "name": name, "source": str(ck.path), "shape": list(info.shape),
             "dtype": info.dtype, "mean": mean, "std": std, "num_samples": int(mu.shape[0]),
@@ -215,7 +217,7 @@ def encode_names(ck: Checkpoint, names: list[str], vae: TransformerVAE, vae_dir:
             "role": info.role, "tokens": cfg.tokens, "chunk": cfg.chunk,
             "latent_shape": list(cfg.latent_shape), "latent_dtype": latent_dtype,
             "model_digest": cache.model_digest, "vae_digest": cache.vae_digest, "logvar": logvar,
-            "sha256": latents_sha256(mu, lv if logvar else None),
+            "sha256": latents_sha256(mu, lv),
         }  # fmt: skip
         atomic_save({"mu": mu, "logvar": lv} if logvar else {"mu": mu}, cache.tensor_path(name),
                     {"format": FORMAT, "meta": json.dumps(meta)})

@@ -310,8 +310,9 @@ class TransformerVAE(nn.Module):
         return float((sv[:k] ** 2).sum() / energy) if energy > 0 else 1.0
 
     # ---- encoder / decoder -------------------------------------------------------------
-    def encode(self, x: torch.Tensor, cond: dict[str, torch.Tensor] | None = None):
-        """x (B, tokens, chunk) → (mu, logvar), each (B, latent_tokens, latent_dim)."""
+    def encode(self, x: torch.Tensor, cond: dict[str, torch.Tensor] | None = None, logvar: bool = True):
+        """x (B, tokens, chunk) → (mu, logvar), each (B, latent_tokens, latent_dim); logvar is
+        None when not asked for (a merge that reads the means alone)."""
         cfg = self.cfg
         if x.dim() != 3 or tuple(x.shape[1:]) != (cfg.tokens, cfg.chunk):
             raise ValueError(f"encode expects x of shape (B, {cfg.tokens}, {cfg.chunk}), got {tuple(x.shape)}")
@@ -329,7 +330,7 @@ class TransformerVAE(nn.Module):
             rows, n_in, _ = cfg.skip_shape
             lin = self.skip_enc(x.to(mu.dtype).reshape(B, rows, n_in))
             mu = mu + lin.reshape(B, cfg.latent_tokens, cfg.latent_dim)
-        return mu, self.logvar(h).clamp(-30.0, 20.0)
+        return mu, (self.logvar(h).clamp(-30.0, 20.0) if logvar else None)
 
     def decode(self, z: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """z (B, latent_tokens, latent_dim) → x_hat (B, tokens, chunk)."""
