@@ -384,15 +384,24 @@ def _latent_plan(a, w: Path, res: dict, key: str, fields: dict) -> None:
     tasks = _task_times(logs / "logs")
     r = res[key] = {"wall_s": round(wall, 1), **mon.summary(), "jobs": sub.stdout.strip(), "array_tasks": tasks,
                     "latent_dtype": a.latent_dtype, "latent_bytes": dir_bytes(cache), "output_bytes": dir_bytes(out)}
-    params = sum(math.prod(s) for _, s, _, _ in tensor_specs(a.shape))
-    encoded = params * len(fields["models"])
-    for stage, n in (("encode", encoded), ("merge", params)):  # every model encoded; one model decoded
+    # parameters that went through the VAE (the embeddings and norms are merged in weight space):
+    # the shapes the latent cache records; every model encoded, the target's tensors decoded
+    encoded = latent_params(cache)
+    r["encoded_params"] = encoded
+    for stage, n in (("encode", encoded), ("merge", encoded // len(fields["models"]))):
         ts = [t["seconds"] for t in tasks if t["stage"] == stage]
         if ts:  # the array's wall time is its slowest task's
             r[f"{stage}_s"] = max(ts)
             r[f"{stage}_params_per_s"] = n / max(ts)
             r[f"{stage}_params_per_s_per_task"] = n / max(ts) / len(ts)
             r[f"{stage}_slowest_over_mean"] = max(ts) / (sum(ts) / len(ts))
+
+
+def latent_params(cache: Path) -> int:
+    """Entries of the weight tensors encoded into a latent cache: the shapes its manifests record
+    (one per model, written by the encode stage's finalize step)."""
+    return sum(math.prod(t["shape"]) for m in cache.glob("*/manifest.json")
+               for t in json.loads(m.read_text())["tensors"].values())
 
 
 def _task_times(logs: Path) -> list[dict]:

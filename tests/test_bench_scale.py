@@ -50,6 +50,11 @@ def test_bench_scale_toy_runs_every_stage(tmp_path, slurm_cluster):
         assert r["latent_dtype"] == "bfloat16" and r["latent_bytes"] > 0 and r["encode_params_per_s"] > 0, key
         assert res["targets"]["disk_growth_le_latents_plus_output"][key], (key, r["disk_growth_bytes"])
     assert res["encode_decode"]["latent_bytes"] < 0.75 * res["merge"]["latent_bytes"]  # one model's latents
+    # rates count what went through the VAE: the weight tensors, not the embeddings (merged in weight space)
+    from bench_scale import SHAPES, tensor_specs
+
+    total = sum(__import__("math").prod(s) for _, s, _, _ in tensor_specs(SHAPES["toy"]))
+    assert 0 < res["encode_decode"]["encoded_params"] < total and res["merge"]["encoded_params"] == 2 * res["encode_decode"]["encoded_params"]
     assert res["train_paper"]["1_rank"]["per_rank_peak_rss_mib"] and len(res["train_paper"]["2_rank"]["per_rank_peak_rss_mib"]) == 2
     assert set(res["targets"]["rss_within_bound"]) >= {"convert", "merge", "weight_ties"}
     for m in ("linear", "ties", "dare_ties"):  # the same mergekit config through both tools
