@@ -50,25 +50,3 @@ def tiny_zoo(tmp_path_factory):
     cfg_path = Path(__file__).resolve().parents[1] / "configs" / "zoo" / "tiny.yaml"
     out = tmp_path_factory.mktemp("tiny_zoo")
     return build_zoo(load_zoo_config(cfg_path, [f"out_dir={out}"]), progress=False)
-
-
-# --------------------------------------------------------------------------- the real demo
-# tests/test_demo_real.py's chain (~17 CPU-minutes: the real zoo, then `lsm demo`) starts as a
-# child process with the session and runs beside the other tests; its test is moved last and
-# waits for it. A session without that test starts nothing.
-def pytest_collection_modifyitems(session, config, items):
-    from tests.test_demo_real import NODE
-
-    items.sort(key=lambda i: i.nodeid.endswith(NODE))  # stable: everything else keeps its order
-
-
-@pytest.fixture(scope="session", autouse=True)
-def real_demo(request, tmp_path_factory):
-    from tests.test_demo_real import DemoJob, wanted
-
-    if not wanted(request.session.items):
-        yield None
-        return
-    job = DemoJob(tmp_path_factory.mktemp("real_demo"))
-    yield job
-    job.stop()
