@@ -34,11 +34,11 @@ print(plan.space)
 PYEOF
 )
 mkdir -p logs
-# shellcheck disable=SC2086  # LSM_SBATCH_ARGS is a list of arguments
 # sb: submit one job and set JID. Not run in $(...): errexit does not reach into a command
 # substitution, and a failed sbatch must stop the chain (printing empty ids, exit 0, it did not),
 # cancelling the jobs already queued so that no stage runs without the ones after it.
 submitted=()
+# shellcheck disable=SC2086  # LSM_SBATCH_ARGS is a list of arguments
 sb() {
   local out
   if ! out=$(sbatch --parsable ${LSM_SBATCH_ARGS:-} "$@"); then
