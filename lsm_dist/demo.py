@@ -175,7 +175,7 @@ def _plans(cfg: DemoConfig, zoo: dict[str, Path], vae: Path) -> dict[str, dict]:
     out = Path(cfg.out_dir)
     for name, plan in plans.items():
         plan.update(vae=str(vae), out_dir=str(out / "merges" / name), cache_dir=str(out / "latent_cache"),
-                    batch_size=4096, overwrite=True,  # the demo's own merge of earlier inputs
+                    overwrite=True,  # the demo's own merge of earlier inputs
                     keep_layers=False)  # the assembled checkpoint holds every merged tensor
     return plans
 

@@ -419,7 +419,7 @@ class Context:
         from lsm_dist.merge.run import run_merge
 
         plan = {**plan, "out_dir": str(self.out / "merges" / label),
-                "cache_dir": str(self.shared / "latent_cache"), "batch_size": 4096, "overwrite": True,
+                "cache_dir": str(self.shared / "latent_cache"), "overwrite": True,
                 "keep_layers": False}
         if plan.get("space", "latent") == "latent":
             plan["vae"] = str(vae or self.vae())
