@@ -175,7 +175,7 @@ class MergePlan:
     out_dir: str = doc("merge output: merge_plan.json, layers/, model/", "runs/merge/out")
     cache_dir: str = doc("latent cache root: <cache_dir>/<model_digest>-<vae_digest>/", "runs/latent_cache")
     zoo_dir: str = doc("expands '${zoo_dir}' in model and VAE paths", "runs/zoo")
-    batch_size: int = doc("samples per VAE encode/decode batch (on CPU 512 ran 1.4-2x faster than 4096, "
+    batch_size: int = doc("samples per VAE encode/decode batch (on a 2-core AVX2 CPU 512 ran 1.4-2x faster than 4096, "
                           "same values: benchmarks/README.md)", 512)
     device: str = doc("auto | cpu | cuda | cuda:N (bf16 autocast on CUDA)", "auto")
     latent_dtype: str = doc("stored latent dtype: float32 | bfloat16", "float32")
