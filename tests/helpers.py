@@ -128,13 +128,19 @@ def corpus_cfg(tmp: Path, models, name: str = "corpus", **kw):
     return ConvertConfig(**(base | kw))
 
 
-def fake_sbatch_env(tmp_path: Path) -> dict:
+def fake_sbatch_env(tmp_path: Path, fail_from: int | None = None) -> dict:
     """An environment whose ``sbatch`` only records its arguments in ``tmp_path/sbatch-calls``
-    (and prints a job id): a script's submissions are checked without a cluster."""
+    (and prints a job id; with ``fail_from``, the submissions from that number on fail) and whose
+    ``scancel`` records its in ``tmp_path/scancel-calls``: a script's submissions are checked
+    without a cluster."""
     import os
 
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
-    (fake / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'sbatch-calls'}\necho 1\n")
-    (fake / "sbatch").chmod(0o755)
+    calls = tmp_path / "sbatch-calls"
+    refuse = f"[ $(wc -l < {calls}) -lt {fail_from} ] || exit 1\n" if fail_from else ""
+    (fake / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n{refuse}echo 1\n")
+    (fake / "scancel").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scancel-calls'}\n")
+    for f in ("sbatch", "scancel"):
+        (fake / f).chmod(0o755)
     return {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}

@@ -347,15 +347,9 @@ def test_submit_merge_stops_when_sbatch_fails(tmp_path, slurm_cluster):
     assert res.returncode == 1 and "sbatch failed" in res.stderr, res
     assert "invalid partition" in res.stderr.lower() and "merge" not in res.stdout, res
     # the second submission refused: the first job is cancelled, nothing else is submitted
-    env = fake_sbatch_env(tmp_path)
-    fake = tmp_path / "bin"
-    (fake / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'sbatch-calls'}\n"
-                                 f"[ $(wc -l < {tmp_path / 'sbatch-calls'}) -lt 2 ] || exit 1\necho 77\n")
-    (fake / "scancel").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scancel-calls'}\n")
-    (fake / "scancel").chmod(0o755)
-    res = sh("bash", "slurm/submit_merge.sh", "2", str(plan), check=False, env=env)
-    assert res.returncode == 1 and "cancelled 77" in res.stderr, res
-    assert (tmp_path / "scancel-calls").read_text().split() == ["77"]
+    res = sh("bash", "slurm/submit_merge.sh", "2", str(plan), check=False, env=fake_sbatch_env(tmp_path, fail_from=2))
+    assert res.returncode == 1 and "cancelled 1" in res.stderr, res
+    assert (tmp_path / "scancel-calls").read_text().split() == ["1"]
     assert len((tmp_path / "sbatch-calls").read_text().splitlines()) == 2
 
 
