@@ -662,6 +662,51 @@ def test_ties_spread_keeps_exactly_k_spread_over_the_tensor(monkeypatch):
         assert torch.equal(spread != base, magnitude_mask(cont - base, dens).bool())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_ties_argsort_by_row_blocks_is_mergekits_selection(monkeypatch, dtype):
+    """tie_break: argsort merges by row blocks and keeps what mergekit keeps: the first
+    floor(d·n) entries of torch's argsort of |δ| (float32, descending) over the whole tensor,
+    tied entries at the threshold included -- bit for bit the whole-tensor TIES (the argsort
+    mask, sign election, disjoint mean), in the weights' own working dtype, over many blocks."""
+    from lsm_dist.merge import operators as ops
+    from lsm_dist.merge.operators import apply_operator_stream
+    from lsm_dist.merge.task_vectors import argsort_thresholds, combine, sparsify
+
+    monkeypatch.setattr(ops, "BLOCK_ELEMS", 7000)
+    base, xs = _tied_pair()
+    base, xs = base.to(dtype), [x.to(dtype) for x in xs]
+    shape = tuple(base.shape)
+    for dens in ([0.2, 0.5, 0.9], 0.01):
+        p = MergeParams(density=dens, tie_break="argsort", sign_tie="positive")
+        blocks = list(apply_operator_stream("ties", 3, lambda i, a, b: xs[i][a:b], lambda a, b: base[a:b],
+                                            shape, p, key="t", dtype=dtype))
+        assert len(blocks) > 20
+        ds = dens if isinstance(dens, list) else [dens] * 3
+        whole = torch.stack([sparsify(x - base, "magnitude", d, "none", None) for x, d in zip(xs, ds)])
+        ref = base + combine(whole, torch.ones(3, dtype=dtype), p, True, True)
+        assert torch.equal(torch.cat(blocks), ref)
+    # the case that needs the sort: the threshold splits a tie group (bf16-stored weights)
+    d = (xs[1] - base).reshape(-1)
+    k = int(0.5 * d.numel())
+    (t, chosen), = argsort_thresholds(lambda i: iter([(0, d)]), {0: k}, d.numel()).values()
+    tied = int((d.abs().float().view(torch.int32) == t).sum())
+    assert 0 < chosen.numel() < tied
+
+
+def test_argsort_order_in_place_and_in_own_dtype():
+    """The premise of argsort_thresholds: torch's CPU sort of |δ| in place, in bf16 / fp16, puts
+    the entries in the order of mergekit's float32 argsort (ties included), and that order is
+    not index order (so no cheaper rule reproduces it)."""
+    g = torch.Generator().manual_seed(3)
+    x = (0.01 * torch.randn(200_000, generator=g)).bfloat16()
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        ref = torch.argsort(x.to(dt).abs().float(), descending=True)  # mergekit's
+        assert not torch.equal(ref, torch.argsort(x.to(dt).abs().float(), descending=True, stable=True))
+        buf, idx = x.to(dt).abs(), torch.empty(x.numel(), dtype=torch.int64)
+        torch.sort(buf, descending=True, out=(buf, idx))
+        assert torch.equal(idx, ref), dt
+
+
 @pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
 def test_single_process_weight_merge_writes_each_tensor_once(zoo, tmp_path, method, monkeypatch):
     """One process, weight space: the checkpoint is written as the tensors are merged (no

@@ -17,12 +17,13 @@ One procedure, parameterized per method (as mergekit's generalized task arithmet
 5. **sum** the (agreeing) weighted deltas; with ``normalize`` divide by the sum of the
    (agreeing) weights, per entry (1 where that is 0); multiply by ``params.scale``; add the base.
 
-Linear-style sums, TIES trimming (``tie_break: spread``) and DARE drops run by **row blocks**
-(:func:`stream_deltas`): a weight merge reads the inputs' rows block by block from their files.
+Linear-style sums, TIES trimming and DARE drops run by **row blocks** (:func:`stream_deltas`):
+a weight merge reads the inputs' rows block by block from their files. TIES finds each delta's
+threshold by radix selection (``tie_break: spread``) or, for mergekit's selection among the
+entries tied at it (``tie_break: argsort``), by one in-place sort of |δ| over the whole tensor.
 Random masks come from one generator per input and row block (seeded by the plan's seed, the
 tensor name, the input and the block), one uniform draw per entry, so a merge is reproducible on
-any rank; Breadcrumbs and DELLA (ranks over the tensor / a row) and ``tie_break: argsort``
-(mergekit's selection) merge whole tensors.
+any rank; Breadcrumbs and DELLA (ranks over the tensor / a row) merge whole tensors.
 """
 
 from __future__ import annotations
@@ -172,9 +173,14 @@ _HALF = 1 << 16
 
 def streams(how: str | None, p: MergeParams) -> bool:
     """Whether a task-vector method merges by row blocks under ``p``: no sparsification, random
-    drops (DARE) and magnitude trimming (TIES) with ``tie_break: spread``; Breadcrumbs and DELLA
-    (ranks over the whole tensor / row) and mergekit's argsort order need the whole tensor."""
-    return how is None or how == "random" or (how == "magnitude" and p.tie_break == "spread")
+    drops (DARE) and magnitude trimming (TIES; with ``tie_break: argsort`` the order of the tied
+    entries comes from one sort of |δ| of the whole tensor, see :func:`argsort_thresholds`).
+    Breadcrumbs and DELLA (ranks over the whole tensor / row), and TIES in mergekit's argsort
+    order with ``rescale: l1`` (mergekit's L1 norms are sums over the whole tensor in its dtype)
+    need the whole tensor."""
+    if how == "magnitude":
+        return p.tie_break == "spread" or (p.rescale or "none") != "l1"
+    return how is None or how == "random"
 
 
 def _bits(d: torch.Tensor) -> torch.Tensor:
@@ -233,16 +239,44 @@ def magnitude_thresholds(sweep, ks: dict[int, int]) -> dict[int, tuple[int, int,
     return out
 
 
+def argsort_thresholds(sweep_one, ks: dict[int, int], numel: int) -> dict[int, tuple[int, torch.Tensor]]:
+    """Per input i, what mergekit's ``argsort(|δ_i|.float(), descending=True)[:k]`` keeps, as
+    ``(t, chosen)``: t the float32 bit pattern of the k-th value in that order (every entry above
+    it is kept) and ``chosen`` the flat positions (ascending) of the entries equal to t that the
+    sort places among the first k. ``sweep_one(i)`` yields ``(start, δ_i block)`` over the tensor.
+    |δ_i| of the whole tensor is sorted in place in δ's own dtype: every float dtype is sorted by
+    one comparison sort, and bf16 / fp16 values compare as their float32 copies, so the order is
+    the float32 argsort's (``test_argsort_order_in_place_and_in_own_dtype``). One input at a time:
+    memory ``8 + itemsize`` bytes per entry while it sorts (mergekit's argsort: 16, beside its
+    float32 copy and the inputs), then the chosen ties only."""
+    out = {}
+    for i, k in ks.items():
+        buf = idx = None
+        for start, d in sweep_one(i):
+            if buf is None:
+                buf = torch.empty(numel, dtype=d.dtype)
+                idx = torch.empty(numel, dtype=torch.int64)
+            buf[start:start + d.numel()] = d.reshape(-1).abs()
+        torch.sort(buf, descending=True, out=(buf, idx))
+        tv = buf[k - 1]
+        above = int((buf[:k] != tv).sum())
+        chosen = idx[above:k].sort().values
+        t = int(tv.float().view(torch.int32))
+        del buf, idx
+        out[i] = (t, chosen)
+    return out
+
+
 def stream_deltas(name: str, n: int, read, read_base, shape: tuple[int, ...], p: MergeParams,
                   how: str | None, consensus: bool, normalize_default: bool,
                   density: list[float] | None = None, key: str = "") -> Iterator[torch.Tensor]:
     """Steps 1-5 of the module doc by row blocks (:func:`row_spans`): ``read(i, a, b)`` and
     ``read_base(a, b)`` give rows ``[a, b)`` of input i and of the base (in the working dtype);
     yields the merged rows in order. TIES trimming keeps exactly ``max(1, floor(d·n))`` entries:
-    those above the threshold of :func:`magnitude_thresholds` and, of those equal to it, the ones
-    first in a fixed hash order of their positions (``tie_break: spread``: the same on any device,
-    spread over the tensor; mergekit's argsort picks tied entries in an order of its own, and
-    weights stored in bf16 make large tie groups). DARE draws each row block's mask from its own generator (seeded by the
+    those above the threshold and, of those equal to it, the ones first in a fixed hash order of
+    their positions (``tie_break: spread``, :func:`magnitude_thresholds`: the same on any device,
+    spread over the tensor) or the ones mergekit's argsort puts first (``tie_break: argsort``,
+    :func:`argsort_thresholds`; weights stored in bf16 make large tie groups). DARE draws each row block's mask from its own generator (seeded by the
     plan's seed, the tensor, the input and the block). ``rescale: l1`` first sums |δ| and |kept δ|
     over the tensor (float64) in a pass of its own."""
     if not streams(how, p):
@@ -264,8 +298,13 @@ def stream_deltas(name: str, n: int, read, read_base, shape: tuple[int, ...], p:
         for a, b in spans:
             yield a * row, dict(enumerate(deltas_of(a, b)[1]))
 
-    thr = magnitude_thresholds(sweep, {i: max(1, int(dens[i] * numel)) for i in trimmed}) \
-        if how == "magnitude" and trimmed else {}
+    ks = {i: max(1, int(dens[i] * numel)) for i in trimmed} if how == "magnitude" else {}
+    by_sort = bool(ks) and p.tie_break == "argsort"
+    if by_sort:
+        thr = argsort_thresholds(lambda i: ((a * row, read(i, a, b) - read_base(a, b)) for a, b in spans),
+                                 ks, numel)
+    else:
+        thr = magnitude_thresholds(sweep, ks) if ks else {}
     seen_ties = dict.fromkeys(trimmed, 0)
 
     def masks(j: int, deltas: list[torch.Tensor], ties: dict[int, int]) -> dict[int, torch.Tensor]:
@@ -275,6 +314,14 @@ def stream_deltas(name: str, n: int, read, read_base, shape: tuple[int, ...], p:
             if how == "random":
                 gen = make_generator(p.seed, f"{key}:{i}:{j}")
                 out[i] = (torch.rand(d.shape, generator=gen) < dens[i]).to(d.dtype)
+                continue
+            if by_sort:  # above the threshold, and the tied entries the sort placed among the first k
+                t, chosen = thr[i]
+                m = _bits(d) > t
+                start = spans[j][0] * row
+                lo, hi = torch.searchsorted(chosen, torch.tensor([start, start + m.numel()])).tolist()
+                m[chosen[lo:hi] - start] = True
+                out[i] = m.reshape(d.shape).to(d.dtype)
                 continue
             t, keep, h, rest = thr[i]
             bits = _bits(d)
