@@ -669,6 +669,7 @@ def test_ties_argsort_by_row_blocks_is_mergekits_selection(monkeypatch, dtype):
     tied entries at the threshold included -- bit for bit the whole-tensor TIES (the argsort
     mask, sign election, disjoint mean), in the weights' own working dtype, over many blocks."""
     from lsm_dist.merge import operators as ops
+    from lsm_dist.merge import task_vectors
     from lsm_dist.merge.operators import apply_operator_stream
     from lsm_dist.merge.task_vectors import argsort_thresholds, combine, sparsify
 
@@ -676,7 +677,10 @@ def test_ties_argsort_by_row_blocks_is_mergekits_selection(monkeypatch, dtype):
     base, xs = _tied_pair()
     base, xs = base.to(dtype), [x.to(dtype) for x in xs]
     shape = tuple(base.shape)
-    for dens in ([0.2, 0.5, 0.9], 0.01):
+    for dens in ([0.2, 0.5, 0.9], 0.01, "sorted"):
+        if dens == "sorted":  # the fallback where the sort would turn to heapsort: a full in-place sort
+            monkeypatch.setattr(task_vectors, "first_k", lambda values, k: None)
+            dens = [0.3, 0.5, 0.7]
         p = MergeParams(density=dens, tie_break="argsort", sign_tie="positive")
         blocks = list(apply_operator_stream("ties", 3, lambda i, a, b: xs[i][a:b], lambda a, b: base[a:b],
                                             shape, p, key="t", dtype=dtype))
@@ -694,9 +698,9 @@ def test_ties_argsort_by_row_blocks_is_mergekits_selection(monkeypatch, dtype):
 
 
 def test_argsort_order_in_place_and_in_own_dtype():
-    """The premise of argsort_thresholds: torch's CPU sort of |δ| in place, in bf16 / fp16, puts
-    the entries in the order of mergekit's float32 argsort (ties included), and that order is
-    not index order (so no cheaper rule reproduces it)."""
+    """The fallback of argsort_thresholds: torch's CPU sort of |δ| in place, in bf16 / fp16,
+    puts the entries in the order of mergekit's float32 argsort (ties included), and that order
+    is not index order (so no cheaper rule than the sort's own reproduces it)."""
     g = torch.Generator().manual_seed(3)
     x = (0.01 * torch.randn(200_000, generator=g)).bfloat16()
     for dt in (torch.bfloat16, torch.float16, torch.float32):
@@ -705,6 +709,35 @@ def test_argsort_order_in_place_and_in_own_dtype():
         buf, idx = x.to(dt).abs(), torch.empty(x.numel(), dtype=torch.int64)
         torch.sort(buf, descending=True, out=(buf, idx))
         assert torch.equal(idx, ref), dt
+
+
+def test_first_k_is_torch_argsorts_selection(monkeypatch):
+    """introselect.first_k keeps exactly the entries torch.argsort(values.float(),
+    descending=True)[:k] keeps, ties at the k-th value included: sizes from 1 to 70k, one to a
+    million distinct values, k at the ends and inside, bf16 / fp16 / fp32, windows of 7 entries
+    up (the vectorized partition's windowing) -- against torch itself, on this machine."""
+    import random
+
+    from lsm_dist.merge import introselect
+
+    rng = random.Random(1)
+    gen = torch.Generator().manual_seed(1)
+    cases = 0
+    for _ in range(160):
+        n = rng.choice([1, 2, 16, 17, 40, 300, 1000, 5000, 70000])
+        distinct = rng.choice([1, 2, 3, 10, 200, 10**6])
+        monkeypatch.setattr(introselect, "WINDOW", rng.choice([7, 64, 1 << 22] if n <= 1000 else [997, 1 << 22]))
+        dt = rng.choice([torch.bfloat16, torch.float16, torch.float32])
+        x = torch.randint(0, distinct, (n,), generator=gen).float().mul(1e-3).to(dt)
+        for k in {1, n, max(1, n // 2), rng.randint(1, n)}:
+            ref = torch.zeros(n, dtype=torch.bool)
+            ref[torch.argsort(x.float(), descending=True)[:k]] = True
+            t, tied = introselect.first_k(x.clone(), k)
+            got = x.float() > t
+            got[tied] = True
+            assert (x[tied].float() == t).all() and torch.equal(got, ref), (n, distinct, k, dt)
+            cases += 1
+    assert cases > 400
 
 
 @pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])

@@ -77,9 +77,9 @@ class MergeParams:
         "ties / magnitude trimming, which of the entries tied at the density threshold are kept (bf16 "
         "weights make large tie groups): spread (a fixed hash order of their positions: the same on any "
         "device, merged by row blocks, memory of a block) | argsort (torch's argsort order on the CPU, "
-        "as mergekit: bit-equal to it; merged by row blocks after one in-place sort of |delta| over the "
-        "whole tensor, 8 + 2 bytes per entry for bf16 weights). Default: spread; argsort for mergekit "
-        "configs", "spread")
+        "as mergekit: bit-equal to it; merged by row blocks after replaying the sort's partitions on |delta| "
+        "of the whole tensor, 6 bytes per entry for bf16 weights). Default: spread; argsort for "
+        "mergekit configs", "spread")
     sign_tie: str = doc(
         "sign-consensus methods, entries whose weighted delta sum is exactly 0: zero (no sign is "
         "elected, the entry keeps the base) | positive (+ wins, as mergekit)", "zero")

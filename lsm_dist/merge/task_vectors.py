@@ -20,7 +20,8 @@ One procedure, parameterized per method (as mergekit's generalized task arithmet
 Linear-style sums, TIES trimming and DARE drops run by **row blocks** (:func:`stream_deltas`):
 a weight merge reads the inputs' rows block by block from their files. TIES finds each delta's
 threshold by radix selection (``tie_break: spread``) or, for mergekit's selection among the
-entries tied at it (``tie_break: argsort``), by one in-place sort of |δ| over the whole tensor.
+entries tied at it (``tie_break: argsort``), by replaying torch's sort on |δ| of the whole
+tensor where it decides the k-th position (:mod:`lsm_dist.merge.introselect`).
 Random masks come from one generator per input and row block (seeded by the plan's seed, the
 tensor name, the input and the block), one uniform draw per entry, so a merge is reproducible on
 any rank; Breadcrumbs and DELLA (ranks over the tensor / a row) merge whole tensors.
@@ -33,6 +34,7 @@ from collections.abc import Iterator
 
 import torch
 
+from lsm_dist.merge.introselect import first_k
 from lsm_dist.merge.operators import (
     OPERATORS,
     MergeParams,
@@ -173,8 +175,8 @@ _HALF = 1 << 16
 
 def streams(how: str | None, p: MergeParams) -> bool:
     """Whether a task-vector method merges by row blocks under ``p``: no sparsification, random
-    drops (DARE) and magnitude trimming (TIES; with ``tie_break: argsort`` the order of the tied
-    entries comes from one sort of |δ| of the whole tensor, see :func:`argsort_thresholds`).
+    drops (DARE) and magnitude trimming (TIES; with ``tie_break: argsort`` the tied entries kept
+    are those torch's argsort of |δ| over the whole tensor puts first, :func:`argsort_thresholds`).
     Breadcrumbs and DELLA (ranks over the whole tensor / row), and TIES in mergekit's argsort
     order with ``rescale: l1`` (mergekit's L1 norms are sums over the whole tensor in its dtype)
     need the whole tensor."""
@@ -244,26 +246,27 @@ def argsort_thresholds(sweep_one, ks: dict[int, int], numel: int) -> dict[int, t
     ``(t, chosen)``: t the float32 bit pattern of the k-th value in that order (every entry above
     it is kept) and ``chosen`` the flat positions (ascending) of the entries equal to t that the
     sort places among the first k. ``sweep_one(i)`` yields ``(start, δ_i block)`` over the tensor.
-    |δ_i| of the whole tensor is sorted in place in δ's own dtype: every float dtype is sorted by
-    one comparison sort, and bf16 / fp16 values compare as their float32 copies, so the order is
-    the float32 argsort's (``test_argsort_order_in_place_and_in_own_dtype``). One input at a time:
-    memory ``8 + itemsize`` bytes per entry while it sorts (mergekit's argsort: 16, beside its
-    float32 copy and the inputs), then the chosen ties only."""
+    |δ_i| of the whole tensor is gathered in δ's own dtype (bf16 / fp16 values compare as their
+    float32 copies) and the sort's own partitions are replayed on the range that holds the k-th
+    position only (:func:`introselect.first_k`; a full in-place sort where the sort would turn to
+    heapsort there). One input at a time: 6 bytes per bf16 entry while it selects (mergekit's
+    argsort: 16, beside its float32 copy and the inputs), then the chosen ties only."""
     out = {}
     for i, k in ks.items():
-        buf = idx = None
+        buf = None
         for start, d in sweep_one(i):
             if buf is None:
                 buf = torch.empty(numel, dtype=d.dtype)
-                idx = torch.empty(numel, dtype=torch.int64)
             buf[start:start + d.numel()] = d.reshape(-1).abs()
-        torch.sort(buf, descending=True, out=(buf, idx))
-        tv = buf[k - 1]
-        above = int((buf[:k] != tv).sum())
-        chosen = idx[above:k].sort().values
-        t = int(tv.float().view(torch.int32))
-        del buf, idx
-        out[i] = (t, chosen)
+        got = first_k(buf, k)
+        if got is None:  # heapsort territory: sort (in place; the order is the float32 argsort's)
+            idx = torch.empty(numel, dtype=torch.int64)
+            torch.sort(buf, descending=True, out=(buf, idx))
+            tv = buf[k - 1]
+            got = float(tv), idx[int((buf[:k] != tv).sum()):k].sort().values
+            del idx
+        del buf
+        out[i] = (int(torch.tensor(got[0], dtype=torch.float32).view(torch.int32)), got[1])
     return out
 
 
