@@ -727,6 +727,7 @@ def test_first_k_is_torch_argsorts_selection(monkeypatch):
         n = rng.choice([1, 2, 16, 17, 40, 300, 1000, 5000, 70000])
         distinct = rng.choice([1, 2, 3, 10, 200, 10**6])
         monkeypatch.setattr(introselect, "WINDOW", rng.choice([7, 64, 1 << 22] if n <= 1000 else [997, 1 << 22]))
+        monkeypatch.setattr(introselect, "SUB", rng.choice([3, 50, 1 << 16]))
         dt = rng.choice([torch.bfloat16, torch.float16, torch.float32])
         x = torch.randint(0, distinct, (n,), generator=gen).float().mul(1e-3).to(dt)
         for k in {1, n, max(1, n // 2), rng.randint(1, n)}:

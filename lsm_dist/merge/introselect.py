@@ -31,6 +31,7 @@ import torch
 
 THRESHOLD = 16  # libstdc++'s _S_threshold: ranges of at most this many entries are left to the insertion sort
 WINDOW = 1 << 22  # entries per vectorized pass
+SUB = 1 << 16  # entries per step of the search for where the scans cross inside a window
 
 
 def _stops(v: torch.Tensor, p: torch.Tensor, f: int, e: int, left: bool) -> Iterator[torch.Tensor]:
@@ -59,12 +60,18 @@ def _swaps(v: torch.Tensor, p: torch.Tensor, f: int, e: int) -> int:
     total_ge = sum(c[2] for c in counts)
     seen = lefts = 0
     for a, nl, ng in counts:
-        if seen + nl + ng > total_ge:  # the scans cross in this window
+        if seen + nl + ng > total_ge:  # the scans cross in this window: find where, by sub-windows
             seg = v[a:min(e, a + WINDOW)]
-            le = seg <= p
-            s = torch.cumsum(le.to(torch.int32) + (seg >= p).to(torch.int32), 0)
-            x = int(torch.searchsorted(s, total_ge - seen, right=True))
-            return lefts + int(le[:x].sum())
+            for sa in range(0, seg.numel(), SUB):
+                sub = seg[sa:sa + SUB]
+                le, ge = sub <= p, sub >= p
+                nl, ng = int(torch.count_nonzero(le)), int(torch.count_nonzero(ge))
+                if seen + nl + ng > total_ge:
+                    s = torch.cumsum(le.to(torch.int32) + ge.to(torch.int32), 0)
+                    x = int(torch.searchsorted(s, total_ge - seen, right=True))
+                    return lefts + int(torch.count_nonzero(le[:x]))
+                seen, lefts = seen + nl + ng, lefts + nl
+            raise AssertionError("the crossing window holds no crossing")
         seen, lefts = seen + nl + ng, lefts + nl
     return lefts
 
