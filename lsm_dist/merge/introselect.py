@@ -65,12 +65,12 @@ def _swaps(v: torch.Tensor, p: torch.Tensor, f: int, e: int) -> int:
             for sa in range(0, seg.numel(), SUB):
                 sub = seg[sa:sa + SUB]
                 le, ge = sub <= p, sub >= p
-                nl, ng = int(torch.count_nonzero(le)), int(torch.count_nonzero(ge))
-                if seen + nl + ng > total_ge:
+                sl, sg = int(torch.count_nonzero(le)), int(torch.count_nonzero(ge))
+                if seen + sl + sg > total_ge:
                     s = torch.cumsum(le.to(torch.int32) + ge.to(torch.int32), 0)
                     x = int(torch.searchsorted(s, total_ge - seen, right=True))
                     return lefts + int(torch.count_nonzero(le[:x]))
-                seen, lefts = seen + nl + ng, lefts + nl
+                seen, lefts = seen + sl + sg, lefts + sl
             raise AssertionError("the crossing window holds no crossing")
         seen, lefts = seen + nl + ng, lefts + nl
     return lefts
@@ -121,7 +121,7 @@ def _median_to_first(v: torch.Tensor, pos: torch.Tensor, result: int, a: int, b:
 
 
 def first_k(values: torch.Tensor, k: int) -> tuple[float, torch.Tensor] | None:
-    """Of the 1-D ``values`` (no NaN), what ``torch.argsort(values.float(), descending=True)[:k]``
+    """Of the 1-D, non-negative ``values`` (|δ|: no NaN, no -0.0), what ``torch.argsort(values.float(), descending=True)[:k]``
     selects on the CPU: ``(t, tied)``, t the k-th value in that order (every entry above it is
     selected, none below) and ``tied`` the positions (ascending, int64) of the entries equal to t
     that are selected. ``values`` is permuted in place. None where the sort would fall back to
