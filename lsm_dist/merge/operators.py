@@ -284,8 +284,9 @@ def apply_operator_stream(name: str, n: int, read: Callable, read_base: Callable
     """The merged tensor as an iterator of row blocks (the rows of ``row_spans(shape)``, in
     order), for operators that merge row by row (linear, soup, task arithmetic, TIES, DARE):
     ``read(i, a, b)`` / ``read_base(a, b)`` return rows ``[a, b)`` of input i / the base, which
-    are cast to the working dtype (as :func:`apply_operator`). Memory: a few row blocks, never the whole tensor. None when the operator (or its params)
-    needs whole tensors: then call :func:`apply_operator`. Same values as it, bit for bit."""
+    are cast to the working dtype (as :func:`apply_operator`). Memory: a few row blocks, never
+    the whole tensor. None when the operator (or its params) needs whole tensors: then call
+    :func:`apply_operator`. Same values as it, bit for bit."""
     params = params or MergeParams()
     op = get_operator(name)
     if op.stream is None:
