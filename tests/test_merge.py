@@ -668,8 +668,8 @@ def test_ties_argsort_by_row_blocks_is_mergekits_selection(monkeypatch, dtype):
     floor(d·n) entries of torch's argsort of |δ| (float32, descending) over the whole tensor,
     tied entries at the threshold included -- bit for bit the whole-tensor TIES (the argsort
     mask, sign election, disjoint mean), in the weights' own working dtype, over many blocks."""
+    from lsm_dist.merge import introselect
     from lsm_dist.merge import operators as ops
-    from lsm_dist.merge import task_vectors
     from lsm_dist.merge.operators import apply_operator_stream
     from lsm_dist.merge.task_vectors import argsort_thresholds, combine, sparsify
 
@@ -678,8 +678,8 @@ def test_ties_argsort_by_row_blocks_is_mergekits_selection(monkeypatch, dtype):
     base, xs = base.to(dtype), [x.to(dtype) for x in xs]
     shape = tuple(base.shape)
     for dens in ([0.2, 0.5, 0.9], 0.01, "sorted"):
-        if dens == "sorted":  # the fallback where the sort would turn to heapsort: a full in-place sort
-            monkeypatch.setattr(task_vectors, "first_k", lambda values, k: None)
+        if dens == "sorted":  # where the sort would turn to heapsort (after 3 partitions here): put back, sort
+            monkeypatch.setattr(introselect, "depth_limit", lambda n: 3)
             dens = [0.3, 0.5, 0.7]
         p = MergeParams(density=dens, tie_break="argsort", sign_tie="positive")
         blocks = list(apply_operator_stream("ties", 3, lambda i, a, b: xs[i][a:b], lambda a, b: base[a:b],

@@ -248,9 +248,9 @@ def argsort_thresholds(sweep_one, ks: dict[int, int], numel: int) -> dict[int, t
     sort places among the first k. ``sweep_one(i)`` yields ``(start, δ_i block)`` over the tensor.
     |δ_i| of the whole tensor is gathered in δ's own dtype (bf16 / fp16 values compare as their
     float32 copies) and the sort's own partitions are replayed on the range that holds the k-th
-    position only (:func:`introselect.first_k`; a full in-place sort where the sort would turn to
-    heapsort there). One input at a time: 6 bytes per bf16 entry while it selects (mergekit's
-    argsort: 16, beside its float32 copy and the inputs), then the chosen ties only."""
+    position only (:func:`introselect.first_k`). One input at a time: 6 bytes per bf16 entry
+    while it selects (mergekit's argsort: 16, beside its float32 copy and the inputs), then the
+    chosen ties only."""
     out = {}
     for i, k in ks.items():
         buf = None
@@ -258,15 +258,9 @@ def argsort_thresholds(sweep_one, ks: dict[int, int], numel: int) -> dict[int, t
             if buf is None:
                 buf = torch.empty(numel, dtype=d.dtype)
             buf[start:start + d.numel()] = d.reshape(-1).abs()
-        got = first_k(buf, k)
-        if got is None:  # heapsort territory: sort (in place; the order is the float32 argsort's)
-            idx = torch.empty(numel, dtype=torch.int64)
-            torch.sort(buf, descending=True, out=(buf, idx))
-            tv = buf[k - 1]
-            got = float(tv), idx[int((buf[:k] != tv).sum()):k].sort().values
-            del idx
+        t, chosen = first_k(buf, k)
         del buf
-        out[i] = (int(torch.tensor(got[0], dtype=torch.float32).view(torch.int32)), got[1])
+        out[i] = (int(torch.tensor(t, dtype=torch.float32).view(torch.int32)), chosen)
     return out
 
 
